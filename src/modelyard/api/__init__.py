@@ -1,0 +1,1 @@
+"""HTTP front-ends over the model manager."""

@@ -1,0 +1,88 @@
+"""The aiohttp application: routes from every front-end plus CORS, API key and error-envelope middlewares."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from modelyard.api import openai, router
+from modelyard.api.context import CONTEXT, AppContext
+from modelyard.api.errors import error_response
+from modelyard.errors import ErrorKind
+from modelyard.proxy import new_upstream_session
+
+log = logging.getLogger(__name__)
+
+_OPEN_PATHS = frozenset({"/health", "/v1/health"})
+_CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Router mode's default CORS: echo the Origin with credentials; answer every preflight."""
+    origin = request.headers.get("Origin")
+    if request.method == "OPTIONS":
+        response: web.StreamResponse = web.Response(status=204)
+        response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
+        response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+            "Access-Control-Request-Headers", "*")
+        response.headers["Access-Control-Max-Age"] = "600"
+    else:
+        response = await handler(request)
+    if origin and not response.prepared:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Vary"] = "Origin"
+    return response
+
+
+def _authorised(request: web.Request, keys: tuple[str, ...]) -> bool:
+    auth = request.headers.get("Authorization", "")
+    offered = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("X-Api-Key", "")
+    return any(hmac.compare_digest(offered.encode(), key.encode()) for key in keys)
+
+
+@web.middleware
+async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    keys = request.app[CONTEXT].settings.api_keys
+    if keys and request.path not in _OPEN_PATHS and not _authorised(request, keys):
+        return web.json_response({"error": {"message": "Invalid API Key", "type": "authentication_error",
+                                            "code": 401}}, status=401)
+    return await handler(request)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return error_response(ErrorKind.NOT_FOUND, f"unknown endpoint {request.method} {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        return error_response(ErrorKind.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on "
+                              f"{request.path}; use {', '.join(sorted(exc.allowed_methods))}")
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(ErrorKind.BAD_REQUEST, f"request body too large: {exc.text}")
+
+
+def build_app(context: AppContext, client_max_size: int = 1 << 30) -> web.Application:
+    app = web.Application(middlewares=[cors_middleware, error_middleware, api_key_middleware],
+                          client_max_size=client_max_size)
+    app[CONTEXT] = context
+    router.add_routes(app)
+    openai.add_routes(app)
+
+    async def open_session(app: web.Application) -> None:
+        context.session = new_upstream_session()
+        await context.manager.start()
+
+    async def close_all(app: web.Application) -> None:
+        await context.manager.close()
+        if context.session is not None:
+            await context.session.close()
+
+    app.on_startup.append(open_session)
+    app.on_cleanup.append(close_all)
+    return app

@@ -1,0 +1,80 @@
+"""Model-routed inference endpoints: every POST llama-server serves, routed by the JSON `model` field, and
+the GET endpoints routed by `?model=`. Each request holds a lease on its model until the answer is sent."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from modelyard.api.context import CONTEXT
+from modelyard.api.errors import error_response, from_model_error
+from modelyard.errors import ErrorKind, ModelError
+from modelyard.proxy import forward
+
+POST_ROUTES = (
+    "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions", "/completion",
+    "/v1/embeddings", "/embeddings", "/embedding", "/v1/rerank", "/rerank", "/v1/reranking", "/reranking",
+    "/v1/responses", "/responses", "/v1/messages", "/v1/messages/count_tokens", "/infill", "/tokenize",
+    "/detokenize", "/apply-template", "/v1/chat/completions/input_tokens", "/v1/responses/input_tokens",
+    "/slots/{id}", "/lora-adapters", "/props",
+)
+GET_ROUTES = ("/slots", "/metrics", "/lora-adapters")
+
+
+def autoload_flag(request: web.Request, default: bool) -> bool:
+    """Router mode's rule: `?autoload=true|1` loads, any other value does not, absent means the default."""
+    value = request.query.get("autoload")
+    return default if value is None else value.lower() in ("true", "1")
+
+
+def _forward_query(request: web.Request) -> dict[str, str]:
+    return {k: v for k, v in request.query.items() if k != "autoload"}
+
+
+async def _proxy(request: web.Request, model: str, body: bytes) -> web.StreamResponse:
+    context = request.app[CONTEXT]
+    manager = context.manager
+    try:
+        lease = await manager.acquire(model, autoload_flag(request, context.settings.autoload))
+    except ModelError as error:
+        return from_model_error(error)
+    try:
+        return await forward(request, context.upstream(), lease.base_url, body, _forward_query(request))
+    finally:
+        manager.release(lease)
+
+
+async def post_by_body_model(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    try:
+        payload: Any = json.loads(body) if body else None
+    except ValueError as exc:
+        return error_response(ErrorKind.BAD_REQUEST, f"request body is not valid JSON: {exc}")
+    if not isinstance(payload, dict):
+        return error_response(ErrorKind.BAD_REQUEST, "request body must be a JSON object with a \"model\" field")
+    model = payload.get("model")
+    if model is None or model == "":
+        model = request.query.get("model")
+    if not model:
+        return error_response(ErrorKind.MISSING_MODEL, "model name is missing from the request; "
+                              "set \"model\" to one of the ids listed by GET /v1/models", param="model")
+    if not isinstance(model, str):
+        return error_response(ErrorKind.BAD_REQUEST, "\"model\" must be a string", param="model")
+    return await _proxy(request, model, body)
+
+
+async def get_by_query_model(request: web.Request) -> web.StreamResponse:
+    model = request.query.get("model")
+    if not model:
+        return error_response(ErrorKind.MISSING_MODEL, "model name is missing; add ?model=<id> to the URL",
+                              param="model")
+    return await _proxy(request, model, b"")
+
+
+def add_routes(app: web.Application) -> None:
+    for path in POST_ROUTES:
+        app.router.add_post(path, post_by_body_model)
+    for path in GET_ROUTES:
+        app.router.add_get(path, get_by_query_model)

@@ -1,0 +1,153 @@
+"""llama-server router mode's management API: /models, /models/load, /models/unload, /models/sse, /props,
+/health — same paths, same shapes, with router mode's gaps fixed (load queues instead of failing, 404 for an
+unknown model, one SSE event name, `failed` only when a child really failed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+
+from modelyard import __version__
+from modelyard.api.context import CONTEXT
+from modelyard.api.errors import error_response, from_model_error
+from modelyard.api.openai import get_by_query_model
+from modelyard.config.presets import ConfigError
+from modelyard.errors import ErrorKind, ModelError
+from modelyard.manager import ModelView, StatusEvent
+from modelyard.scheduler import Status
+
+SSE_EVENT = "status_change"
+_SSE_KEEPALIVE_S = 15.0
+
+
+def model_entry(view: ModelView, created: int) -> dict[str, Any]:
+    config = view.config
+    status: dict[str, Any] = {"value": view.status.value, "args": list(view.args), "preset": config.preset_text,
+                              "failed": view.status == Status.FAILED}
+    if view.exit_code is not None:
+        status["exit_code"] = view.exit_code
+    if view.failure:
+        status["failure"] = view.failure
+    entry: dict[str, Any] = {
+        "id": config.name, "object": "model", "owned_by": "llamacpp", "created": created,
+        "aliases": list(config.aliases), "tags": list(config.tags), "path": config.model_path,
+        "source": config.source, "status": status,
+        "in_flight": view.in_flight, "queued": view.queued,
+    }
+    for key, value in view.info.items():
+        entry.setdefault(key, value)
+    return entry
+
+
+async def list_models(request: web.Request) -> web.Response:
+    context = request.app[CONTEXT]
+    if request.query.get("reload") in ("1", "true"):
+        try:
+            context.manager.reload()
+        except ConfigError as exc:
+            return error_response(ErrorKind.BAD_REQUEST, f"reload failed, keeping the current models: {exc}")
+    created = int(context.settings.started_at)
+    data = [model_entry(view, created) for view in context.manager.models()]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def _model_from_body(request: web.Request) -> str:
+    try:
+        payload = await request.json()
+    except ValueError as exc:
+        raise ModelError(ErrorKind.BAD_REQUEST, f"request body is not valid JSON: {exc}") from None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(model, str) or not model:
+        raise ModelError(ErrorKind.MISSING_MODEL, "model name is missing from the request")
+    return model
+
+
+async def load_model(request: web.Request) -> web.Response:
+    """Queue a load and answer at once, as router mode does; progress shows in /models and /models/sse."""
+    manager = request.app[CONTEXT].manager
+    try:
+        model = await _model_from_body(request)
+        manager.load_in_background(model)
+    except ModelError as error:
+        return from_model_error(error)
+    return web.json_response({"success": True})
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    manager = request.app[CONTEXT].manager
+    try:
+        manager.unload(await _model_from_body(request))
+    except ModelError as error:
+        return from_model_error(error)
+    return web.json_response({"success": True})
+
+
+def _sse_frame(event: StatusEvent) -> bytes:
+    if event.model == "*":
+        message: dict[str, Any] = {"model": "*", "event": "models_reload", "data": {}}
+    else:
+        data: dict[str, Any] = {"status": event.status.value}
+        if event.exit_code is not None:
+            data["exit_code"] = event.exit_code
+        if event.reason:
+            data["reason"] = event.reason
+        if event.progress is not None:
+            data["progress"] = event.progress
+        message = {"model": event.model, "event": SSE_EVENT, "data": data}
+    return f"data: {json.dumps(message)}\n\n".encode()
+
+
+async def models_sse(request: web.Request) -> web.StreamResponse:
+    manager = request.app[CONTEXT].manager
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    async with manager.subscribe() as events:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), _SSE_KEEPALIVE_S)
+                frame = _sse_frame(event)
+            except TimeoutError:
+                frame = b": keepalive\n\n"
+            try:
+                await response.write(frame)
+            except (ConnectionError, RuntimeError):
+                break
+    return response
+
+
+async def props(request: web.Request) -> web.StreamResponse:
+    if request.query.get("model"):
+        return await get_by_query_model(request)
+    context = request.app[CONTEXT]
+    return web.json_response({
+        "role": "router",
+        "max_instances": context.manager.max_models,
+        "models_autoload": context.settings.autoload,
+        "model_alias": "modelyard",
+        "model_path": "none",
+        "default_generation_settings": {"params": {}, "n_ctx": 0},
+        "ui_settings": {},
+        "build_info": context.settings.build_info,
+        "cors_proxy_enabled": False,
+        "modelyard_version": __version__,
+    })
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/models", list_models)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/models/load", load_model)
+    app.router.add_post("/models/unload", unload_model)
+    app.router.add_get("/models/sse", models_sse)
+    app.router.add_get("/props", props)
+
+

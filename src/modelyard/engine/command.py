@@ -1,0 +1,71 @@
+"""Turn a model's configuration into the command line and environment of its child process."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from modelyard.config.catalog import ModelConfig
+from modelyard.config.options import FALSEY, OptionTable
+
+# Router-level settings a child must not inherit through the environment.
+_ROUTER_ENV = ("LLAMA_ARG_MODELS_DIR", "LLAMA_ARG_MODELS_PRESET", "LLAMA_ARG_MODELS_MAX",
+               "LLAMA_ARG_MODELS_AUTOLOAD", "LLAMA_API_KEY", "LLAMA_ARG_API_KEY", "LLAMA_ARG_API_KEY_FILE")
+
+
+class Readiness(Enum):
+    """How the shell learns that a child can serve."""
+
+    ROUTER_PROTOCOL = "router-protocol"  # llama-server's own child protocol: a `ready` line on stdout
+    HTTP_HEALTH = "http-health"  # any other engine: GET /health answers 200
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The llama-server binary every model runs on unless its preset names another command (`cmd`)."""
+
+    binary: Path
+    options: OptionTable
+    router_port: int = 0
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    readiness: Readiness
+
+
+def launch_plan(config: ModelConfig, engine: Engine, port: int) -> LaunchPlan:
+    env = {k: v for k, v in os.environ.items() if k not in _ROUTER_ENV}
+    if config.command:
+        command = (config.command.replace("${PORT}", str(port)).replace("${MODEL}", config.name)
+                   .replace("${MODEL_PATH}", config.model_path or ""))
+        return LaunchPlan(tuple(shlex.split(command)), {**env, "PORT": str(port)}, Readiness.HTTP_HEALTH)
+    argv = (str(engine.binary), *render_settings(config.settings, engine.options),
+            "--host", "127.0.0.1", "--port", str(port), "--alias", config.name)
+    # LLAMA_SERVER_ROUTER_PORT turns on llama-server's child protocol: it reports `ready` on stdout and
+    # exits when its stdin closes, i.e. when modelyard dies.
+    env["LLAMA_SERVER_ROUTER_PORT"] = str(engine.router_port)
+    return LaunchPlan(argv, env, Readiness.ROUTER_PROTOCOL)
+
+
+def render_settings(settings: Mapping[str, str], options: OptionTable) -> list[str]:
+    """Render settings as router mode does: long flags, `--no-x` for a false boolean, values after flags."""
+    args: list[str] = []
+    for flag, value in settings.items():
+        option = options.lookup(flag)
+        if option is None or option.preset_only:
+            continue
+        if option.takes_value:
+            args += [option.canonical, value]
+        elif value.lower() in FALSEY:
+            if option.negations:
+                args.append(option.negations[-1])
+        else:
+            args.append(option.canonical)
+    return args

@@ -1,0 +1,43 @@
+"""Errors the manager reports to its callers, with the HTTP status and OpenAI error type they map to."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorKind(Enum):
+    """(HTTP status, OpenAI error type, OpenAI error code)."""
+
+    MISSING_MODEL = (400, "invalid_request_error", "model_missing")
+    UNKNOWN_MODEL = (404, "invalid_request_error", "model_not_found")
+    NOT_LOADED = (400, "invalid_request_error", "model_not_loaded")
+    NOT_RUNNING = (400, "invalid_request_error", "model_not_running")
+    LOAD_FAILED = (500, "server_error", "model_load_failed")
+    QUEUE_FULL = (503, "unavailable_error", "queue_full")
+    UPSTREAM = (502, "server_error", "upstream_error")
+    BAD_REQUEST = (400, "invalid_request_error", "invalid_request")
+    SHUTTING_DOWN = (503, "unavailable_error", "shutting_down")
+    NOT_FOUND = (404, "invalid_request_error", "not_found")
+    METHOD_NOT_ALLOWED = (405, "invalid_request_error", "method_not_allowed")
+
+    @property
+    def status(self) -> int:
+        return self.value[0]
+
+    @property
+    def type(self) -> str:
+        return self.value[1]
+
+    @property
+    def code(self) -> str:
+        return self.value[2]
+
+
+class ModelError(Exception):
+    """A request could not be served; `kind` decides the HTTP answer."""
+
+    def __init__(self, kind: ErrorKind, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retry_after = retry_after

@@ -1,0 +1,311 @@
+"""The model manager: an importable async API over the scheduler core.
+
+    manager = ModelManager(catalog_source, engine, max_models=2)
+    await manager.start()
+    async with manager.lease("smollm2") as lease:      # loads the model if needed
+        ... send requests to lease.base_url ...
+    await manager.close()                              # stops every child
+
+It is the imperative shell: it feeds events to `Scheduler`, runs the actions it returns (start a child,
+stop a child, hand a lease to a waiting request), and publishes every status change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from modelyard.config.catalog import Catalog, ModelConfig
+from modelyard.engine.command import Engine, launch_plan
+from modelyard.errors import ErrorKind, ModelError
+from modelyard.instance import Instance, free_port
+from modelyard.scheduler import (
+    Acquire,
+    Action,
+    Cancel,
+    Event,
+    Grant,
+    InstanceExited,
+    LoadSucceeded,
+    ModelAdded,
+    ModelChanged,
+    ModelRemoved,
+    Reject,
+    Release,
+    Scheduler,
+    Shutdown,
+    StartLoad,
+    Status,
+    StatusChanged,
+    StopInstance,
+    UnloadRequested,
+)
+
+log = logging.getLogger(__name__)
+
+
+class CatalogSource(Protocol):
+    def load(self) -> Catalog: ...
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The right to send requests to one loaded model until released."""
+
+    model: str
+    base_url: str
+    request_id: int
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    """What `/models/sse` publishes: one per status change."""
+
+    model: str
+    status: Status
+    exit_code: int | None = None
+    reason: str = ""
+    progress: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A snapshot of one model for listings."""
+
+    config: ModelConfig
+    status: Status
+    in_flight: int
+    queued: int
+    last_used: float
+    exit_code: int | None
+    failure: str
+    args: tuple[str, ...]
+    info: Mapping[str, Any] = field(default_factory=dict)
+    port: int | None = None
+    pid: int | None = None
+
+
+class ModelManager:
+    def __init__(self, source: CatalogSource, engine: Engine, *, max_models: int = 4, max_queue: int = 1024,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._source = source
+        self._engine = engine
+        self._clock = clock
+        self.catalog = source.load()
+        self._scheduler = Scheduler(list(self.catalog.models), max_models=max_models, max_queue=max_queue)
+        self._instances: dict[str, Instance] = {}
+        self._waiting: dict[int, asyncio.Future[Lease]] = {}
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscribers: set[asyncio.Queue[StatusEvent]] = set()
+        self._configs_in_use: dict[str, ModelConfig] = {}
+
+    @property
+    def max_models(self) -> int:
+        return self._scheduler.max_models
+
+    # -- lifecycle of the manager --
+    async def start(self) -> None:
+        """Load the models marked `load-on-startup` (without waiting for them)."""
+        for config in self.catalog.models.values():
+            if config.load_on_startup:
+                self.load_in_background(config.name)
+
+    async def close(self) -> None:
+        """Refuse new work, then stop every child (graceful first, SIGKILL after its stop-timeout)."""
+        self._dispatch(Shutdown())
+        deadline = max((c.stop_timeout for c in self.catalog.models.values()), default=10.0) + 5
+        instances = list(self._instances.values())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(i.exited for i in instances)), deadline)
+        for instance in instances:
+            instance.kill()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def kill_all(self) -> None:
+        """Last resort at interpreter exit: no child may outlive modelyard."""
+        for instance in self._instances.values():
+            instance.kill()
+
+    # -- leases --
+    def resolve(self, name: str) -> ModelConfig:
+        config = self.catalog.resolve(name) or self.catalog.resolve(name.removesuffix(":latest"))
+        if config is None:
+            raise ModelError(ErrorKind.UNKNOWN_MODEL, f"model '{name}' not found")
+        return config
+
+    async def acquire(self, name: str, autoload: bool = True) -> Lease:
+        """Wait for a lease on `name`, loading it if needed. Cancelling the wait leaves the queue."""
+        model = self.resolve(name).name
+        request_id = next(self._ids)
+        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        self._dispatch(Acquire(request_id, model, autoload))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._waiting.pop(request_id, None)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result())
+            else:
+                self._dispatch(Cancel(request_id))
+            raise
+
+    def release(self, lease: Lease) -> None:
+        self._dispatch(Release(lease.request_id))
+
+    @asynccontextmanager
+    async def lease(self, name: str, autoload: bool = True) -> AsyncIterator[Lease]:
+        granted = await self.acquire(name, autoload)
+        try:
+            yield granted
+        finally:
+            self.release(granted)
+
+    # -- management --
+    def load_in_background(self, name: str) -> None:
+        """Queue a load like a request would (router mode's POST /models/load), without waiting for it."""
+        model = self.resolve(name).name
+
+        async def load_and_release() -> None:
+            with contextlib.suppress(ModelError):
+                self.release(await self.acquire(model))
+
+        self._spawn(load_and_release())
+
+    def unload(self, name: str) -> None:
+        """Drain and stop a running model; its in-flight requests finish first."""
+        config = self.resolve(name)
+        state = self._scheduler.models[config.name]
+        if state.status not in (Status.LOADING, Status.LOADED):
+            raise ModelError(ErrorKind.NOT_RUNNING, f"model '{config.name}' is not running")
+        self._dispatch(UnloadRequested(config.name))
+
+    def reload(self) -> None:
+        """Re-read the model sources: add new models, drop removed ones, restart changed ones once idle."""
+        fresh = self._source.load()
+        old = self.catalog
+        self.catalog = fresh
+        for name in fresh.models.keys() - old.models.keys():
+            self._dispatch(ModelAdded(name))
+        for name in old.models.keys() - fresh.models.keys():
+            self._dispatch(ModelRemoved(name))
+        for name in fresh.models.keys() & old.models.keys():
+            running = self._configs_in_use.get(name)
+            if running is not None and running.launch_signature() != fresh.models[name].launch_signature():
+                self._dispatch(ModelChanged(name))
+        self._publish(StatusEvent("*", Status.UNLOADED, reason="models_reload"))
+
+    def models(self) -> list[ModelView]:
+        views = []
+        for name, config in self.catalog.models.items():
+            state = self._scheduler.models.get(name)
+            if state is None:
+                continue
+            instance = self._instances.get(name)
+            views.append(ModelView(
+                config=config, status=state.status, in_flight=state.in_flight,
+                queued=self._scheduler.queued_for(name), last_used=state.last_used,
+                exit_code=state.exit_code, failure=state.failure,
+                args=instance.plan.argv if instance else (),
+                info=instance.info if instance and state.status == Status.LOADED else {},
+                port=instance.port if instance else None, pid=instance.pid if instance else None))
+        return views
+
+    def status_of(self, name: str) -> Status:
+        return self._scheduler.models[self.resolve(name).name].status
+
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[StatusEvent]]:
+        queue: asyncio.Queue[StatusEvent] = asyncio.Queue(maxsize=1000)
+        self._subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)
+
+    # -- the shell: events in, actions executed --
+    def _dispatch(self, event: Event) -> None:
+        for action in self._scheduler.handle(event, self._clock()):
+            self._execute(action)
+
+    def _execute(self, action: Action) -> None:
+        match action:
+            case Grant(request_id=rid, model=model):
+                self._grant(rid, model)
+            case Reject(request_id=rid, kind=kind, message=message):
+                future = self._waiting.pop(rid, None)
+                if future is not None and not future.done():
+                    retry = 1.0 if kind == ErrorKind.QUEUE_FULL else None
+                    future.set_exception(ModelError(kind, message, retry_after=retry))
+            case StartLoad(model=model, reason=reason):
+                log.info("loading %s: %s", model, reason)
+                self._spawn(self._start_instance(model))
+            case StopInstance(model=model, reason=reason):
+                log.info("stopping %s: %s", model, reason)
+                self._spawn(self._stop_instance(model))
+            case StatusChanged(model=model, status=status, exit_code=code, reason=reason):
+                self._publish(StatusEvent(model, status, code, reason))
+
+    def _grant(self, request_id: int, model: str) -> None:
+        future = self._waiting.pop(request_id, None)
+        instance = self._instances.get(model)
+        if future is None or future.done() or instance is None:
+            # The waiter is gone (cancelled in the same tick), or the child just died: hand the lease back.
+            if future is not None and not future.done():
+                future.set_exception(ModelError(ErrorKind.UPSTREAM, f"model '{model}' exited"))
+            self._dispatch(Release(request_id))
+            return
+        future.set_result(Lease(model, instance.base_url, request_id))
+
+    async def _start_instance(self, model: str) -> None:
+        config = self.catalog.models[model]
+        port = free_port()
+        instance = Instance(model, launch_plan(config, self._engine, port),
+                            port, on_progress=lambda p: self._publish(StatusEvent(model, Status.LOADING,
+                                                                                  progress=p)))
+        self._instances[model] = instance
+        self._configs_in_use[model] = config
+        try:
+            await instance.start()
+        except OSError as exc:
+            del self._instances[model]
+            self._dispatch(InstanceExited(model, None, f"could not start {instance.plan.argv[0]}: {exc}"))
+            return
+        self._spawn(self._watch(instance))
+
+    async def _watch(self, instance: Instance) -> None:
+        with contextlib.suppress(Exception):
+            await instance.ready
+            log.info("%s ready in %.2f s (pid %s, port %d)", instance.model,
+                     instance.ready_at - instance.started_at, instance.pid, instance.port)
+            self._dispatch(LoadSucceeded(instance.model))
+        code = await instance.exited
+        if self._instances.get(instance.model) is instance:
+            del self._instances[instance.model]
+            self._configs_in_use.pop(instance.model, None)
+        self._dispatch(InstanceExited(instance.model, code, instance.failure_summary(code)))
+
+    async def _stop_instance(self, model: str) -> None:
+        instance = self._instances.get(model)
+        config = self.catalog.models.get(model) or self._configs_in_use.get(model)
+        if instance is not None:
+            await instance.stop(config.stop_timeout if config else 10.0)
+
+    def _publish(self, event: StatusEvent) -> None:
+        for queue in self._subscribers:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(event)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
