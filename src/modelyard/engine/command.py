@@ -42,6 +42,7 @@ class LaunchPlan:
 
 def launch_plan(config: ModelConfig, engine: Engine, port: int) -> LaunchPlan:
     env = {k: v for k, v in os.environ.items() if k not in _ROUTER_ENV}
+    env["MODELYARD_PARENT_PID"] = str(os.getpid())  # lets tools (and tests) find a router's children
     if config.command:
         command = (config.command.replace("${PORT}", str(port)).replace("${MODEL}", config.name)
                    .replace("${MODEL_PATH}", config.model_path or ""))

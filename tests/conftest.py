@@ -1,0 +1,154 @@
+"""Fixtures for end-to-end tests: the real llama-server, the real demo models, and `modelyard serve` run as a
+separate process on a free port, exactly as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from modelyard.demo import GEMMA3, SMOLLM2, default_models_dir
+from modelyard.engine.locate import EngineNotFound, locate_llama_server
+
+TESTS = Path(__file__).parent
+FAKE_ENGINE = TESTS / "fake_engine.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Path:
+    try:
+        return locate_llama_server()
+    except EngineNotFound as exc:
+        pytest.fail(f"{exc} (`make test` builds it first)")
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> dict[str, Path]:
+    models = {name: default_models_dir() / f"{name}.gguf" for name in (SMOLLM2, GEMMA3)}
+    missing = [str(p) for p in models.values() if not p.is_file()]
+    if missing:
+        pytest.fail(f"demo models missing: {missing} (`make test` runs `modelyard demo install` first)")
+    return models
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, demo_models: dict[str, Path]) -> Path:
+    """The demo models under several names (symlinks), so swaps between distinct models can be tested."""
+    directory = tmp_path / "models"
+    directory.mkdir()
+    (directory / "smol.gguf").symlink_to(demo_models[SMOLLM2])
+    (directory / "smol-b.gguf").symlink_to(demo_models[SMOLLM2])
+    (directory / "gemma.gguf").symlink_to(demo_models[GEMMA3])
+    return directory
+
+
+def children_of(router_pid: int) -> list[int]:
+    """Every live process started by the router with that pid (it marks them with MODELYARD_PARENT_PID)."""
+    marker = f"MODELYARD_PARENT_PID={router_pid}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+class Router:
+    """`modelyard serve` in a subprocess."""
+
+    def __init__(self, args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / f"router-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        command = [sys.executable, "-m", "modelyard.cli", "serve", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+
+    def wait_ready(self, timeout: float = 30) -> Router:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"modelyard exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"modelyard did not start in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self, model: str) -> str:
+        for entry in self.client.get("/models").json()["data"]:
+            if entry["id"] == model:
+                return str(entry["status"]["value"])
+        raise KeyError(model)
+
+    def wait_status(self, model: str, wanted: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.status(model) == wanted:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{model} never became {wanted} (is {self.status(model)})")
+
+    def children(self) -> list[int]:
+        return children_of(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.client.close()
+        self._log.close()
+        leftovers = self.children()
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        assert not leftovers, f"children outlived modelyard: {leftovers}"
+
+
+@pytest.fixture
+def start_router(tmp_path: Path) -> Iterator[object]:
+    routers: list[Router] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Router:
+        router = Router(list(args), tmp_path, env)
+        routers.append(router)
+        return router.wait_ready() if wait else router
+
+    yield start
+    for router in routers:
+        router.stop()
+
+
+def fake_cmd(name: str = "fake", load_delay: float = 0.0, fail: bool = False) -> str:
+    extra = " --fail-load" if fail else ""
+    return f"{sys.executable} {FAKE_ENGINE} --port ${{PORT}} --name {name} --load-delay {load_delay}{extra}"

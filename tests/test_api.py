@@ -1,0 +1,125 @@
+"""The HTTP surface: error envelopes, API key, CORS, router props, listings that never wait, CLI refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Router, fake_cmd
+
+
+@pytest.fixture
+def router(tmp_path: Path, start_router: Any) -> Router:
+    preset = tmp_path / "fleet.ini"
+    preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\nalias = first\n[slow]\ncmd = {fake_cmd('slow', 3.0)}\n")
+    started: Router = start_router("--models-preset", str(preset))
+    return started
+
+
+def assert_error(response: httpx.Response, status: int, code: str, text: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and text in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_bad_requests_get_openai_error_envelopes(router: Router) -> None:
+    post = router.client.post
+    assert_error(post("/v1/chat/completions", json={"messages": []}), 400, "model_missing", "model name is missing")
+    assert_error(post("/v1/chat/completions", json={"model": "nope"}), 404, "model_not_found", "model 'nope' not found")
+    assert_error(post("/v1/chat/completions", content=b"{not json"), 400, "invalid_request", "not valid JSON")
+    assert_error(post("/v1/chat/completions", json=["a"]), 400, "invalid_request", "JSON object")
+    assert_error(post("/v1/chat/completions", json={"model": 7}), 400, "invalid_request", "must be a string")
+    assert_error(router.client.get("/v1/nothing-here"), 404, "not_found", "unknown endpoint")
+    assert_error(router.client.get("/v1/chat/completions"), 405, "method_not_allowed", "use POST")
+    assert_error(router.client.get("/slots"), 400, "model_missing", "?model=")
+    assert_error(post("/models/load", json={"model": "nope"}), 404, "model_not_found", "not found")
+
+
+def test_aliases_route_to_the_model(router: Router) -> None:
+    response = router.client.post("/v1/chat/completions", json={"model": "first", "messages": []})
+    assert response.status_code == 200 and response.json()["served_by"] == "a"
+
+
+def test_listings_answer_at_once_while_a_model_loads(router: Router) -> None:
+    router.client.post("/models/load", json={"model": "slow"}).raise_for_status()
+    router.wait_status("slow", "loading", timeout=5)
+    for path in ("/v1/models", "/models", "/health", "/props"):
+        started = time.monotonic()
+        assert router.client.get(path).status_code == 200
+        assert time.monotonic() - started < 0.5, path
+    assert router.status("slow") == "loading"
+
+
+def test_router_props(router: Router) -> None:
+    props = router.client.get("/props").json()
+    assert props["role"] == "router" and props["max_instances"] == 4 and props["models_autoload"] is True
+    assert "build_info" in props and props["default_generation_settings"]["n_ctx"] == 0
+
+
+def test_cors_preflight_and_headers(router: Router) -> None:
+    origin = "http://localhost:5173"
+    preflight = router.client.options("/v1/chat/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == origin
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert preflight.headers["access-control-allow-headers"] == "authorization,content-type"
+    listing = router.client.get("/v1/models", headers={"Origin": origin})
+    assert listing.headers["access-control-allow-origin"] == origin
+
+
+def test_api_key(tmp_path: Path, start_router: Any) -> None:
+    preset = tmp_path / "fleet.ini"
+    preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\n")
+    router: Router = start_router("--models-preset", str(preset), "--api-key", "k1,k2")
+    denied = router.client.get("/v1/models")
+    assert denied.status_code == 401 and denied.json()["error"]["type"] == "authentication_error"
+    assert router.client.get("/health").status_code == 200
+    assert router.client.get("/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 200
+    assert router.client.get("/v1/models", headers={"X-Api-Key": "k1"}).status_code == 200
+    assert router.client.options("/v1/models", headers={"Origin": "http://localhost"}).status_code == 204
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "modelyard.cli", "serve", "--port", "0", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(("ini", "message"), [
+    ("[m]\nmodel = {gguf}\nctx = 5\n", "models.ini:3: option 'ctx' not recognized in preset [m]"),
+    ("[m]\nthreads = 2\n", "models.ini:1 [m]: model 'm' has no model source"),
+    ("[m]\nmodel = {missing}\n", "models.ini:2 [m]: model file '{missing}' does not exist"),
+    ("[m]\nmodel = {gguf}\n[n]\nmodel = {gguf}\nalias = m\n", "name 'm' is already used by"),
+])
+def test_bad_presets_are_refused_at_start(tmp_path: Path, ini: str, message: str) -> None:
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    missing = tmp_path / "missing.gguf"
+    preset = tmp_path / "models.ini"
+    preset.write_text(ini.format(gguf=gguf, missing=missing))
+    result = run_serve("--models-preset", str(preset))
+    assert result.returncode != 0
+    assert message.format(missing=missing) in result.stderr
+
+
+def test_unknown_engine_flag_is_refused(tmp_path: Path) -> None:
+    result = run_serve("--models-dir", str(tmp_path), "--no-such-flag")
+    assert result.returncode != 0 and "unknown option '--no-such-flag'" in result.stderr
+
+
+def test_engine_flags_become_defaults_for_every_model(tmp_path: Path, start_router: Any) -> None:
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    preset = tmp_path / "models.ini"
+    preset.write_text(f"[*]\nc = 100\n[m]\nmodel = {gguf}\nthreads = 1\n")
+    router: Router = start_router("--models-preset", str(preset), "-c", "4096", "--no-jinja")
+    text = router.client.get("/models").json()["data"][0]["status"]["preset"]
+    assert "ctx-size = 4096" in text and "jinja = false" in text and "threads = 1" in text

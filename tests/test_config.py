@@ -1,0 +1,146 @@
+"""Presets and models-dir scanning, checked against llama-server b11434's real option table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from modelyard.config.catalog import Sources, build_catalog
+from modelyard.config.options import OptionTable, parse_help
+from modelyard.config.presets import ConfigError, canonical_section_name
+from modelyard.engine.command import Engine, launch_plan, render_settings
+
+HELP = Path(__file__).parent / "data" / "llama-server-b11434-help.txt"
+
+
+@pytest.fixture(scope="module")
+def table() -> OptionTable:
+    return OptionTable(parse_help(HELP.read_text()))
+
+
+@pytest.fixture
+def gguf(tmp_path: Path) -> Path:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF")
+    return path
+
+
+def catalog(tmp_path: Path, table: OptionTable, ini: str, **kwargs: object):  # type: ignore[no-untyped-def]
+    preset = tmp_path / "models.ini"
+    preset.write_text(ini)
+    return build_catalog(Sources(table, preset_path=preset, **kwargs))  # type: ignore[arg-type]
+
+
+def test_option_table_knows_long_short_env_and_negations(table: OptionTable) -> None:
+    for key in ("ctx-size", "c", "LLAMA_ARG_CTX_SIZE", "--ctx-size"):
+        option = table.lookup(key)
+        assert option is not None and option.canonical == "--ctx-size" and option.takes_value
+    jinja = table.lookup("no-jinja")
+    assert jinja is not None and jinja.canonical == "--jinja" and table.is_negation("no-jinja")
+    assert table.lookup("no-kvu") is table.lookup("kv-unified")
+    assert table.lookup("load-on-startup") is not None  # preset-only keys
+    assert table.lookup("not-a-flag") is None
+
+
+def test_preset_keys_in_all_three_forms_with_global_section(tmp_path: Path, table: OptionTable, gguf: Path) -> None:
+    result = catalog(tmp_path, table, f"""
+version = 1
+; a comment
+[*]
+c = 2048
+jinja = true
+
+[chat]  # trailing comment
+model = {gguf}
+LLAMA_ARG_N_GPU_LAYERS = 0
+ctx-size = 4096 ; overrides [*]
+no-jinja = true
+alias = talk, chatty
+load-on-startup = true
+stop-timeout = 3
+""")
+    assert list(result.models) == ["chat"]  # no phantom `default` model from `version`
+    chat = result.models["chat"]
+    assert chat.settings == {"--ctx-size": "4096", "--jinja": "false", "--n-gpu-layers": "0", "--model": str(gguf)}
+    assert chat.aliases == ("talk", "chatty")
+    assert chat.load_on_startup and chat.stop_timeout == 3
+    assert result.resolve("chatty") is chat
+    rendered = render_settings(chat.settings, table)
+    assert "--no-jinja" in rendered and "--jinja" not in rendered
+    assert rendered[rendered.index("--ctx-size") + 1] == "4096"
+    assert rendered[rendered.index("--model") + 1] == str(gguf)
+
+
+def test_router_command_line_beats_section_beats_global(tmp_path: Path, table: OptionTable, gguf: Path) -> None:
+    result = catalog(tmp_path, table, f"[*]\nc = 1\nthreads = 1\n[m]\nmodel = {gguf}\nc = 2\n",
+                     router_settings={"--ctx-size": "3"})
+    assert result.models["m"].settings["--ctx-size"] == "3"
+    assert result.models["m"].settings["--threads"] == "1"
+
+
+def test_models_dir_layout(tmp_path: Path, table: OptionTable) -> None:
+    models = tmp_path / "models"
+    (models / "vision").mkdir(parents=True)
+    (models / "big").mkdir()
+    for name in ("top.gguf", "mmproj-top.gguf", "mtp-draft.gguf", "notes.txt", "vision/model-q4.gguf",
+                 "vision/mmproj-f16.gguf", "big/big-00001-of-00002.gguf", "big/big-00002-of-00002.gguf"):
+        (models / name).write_bytes(b"GGUF")
+    result = build_catalog(Sources(table, models_dir=models))
+    assert sorted(result.models) == ["big", "top", "vision"]
+    assert result.models["vision"].settings["--mmproj"].endswith("mmproj-f16.gguf")
+    assert result.models["big"].model_path is not None
+    assert result.models["big"].model_path.endswith("big-00001-of-00002.gguf")
+
+
+def test_preset_section_extends_models_dir_entry(tmp_path: Path, table: OptionTable) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "top.gguf").write_bytes(b"GGUF")
+    result = catalog(tmp_path, table, "[top]\nc = 512\n", models_dir=models)
+    assert result.models["top"].settings["--ctx-size"] == "512"
+    assert result.models["top"].source == "preset"
+
+
+@pytest.mark.parametrize(("ini", "message"), [
+    ("[m]\nmodel = {gguf}\nbogus-key = 1\n", r"models.ini:3: option 'bogus-key' not recognized in preset \[m\]"),
+    ("[m]\nc = 512\n", r"models.ini:1 \[m\]: model 'm' has no model source"),
+    ("[m]\nmodel = /nonexistent/x.gguf\n", r"models.ini:2 \[m\]: model file '/nonexistent/x.gguf' does not exist"),
+    ("[a]\nmodel = {gguf}\nalias = x\n[b]\nmodel = {gguf}\nalias = x\n", r"name 'x' is already used by .*\[a\]"),
+    ("[a]\nmodel = {gguf}\n[a]\nmodel = {gguf}\n", r"models.ini:3: section \[a\] is defined twice"),
+    ("[a]\nmodel = {gguf}\njinja = maybe\n", r"models.ini:3: option 'jinja' in preset \[a\] is a boolean"),
+    ("[a]\nthis line is wrong\n", r"models.ini:2: cannot parse 'this line is wrong'"),
+])
+def test_bad_presets_name_file_line_and_section(tmp_path: Path, table: OptionTable, gguf: Path, ini: str,
+                                                message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        catalog(tmp_path, table, ini.format(gguf=gguf))
+
+
+def test_missing_preset_file_and_models_dir(tmp_path: Path, table: OptionTable) -> None:
+    with pytest.raises(ConfigError, match="preset file does not exist"):
+        build_catalog(Sources(table, preset_path=tmp_path / "nope.ini"))
+    with pytest.raises(ConfigError, match="does not exist or is not a directory"):
+        build_catalog(Sources(table, models_dir=tmp_path / "nope"))
+
+
+def test_tagged_section_names_are_canonical() -> None:
+    assert canonical_section_name("repo:q4_k_m") == "repo:Q4_K_M"
+    assert canonical_section_name("repo:model-q8_0") == "repo:Q8_0"
+    assert canonical_section_name("*") == "*"
+
+
+def test_request_names_are_never_paths(tmp_path: Path, table: OptionTable, gguf: Path) -> None:
+    result = catalog(tmp_path, table, f"[m]\nmodel = {gguf}\n")
+    assert result.resolve(str(gguf)) is None
+    assert result.resolve("../m") is None
+
+
+def test_launch_plan_forces_loopback_port_and_alias(tmp_path: Path, table: OptionTable, gguf: Path) -> None:
+    result = catalog(tmp_path, table, f"[m]\nmodel = {gguf}\nhost = 0.0.0.0\nport = 1\n")
+    plan = launch_plan(result.models["m"], Engine(Path("/bin/llama-server"), table, router_port=8080), 5555)
+    argv = list(plan.argv)
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv.count("--host") == 1
+    assert argv[argv.index("--port") + 1] == "5555" and argv.count("--port") == 1
+    assert argv[argv.index("--alias") + 1] == "m"
+    assert plan.env["LLAMA_SERVER_ROUTER_PORT"] == "8080"
