@@ -162,6 +162,7 @@ class Waiter:
     request_id: int
     model: str
     since: float
+    autoload: bool = True
 
 
 class Scheduler:
@@ -197,7 +198,7 @@ class Scheduler:
             case UnloadRequested(model=name, reason=reason):
                 self._drain(name, reason, actions)
             case ModelAdded(model=name):
-                self.models.setdefault(name, ModelState(name))
+                self._add(name)
             case ModelRemoved(model=name):
                 self._remove(name, actions)
             case ModelChanged(model=name):
@@ -223,7 +224,7 @@ class Scheduler:
             actions.append(Reject(event.request_id, ErrorKind.QUEUE_FULL,
                                   f"too many waiting requests ({self.max_queue}); retry later"))
         else:
-            self.queue.append(Waiter(event.request_id, event.model, now))
+            self.queue.append(Waiter(event.request_id, event.model, now, event.autoload))
 
     def _usable_without_autoload(self, model: ModelState) -> bool:
         return model.status == Status.LOADING or (model.status == Status.LOADED and not model.draining)
@@ -250,6 +251,7 @@ class Scheduler:
         deliberate = was == Status.STOPPING
         model.exit_code = event.exit_code
         model.draining = False
+        model.leases.clear()  # requests on the dead instance fail on their own; they hold nothing now
         if deliberate:
             model.failure = ""
             self._set_status(model, Status.UNLOADED, actions, event.exit_code)
@@ -271,6 +273,13 @@ class Scheduler:
         elif model.status == Status.LOADED:
             model.draining = True
             model.drain_reason = reason
+
+    def _add(self, name: str) -> None:
+        model = self.models.get(name)
+        if model is None:
+            self.models[name] = ModelState(name)
+        else:
+            model.removed = False  # re-added while its old instance still stops: it stays
 
     def _remove(self, name: str, actions: list[Action]) -> None:
         model = self.models.get(name)
@@ -297,6 +306,7 @@ class Scheduler:
     def _schedule(self, now: float, actions: list[Action]) -> None:
         self._grant_ready(now, actions)
         self._stop_drained(actions)
+        self._reject_without_autoload(actions)
         self._start_loads(actions)
 
     def _grantable(self, model: ModelState) -> bool:
@@ -314,6 +324,14 @@ class Scheduler:
             else:
                 waiting.append(waiter)
         self.queue = waiting
+
+    def _reject_without_autoload(self, actions: list[Action]) -> None:
+        """A request sent with autoload off never causes a load, even if the load it waited for was stopped."""
+        for waiter in [w for w in self.queue if not w.autoload]:
+            if self.models[waiter.model].status in (Status.UNLOADED, Status.FAILED):
+                self.queue.remove(waiter)
+                actions.append(Reject(waiter.request_id, ErrorKind.NOT_LOADED,
+                                      f"model '{waiter.model}' is not loaded and autoload is off"))
 
     def _stop_drained(self, actions: list[Action]) -> None:
         for model in list(self.models.values()):
