@@ -149,6 +149,6 @@ def start_router(tmp_path: Path) -> Iterator[object]:
         router.stop()
 
 
-def fake_cmd(name: str = "fake", load_delay: float = 0.0, fail: bool = False) -> str:
-    extra = " --fail-load" if fail else ""
+def fake_cmd(name: str = "fake", load_delay: float = 0.0, fail: bool = False, ignore_term: bool = False) -> str:
+    extra = (" --fail-load" if fail else "") + (" --ignore-term" if ignore_term else "")
     return f"{sys.executable} {FAKE_ENGINE} --port ${{PORT}} --name {name} --load-delay {load_delay}{extra}"

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 
@@ -52,7 +53,10 @@ def main() -> None:
     parser.add_argument("--name", default="fake")
     parser.add_argument("--load-delay", type=float, default=0.0)
     parser.add_argument("--fail-load", action="store_true")
+    parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM, like a hung engine")
     args = parser.parse_args()
+    if args.ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(args.load_delay)
     if args.fail_load:
         print("fake engine: cannot load the model (asked to fail)", file=sys.stderr)
@@ -61,7 +65,7 @@ def main() -> None:
     app["name"] = args.name
     app.router.add_get("/health", health)
     app.router.add_post("/v1/chat/completions", chat)
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, handle_signals=not args.ignore_term)
 
 
 if __name__ == "__main__":

@@ -187,3 +187,15 @@ def test_unload_drains_then_stops(fleet: Any) -> None:
     assert not_running.status_code == 400 and "not running" in not_running.json()["error"]["message"]
     unknown = router.client.post("/models/unload", json={"model": "zz"})
     assert unknown.status_code == 404
+
+
+def test_a_child_that_ignores_the_stop_is_killed_after_stop_timeout(tmp_path: Path, start_router: Any) -> None:
+    preset = tmp_path / "fleet.ini"
+    preset.write_text(f"[hung]\ncmd = {fake_cmd('hung', ignore_term=True)}\nstop-timeout = 1\n")
+    router: Router = start_router("--models-preset", str(preset))
+    assert router.client.post("/v1/chat/completions", json=chat("hung")).status_code == 200
+    started = time.monotonic()
+    router.client.post("/models/unload", json={"model": "hung"}).raise_for_status()
+    router.wait_status("hung", "unloaded", timeout=10)
+    assert 0.9 < time.monotonic() - started < 5
+    assert router.children() == []

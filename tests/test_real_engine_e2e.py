@@ -194,3 +194,17 @@ def test_client_disconnect_mid_stream_frees_the_slot(tmp_path: Path, demo_models
     started = time.monotonic()
     router.client.post("/completion", json={"model": "one-slot", "prompt": "x", "n_predict": 2}).raise_for_status()
     assert time.monotonic() - started < 5
+
+
+def test_a_model_that_cannot_load_fails_with_the_engine_s_own_words(tmp_path: Path, start_router: Any) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "corrupt.gguf").write_bytes(b"this is not a gguf file")
+    router: Router = start_router("--models-dir", str(models))
+    response = router.client.post("/v1/chat/completions", json={"model": "corrupt", "messages": []})
+    assert response.status_code == 500
+    message = response.json()["error"]["message"]
+    assert "failed to load" in message and "llama-server exited with code 1" in message
+    assert "gguf" in message.lower()
+    status = router.client.get("/models").json()["data"][0]["status"]
+    assert status["value"] == "failed" and status["exit_code"] == 1

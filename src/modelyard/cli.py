@@ -15,20 +15,13 @@ import click
 from modelyard import __version__
 from modelyard.api.app import build_app
 from modelyard.api.context import AppContext, ServerSettings
-from modelyard.config.catalog import Sources
-from modelyard.config.options import OptionTable, load_option_table
-from modelyard.config.presets import ConfigError, normalise_value
+from modelyard.config.presets import ConfigError
 from modelyard.demo import default_models_dir, install_demo_models
-from modelyard.engine.command import Engine
-from modelyard.engine.install import LLAMA_CPP_BUILD, cache_root, install_engine
+from modelyard.engine.install import LLAMA_CPP_BUILD, install_engine
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
 from modelyard.manager import ModelManager
 
 log = logging.getLogger("modelyard")
-
-_ROUTER_FLAGS_IN_ENGINE_ARGS = ("--host", "--port", "--api-key", "--models-dir", "--models-preset",
-                                "--models-max", "--models-autoload", "--alias", "--model")
-
 
 @click.group()
 @click.version_option(__version__, prog_name="modelyard")
@@ -68,52 +61,26 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        binary = locate_llama_server(llama_server)
-        table = load_option_table(binary, cache_root())
         if models_dir is None and models_preset is None:
             models_dir = default_models_dir()
             if not models_dir.is_dir():
                 raise ConfigError(f"no models: pass --models-dir or --models-preset, or install the demo "
                                   f"models into {models_dir} with `modelyard demo install`")
-        sources = Sources(table, models_dir=models_dir, preset_path=models_preset,
-                          router_settings=parse_engine_args(engine_args, table))
-        manager = ModelManager(sources, Engine(binary, table, router_port=port), max_models=models_max,
-                               max_queue=max_queue)
+        manager = ModelManager.create(models_dir=models_dir, models_preset=models_preset,
+                                      llama_server=llama_server, engine_args=engine_args, max_models=models_max,
+                                      max_queue=max_queue, router_port=port)
         _check_startup_models(manager, models_max)
     except (ConfigError, EngineNotFound, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     settings = ServerSettings(autoload=models_autoload,
                               api_keys=tuple(k for k in (api_key or "").split(",") if k),
-                              build_info=f"modelyard {__version__}, llama.cpp {LLAMA_CPP_BUILD} ({binary})")
+                              build_info=f"modelyard {__version__}, llama.cpp {LLAMA_CPP_BUILD} "
+                                         f"({manager.engine.binary})")
     names = ", ".join(manager.catalog.models) or "none"
     click.echo(f"modelyard {__version__}: {len(manager.catalog.models)} model(s) ({names}); "
                f"listening on http://{host}:{port}", err=True)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_serve(AppContext(manager, settings), host, port))
-
-
-def parse_engine_args(args: tuple[str, ...], table: OptionTable) -> dict[str, str]:
-    """`-c 4096 --no-mmap --flash-attn=on` -> {"--ctx-size": "4096", ...}, checked against llama-server."""
-    settings: dict[str, str] = {}
-    queue = list(args)
-    while queue:
-        arg = queue.pop(0)
-        key, has_value, inline = arg.partition("=")
-        option = table.lookup(key) if key.startswith("-") else None
-        if option is None or option.preset_only:
-            raise ConfigError(f"unknown option '{arg}': not a modelyard flag nor a llama-server flag "
-                              f"(see `modelyard serve --help` and `llama-server --help`)")
-        if option.canonical in _ROUTER_FLAGS_IN_ENGINE_ARGS:
-            raise ConfigError(f"'{key}' cannot be a per-model default")
-        if option.takes_value:
-            if not has_value:
-                if not queue:
-                    raise ConfigError(f"option '{key}' needs a value")
-                inline = queue.pop(0)
-            settings[option.canonical] = inline
-        else:
-            settings[option.canonical] = normalise_value(table, key, "true")
-    return settings
 
 
 def _check_startup_models(manager: ModelManager, models_max: int) -> None:

@@ -17,13 +17,17 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
-from modelyard.config.catalog import Catalog, ModelConfig
+from modelyard.config.catalog import Catalog, ModelConfig, Sources, parse_engine_args
+from modelyard.config.options import load_option_table
 from modelyard.engine.command import Engine, launch_plan
+from modelyard.engine.install import cache_root
+from modelyard.engine.locate import locate_llama_server
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.instance import Instance, free_port
 from modelyard.scheduler import (
@@ -106,6 +110,25 @@ class ModelManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscribers: set[asyncio.Queue[StatusEvent]] = set()
         self._configs_in_use: dict[str, ModelConfig] = {}
+
+    @classmethod
+    def create(cls, *, models_dir: Path | None = None, models_preset: Path | None = None,
+               llama_server: str | None = None, engine_args: Sequence[str] = (), max_models: int = 4,
+               max_queue: int = 1024, router_port: int = 0) -> ModelManager:
+        """A manager over a models directory and/or preset file, with llama-server found as the CLI finds it.
+
+        `engine_args` are llama-server flags applied to every model (`["-c", "4096"]`).
+        """
+        binary = locate_llama_server(llama_server)
+        table = load_option_table(binary, cache_root())
+        sources = Sources(table, models_dir=models_dir, preset_path=models_preset,
+                          router_settings=parse_engine_args(tuple(engine_args), table))
+        return cls(sources, Engine(binary, table, router_port=router_port), max_models=max_models,
+                   max_queue=max_queue)
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
 
     @property
     def max_models(self) -> int:

@@ -14,7 +14,7 @@ from typing import Literal
 
 from modelyard.config.models_dir import scan_models_dir
 from modelyard.config.options import TRUTHY, OptionTable
-from modelyard.config.presets import ConfigError, PresetFile, Setting, read_preset_file
+from modelyard.config.presets import ConfigError, PresetFile, Setting, normalise_value, read_preset_file
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,8 @@ DEFAULT_STOP_TIMEOUT = 10.0
 MODEL_SOURCE_KEYS = ("model", "hf-repo", "model-url", "docker-repo", "cmd")
 PATH_KEYS = ("model", "mmproj", "spec-draft-model")
 # Never passed to a child: the router owns them, or (alias) sets them itself.
+_ROUTER_FLAGS_IN_ENGINE_ARGS = ("--host", "--port", "--api-key", "--models-dir", "--models-preset",
+                                "--models-max", "--models-autoload", "--alias", "--model")
 ROUTER_ONLY_KEYS = ("api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "models-dir", "models-max",
                     "models-preset", "models-autoload", "host", "port", "alias", "tags", "log-file")
 
@@ -179,3 +181,27 @@ def _name_index(models: Iterable[ModelConfig]) -> dict[str, str]:
             index[name] = model.name
             owners[name] = f"{model.origin} [{model.name}]"
     return index
+
+
+def parse_engine_args(args: tuple[str, ...], table: OptionTable) -> dict[str, str]:
+    """`-c 4096 --no-mmap --flash-attn=on` -> {"--ctx-size": "4096", ...}, checked against llama-server."""
+    settings: dict[str, str] = {}
+    queue = list(args)
+    while queue:
+        arg = queue.pop(0)
+        key, has_value, inline = arg.partition("=")
+        option = table.lookup(key) if key.startswith("-") else None
+        if option is None or option.preset_only:
+            raise ConfigError(f"unknown option '{arg}': not a modelyard flag nor a llama-server flag "
+                              f"(see `modelyard serve --help` and `llama-server --help`)")
+        if option.canonical in _ROUTER_FLAGS_IN_ENGINE_ARGS:
+            raise ConfigError(f"'{key}' cannot be a per-model default")
+        if option.takes_value:
+            if not has_value:
+                if not queue:
+                    raise ConfigError(f"option '{key}' needs a value")
+                inline = queue.pop(0)
+            settings[option.canonical] = inline
+        else:
+            settings[option.canonical] = normalise_value(table, key, "true")
+    return settings
