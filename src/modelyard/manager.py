@@ -108,7 +108,7 @@ class ModelManager:
         self._waiting: dict[int, asyncio.Future[Lease]] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._subscribers: set[asyncio.Queue[StatusEvent]] = set()
+        self._subscribers: set[asyncio.Queue[StatusEvent | None]] = set()
         self._configs_in_use: dict[str, ModelConfig] = {}
 
     @classmethod
@@ -141,8 +141,13 @@ class ModelManager:
             if config.load_on_startup:
                 self.load_in_background(config.name)
 
+    def end_subscriptions(self) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(None)
+
     async def close(self) -> None:
         """Refuse new work, then stop every child (graceful first, SIGKILL after its stop-timeout)."""
+        self.end_subscriptions()
         self._dispatch(Shutdown())
         deadline = max((c.stop_timeout for c in self.catalog.models.values()), default=10.0) + 5
         instances = list(self._instances.values())
@@ -247,8 +252,9 @@ class ModelManager:
         return self._scheduler.models[self.resolve(name).name].status
 
     @asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[asyncio.Queue[StatusEvent]]:
-        queue: asyncio.Queue[StatusEvent] = asyncio.Queue(maxsize=1000)
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[StatusEvent | None]]:
+        """Status events as they happen; None means the manager is closing."""
+        queue: asyncio.Queue[StatusEvent | None] = asyncio.Queue(maxsize=1000)
         self._subscribers.add(queue)
         try:
             yield queue

@@ -40,15 +40,11 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, base_url
     headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP)
     url = base_url + request.path
     try:
-        upstream_cm = session.request(request.method, url, params=query, data=body or None, headers=headers,
-                                      allow_redirects=False)
-        upstream = await upstream_cm.__aenter__()
-    except aiohttp.ClientError as exc:
+        async with session.request(request.method, url, params=query, data=body or None, headers=headers,
+                                   allow_redirects=False) as upstream:
+            return await _relay(request, upstream)
+    except aiohttp.ClientError as exc:  # _relay handles its own failures; this is the connect/headers phase
         return error_response(ErrorKind.UPSTREAM, f"could not reach the model's server: {exc}")
-    try:
-        return await _relay(request, upstream)
-    finally:
-        await upstream_cm.__aexit__(None, None, None)
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:

@@ -83,6 +83,10 @@ def build_app(context: AppContext, client_max_size: int = 1 << 30) -> web.Applic
         if context.session is not None:
             await context.session.close()
 
+    async def end_streams(app: web.Application) -> None:
+        context.manager.end_subscriptions()  # long-lived /models/sse streams must not hold up shutdown
+
     app.on_startup.append(open_session)
+    app.on_shutdown.append(end_streams)
     app.on_cleanup.append(close_all)
     return app

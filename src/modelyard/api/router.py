@@ -108,9 +108,12 @@ async def models_sse(request: web.Request) -> web.StreamResponse:
         while True:
             try:
                 event = await asyncio.wait_for(events.get(), _SSE_KEEPALIVE_S)
-                frame = _sse_frame(event)
             except TimeoutError:
                 frame = b": keepalive\n\n"
+            else:
+                if event is None:
+                    break
+                frame = _sse_frame(event)
             try:
                 await response.write(frame)
             except (ConnectionError, RuntimeError):
