@@ -123,3 +123,38 @@ def test_engine_flags_become_defaults_for_every_model(tmp_path: Path, start_rout
     router: Router = start_router("--models-preset", str(preset), "-c", "4096", "--no-jinja")
     text = router.client.get("/models").json()["data"][0]["status"]["preset"]
     assert "ctx-size = 4096" in text and "jinja = false" in text and "threads = 1" in text
+
+
+def test_api_key_file_and_cors_origins_localhost(tmp_path: Path, start_router: Any) -> None:
+    preset = tmp_path / "fleet.ini"
+    preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\n")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team keys\nsecret-1\n\nsecret-2\n")
+    router: Router = start_router("--models-preset", str(preset), "--api-key-file", str(keys),
+                                  "--cors-origins", "localhost")
+    auth = {"Authorization": "Bearer secret-2"}
+    assert router.client.get("/v1/models").status_code == 401
+    local = router.client.get("/v1/models", headers={**auth, "Origin": "http://localhost:3000"})
+    assert local.status_code == 200 and local.headers["access-control-allow-origin"] == "http://localhost:3000"
+    remote = router.client.get("/v1/models", headers={**auth, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in remote.headers
+
+
+def test_https(tmp_path: Path, start_router: Any) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    preset = tmp_path / "fleet.ini"
+    preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\n")
+    router: Router = start_router("--models-preset", str(preset), "--ssl-key-file", str(key),
+                                  "--ssl-cert-file", str(cert), wait=False)
+    url = router.url.replace("http://", "https://")
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            response = httpx.get(url + "/health", verify=False)
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, router.log()
+            time.sleep(0.05)
+    assert response.status_code == 200

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -44,6 +45,14 @@ def main() -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, envvar="LLAMA_ARG_PORT",
               help="Port to listen on.")
 @click.option("--api-key", envvar="LLAMA_API_KEY", help="Require this key (comma-separated list allowed).")
+@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              envvar="LLAMA_ARG_API_KEY_FILE", help="File of API keys, one per line; `#` lines are comments.")
+@click.option("--cors-origins", default="*", envvar="LLAMA_ARG_CORS_ORIGINS",
+              help="Allowed CORS origins: `*` (echo any Origin), `localhost`, or a comma-separated list.")
+@click.option("--ssl-key-file", type=click.Path(exists=True, dir_okay=False), envvar="LLAMA_ARG_SSL_KEY_FILE",
+              help="PEM private key: serve HTTPS.")
+@click.option("--ssl-cert-file", type=click.Path(exists=True, dir_okay=False), envvar="LLAMA_ARG_SSL_CERT_FILE",
+              help="PEM certificate: serve HTTPS.")
 @click.option("--llama-server", "llama_server", envvar="LLAMA_SERVER",
               help="llama-server binary (default: $LLAMA_SERVER, the PATH, or `modelyard engine install`).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024,
@@ -51,8 +60,9 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log child output and every request decision.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, models_autoload: bool,
-          host: str, port: int, api_key: str | None, llama_server: str | None, max_queue: int, verbose: bool,
-          engine_args: tuple[str, ...]) -> None:
+          host: str, port: int, api_key: str | None, api_key_file: Path | None, cors_origins: str,
+          ssl_key_file: str | None, ssl_cert_file: str | None, llama_server: str | None, max_queue: int,
+          verbose: bool, engine_args: tuple[str, ...]) -> None:
     """Serve every model in --models-dir / --models-preset behind one OpenAI-compatible endpoint.
 
     Any other llama-server flag (for example `-c 4096 --jinja`) is a default for every model instance:
@@ -72,15 +82,19 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
         _check_startup_models(manager, models_max)
     except (ConfigError, EngineNotFound, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
-    settings = ServerSettings(autoload=models_autoload,
-                              api_keys=tuple(k for k in (api_key or "").split(",") if k),
+    if bool(ssl_key_file) != bool(ssl_cert_file):
+        raise click.ClickException("--ssl-key-file and --ssl-cert-file go together")
+    settings = ServerSettings(autoload=models_autoload, api_keys=_api_keys(api_key, api_key_file),
+                              cors_origins=cors_origins,
                               build_info=f"modelyard {__version__}, llama.cpp {LLAMA_CPP_BUILD} "
                                          f"({manager.engine.binary})")
     names = ", ".join(manager.catalog.models) or "none"
+    scheme = "https" if ssl_cert_file else "http"
     click.echo(f"modelyard {__version__}: {len(manager.catalog.models)} model(s) ({names}); "
-               f"listening on http://{host}:{port}", err=True)
+               f"listening on {scheme}://{host}:{port}", err=True)
+    tls = _tls_context(ssl_cert_file, ssl_key_file) if ssl_cert_file and ssl_key_file else None
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_serve(AppContext(manager, settings), host, port))
+        runner.run(_serve(AppContext(manager, settings), host, port, tls))
 
 
 def _check_startup_models(manager: ModelManager, models_max: int) -> None:
@@ -88,6 +102,20 @@ def _check_startup_models(manager: ModelManager, models_max: int) -> None:
     if models_max and len(startup) > models_max:
         raise ConfigError(f"{len(startup)} models have load-on-startup ({', '.join(startup)}) but "
                           f"--models-max is {models_max}")
+
+
+def _api_keys(api_key: str | None, api_key_file: Path | None) -> tuple[str, ...]:
+    keys = [k.strip() for k in (api_key or "").split(",") if k.strip()]
+    if api_key_file is not None:
+        lines = api_key_file.read_text().splitlines()
+        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return tuple(keys)
+
+
+def _tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
 
 
 def _loop_factory() -> type[asyncio.AbstractEventLoop] | None:
@@ -98,7 +126,7 @@ def _loop_factory() -> type[asyncio.AbstractEventLoop] | None:
     return uvloop.Loop
 
 
-async def _serve(context: AppContext, host: str, port: int) -> None:
+async def _serve(context: AppContext, host: str, port: int, tls: ssl.SSLContext | None) -> None:
     from aiohttp import web
 
     runner = web.AppRunner(build_app(context), handler_cancellation=True, access_log=None)
@@ -108,7 +136,7 @@ async def _serve(context: AppContext, host: str, port: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls).start()
         await stop.wait()
         log.info("shutting down: stopping every model")
     finally:

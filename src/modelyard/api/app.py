@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -20,10 +21,22 @@ _OPEN_PATHS = frozenset({"/health", "/v1/health"})
 _CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 
 
+def allowed_origin(origin: str, setting: str) -> bool:
+    """llama-server's `--cors-origins`: `*` allows any origin, `localhost` only local ones, else a list."""
+    if setting == "*":
+        return True
+    if setting == "localhost":
+        host = urlsplit(origin).hostname or ""
+        return host in ("localhost", "127.0.0.1", "::1") or host.endswith(".localhost")
+    return origin in {o.strip() for o in setting.split(",")}
+
+
 @web.middleware
 async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Router mode's default CORS: echo the Origin with credentials; answer every preflight."""
+    """Router mode's CORS: echo an allowed Origin with credentials; answer every preflight."""
     origin = request.headers.get("Origin")
+    if origin and not allowed_origin(origin, request.app[CONTEXT].settings.cors_origins):
+        origin = None
     if request.method == "OPTIONS":
         response: web.StreamResponse = web.Response(status=204)
         response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS

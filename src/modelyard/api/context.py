@@ -15,6 +15,7 @@ from modelyard.manager import ModelManager
 class ServerSettings:
     autoload: bool = True
     api_keys: tuple[str, ...] = ()
+    cors_origins: str = "*"  # "*" echoes any Origin (router mode's default), "localhost", or a list
     build_info: str = ""
     started_at: float = field(default_factory=time.time)
 
