@@ -199,3 +199,11 @@ def test_a_child_that_ignores_the_stop_is_killed_after_stop_timeout(tmp_path: Pa
     router.wait_status("hung", "unloaded", timeout=10)
     assert 0.9 < time.monotonic() - started < 5
     assert router.children() == []
+
+
+def test_load_on_startup(tmp_path: Path, start_router: Any) -> None:
+    preset = tmp_path / "fleet.ini"
+    preset.write_text(f"[early]\ncmd = {fake_cmd('early')}\nload-on-startup = true\n[late]\ncmd = {fake_cmd('late')}\n")
+    router: Router = start_router("--models-preset", str(preset))
+    router.wait_status("early", "loaded", timeout=10)
+    assert router.status("late") == "unloaded"
