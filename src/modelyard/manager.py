@@ -77,6 +77,7 @@ class StatusEvent:
     exit_code: int | None = None
     reason: str = ""
     progress: Mapping[str, Any] | None = None
+    info: Mapping[str, Any] | None = None  # the child's own model info, on `loaded`
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,9 @@ class ModelManager:
                 log.info("stopping %s: %s", model, reason)
                 self._spawn(self._stop_instance(model))
             case StatusChanged(model=model, status=status, exit_code=code, reason=reason):
-                self._publish(StatusEvent(model, status, code, reason))
+                instance = self._instances.get(model)
+                info = instance.info if instance is not None and status == Status.LOADED else None
+                self._publish(StatusEvent(model, status, code, reason, info=info))
 
     def _grant(self, request_id: int, model: str) -> None:
         future = self._waiting.pop(request_id, None)

@@ -14,6 +14,7 @@ from modelyard import __version__
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_response, from_model_error
 from modelyard.api.openai import get_by_query_model
+from modelyard.config.catalog import ModelConfig
 from modelyard.config.presets import ConfigError
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.manager import ModelView, StatusEvent
@@ -34,12 +35,18 @@ def model_entry(view: ModelView, created: int) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": config.name, "object": "model", "owned_by": "llamacpp", "created": created,
         "aliases": list(config.aliases), "tags": list(config.tags), "path": config.model_path,
-        "source": config.source, "status": status,
+        "source": config.source, "status": status, "architecture": _architecture(config),
         "in_flight": view.in_flight, "queued": view.queued,
     }
     for key, value in view.info.items():
         entry.setdefault(key, value)
     return entry
+
+
+def _architecture(config: ModelConfig) -> dict[str, list[str]]:
+    """What router mode reports offline: text in and out, plus images when the model has a projector."""
+    inputs = ["text", "image"] if "--mmproj" in config.settings else ["text"]
+    return {"input_modalities": inputs, "output_modalities": ["text"]}
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -96,6 +103,8 @@ def _sse_frame(event: StatusEvent) -> bytes:
             data["reason"] = event.reason
         if event.progress is not None:
             data["progress"] = event.progress
+        if event.info:
+            data["info"] = event.info
         message = {"model": event.model, "event": SSE_EVENT, "data": data}
     return f"data: {json.dumps(message)}\n\n".encode()
 
