@@ -169,6 +169,23 @@ def engine_path(llama_server: str | None) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+@main.command()
+@click.option("--mode", type=click.Choice(["smoke", "quick", "full"]), default="quick", show_default=True,
+              help="smoke: seconds, checks the harness; quick: a few minutes; full: the figures for the README.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True,
+              help="Where the report (<mode>/report.md) and plots go.")
+@click.option("--llama-server", "llama_server", envvar="LLAMA_SERVER", help="The binary both routers use.")
+def bench(mode: str, out: Path, llama_server: str | None) -> None:
+    """Benchmark modelyard against llama-server router mode, side by side in one run."""
+    from modelyard.bench.run import run_benchmark
+
+    try:
+        report = run_benchmark(mode, out, locate_llama_server(llama_server), lambda line: click.echo(line, err=True))
+    except (EngineNotFound, RuntimeError, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(report)
+
+
 @main.group()
 def demo() -> None:
     """The demo models (SmolLM2-135M-Instruct and Gemma 3 270M, from PyPI)."""

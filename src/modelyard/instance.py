@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 
 from modelyard.engine.command import LaunchPlan, Readiness
+from modelyard.proxy import new_upstream_session
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Instance:
         self.started_at = 0.0
         self.ready_at = 0.0
         self._on_progress = on_progress
+        self.client = new_upstream_session(plan.max_connections)
         self._proc: asyncio.subprocess.Process | None = None
         self._tasks: list[asyncio.Task[None]] = []
         loop = asyncio.get_running_loop()
@@ -90,6 +92,8 @@ class Instance:
                 start_new_session=True, preexec_fn=_die_with_parent)
         finally:
             self._spawned.set_result(self._proc is not None)
+            if self._proc is None:
+                await self.client.close()
         self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr()),
                        asyncio.create_task(self._watch_exit())]
         if self.plan.readiness == Readiness.HTTP_HEALTH:
@@ -166,6 +170,7 @@ class Instance:
         # Let the pipe readers drain so the failure message quotes the child's last words.
         await asyncio.wait([t for t in self._tasks[:2]], timeout=0.5)
         self.kill()  # anything the child left in its process group goes too
+        await self.client.close()
         if not self.ready.done():
             self.ready.set_exception(ChildExited(code, self.failure_summary(code)))
             self.ready.exception()  # mark retrieved: the manager learns of it through `exited`

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
+
 from modelyard.config.catalog import Catalog, ModelConfig, Sources, parse_engine_args
 from modelyard.config.options import load_option_table
 from modelyard.engine.command import Engine, launch_plan
@@ -66,6 +68,7 @@ class Lease:
     model: str
     base_url: str
     request_id: int
+    client: aiohttp.ClientSession  # pooled keep-alive connections to this model's child
 
 
 @dataclass(frozen=True)
@@ -296,7 +299,7 @@ class ModelManager:
                 future.set_exception(ModelError(ErrorKind.UPSTREAM, f"model '{model}' exited"))
             self._dispatch(Release(request_id))
             return
-        future.set_result(Lease(model, instance.base_url, request_id))
+        future.set_result(Lease(model, instance.base_url, request_id, instance.client))
 
     async def _start_instance(self, model: str) -> None:
         config = self.catalog.models[model]

@@ -27,9 +27,11 @@ _RESPONSE_DROP = frozenset({"server", "date", "transfer-encoding", "connection",
                             "access-control-allow-headers"})
 
 
-def new_upstream_session() -> aiohttp.ClientSession:
-    """One pooled client for all children: keep-alive connections, no timeout on long generations."""
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)
+def new_upstream_session(max_connections: int = 0) -> aiohttp.ClientSession:
+    """The pooled client of one child: keep-alive connections, at most `max_connections` (0 = no limit), no
+    timeout on long generations. Idle connections are dropped before the child's own 5 s keep-alive timeout,
+    so a request never goes out on a connection the child is closing."""
+    connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=4)
     timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                  skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"))

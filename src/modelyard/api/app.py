@@ -13,7 +13,6 @@ from modelyard.api import openai, router
 from modelyard.api.context import CONTEXT, AppContext
 from modelyard.api.errors import error_response
 from modelyard.errors import ErrorKind
-from modelyard.proxy import new_upstream_session
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +86,16 @@ def build_app(context: AppContext, client_max_size: int = 1 << 30) -> web.Applic
     router.add_routes(app)
     openai.add_routes(app)
 
-    async def open_session(app: web.Application) -> None:
-        context.session = new_upstream_session()
+    async def start_manager(app: web.Application) -> None:
         await context.manager.start()
 
-    async def close_all(app: web.Application) -> None:
+    async def close_manager(app: web.Application) -> None:
         await context.manager.close()
-        if context.session is not None:
-            await context.session.close()
 
     async def end_streams(app: web.Application) -> None:
         context.manager.end_subscriptions()  # long-lived /models/sse streams must not hold up shutdown
 
-    app.on_startup.append(open_session)
+    app.on_startup.append(start_manager)
     app.on_shutdown.append(end_streams)
-    app.on_cleanup.append(close_all)
+    app.on_cleanup.append(close_manager)
     return app

@@ -1,11 +1,10 @@
-"""What every HTTP front-end shares: the manager, the upstream client and the server settings."""
+"""What every HTTP front-end shares: the manager and the server settings."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
 from aiohttp import web
 
 from modelyard.manager import ModelManager
@@ -24,11 +23,6 @@ class ServerSettings:
 class AppContext:
     manager: ModelManager
     settings: ServerSettings
-    session: aiohttp.ClientSession | None = None
-
-    def upstream(self) -> aiohttp.ClientSession:
-        assert self.session is not None, "the upstream session is created when the app starts"
-        return self.session
 
 
 CONTEXT = web.AppKey("modelyard", AppContext)

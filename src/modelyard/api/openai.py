@@ -41,7 +41,7 @@ async def _proxy(request: web.Request, model: str, body: bytes) -> web.StreamRes
     except ModelError as error:
         return from_model_error(error)
     try:
-        return await forward(request, context.upstream(), lease.base_url, body, _forward_query(request))
+        return await forward(request, lease.client, lease.base_url, body, _forward_query(request))
     finally:
         manager.release(lease)
 

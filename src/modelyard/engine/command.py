@@ -33,11 +33,19 @@ class Engine:
     router_port: int = 0
 
 
+# llama-server serves each keep-alive connection on one thread and, under a burst of new connections, often
+# fails to add threads beyond its fixed pool: the extra connections then wait for an idle one to time out (5 s
+# steps, measured here). So modelyard gives each child a fixed pool this large and never opens more
+# connections to it than that.
+CHILD_HTTP_THREADS = 64
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     argv: tuple[str, ...]
     env: Mapping[str, str]
     readiness: Readiness
+    max_connections: int = 0  # 0 = no limit
 
 
 def launch_plan(config: ModelConfig, engine: Engine, port: int) -> LaunchPlan:
@@ -47,12 +55,22 @@ def launch_plan(config: ModelConfig, engine: Engine, port: int) -> LaunchPlan:
         command = (config.command.replace("${PORT}", str(port)).replace("${MODEL}", config.name)
                    .replace("${MODEL_PATH}", config.model_path or ""))
         return LaunchPlan(tuple(shlex.split(command)), {**env, "PORT": str(port)}, Readiness.HTTP_HEALTH)
-    argv = (str(engine.binary), *render_settings(config.settings, engine.options),
+    settings = dict(config.settings)
+    threads = _positive_int(settings.get("--threads-http")) or CHILD_HTTP_THREADS
+    settings["--threads-http"] = str(threads)
+    argv = (str(engine.binary), *render_settings(settings, engine.options),
             "--host", "127.0.0.1", "--port", str(port), "--alias", config.name)
     # LLAMA_SERVER_ROUTER_PORT turns on llama-server's child protocol: it reports `ready` on stdout and
     # exits when its stdin closes, i.e. when modelyard dies.
     env["LLAMA_SERVER_ROUTER_PORT"] = str(engine.router_port)
-    return LaunchPlan(argv, env, Readiness.ROUTER_PROTOCOL)
+    return LaunchPlan(argv, env, Readiness.ROUTER_PROTOCOL, max_connections=threads)
+
+
+def _positive_int(value: str | None) -> int:
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        return 0
 
 
 def render_settings(settings: Mapping[str, str], options: OptionTable) -> list[str]:

@@ -1,0 +1,99 @@
+"""Start the two routers under test (and find their children), and read what each process costs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+MODELYARD = "modelyard"
+ROUTER_MODE = "llama-server router"
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RouterProcess:
+    """One router (modelyard or llama-server in router mode) running as a subprocess on loopback."""
+
+    kind: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    launched: float
+    ready_after: float = 0.0
+    child_urls: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float, path: str = "/v1/models") -> float:
+        deadline = self.launched + timeout
+        with httpx.Client(timeout=timeout) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}: "
+                                       f"{self.log.read_text(errors='replace')[-2000:]}")
+                try:
+                    if client.get(self.url + path).status_code == 200:
+                        self.ready_after = time.monotonic() - self.launched
+                        return self.ready_after
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.02)
+        raise TimeoutError(f"{self.kind} was not ready after {timeout:.0f} s")
+
+    def child_url(self, model: str) -> str:
+        """The loopback URL of the child serving `model` (from /models status.args), for direct calls."""
+        listing = httpx.get(self.url + "/models", timeout=30).json()["data"]
+        entry = next(m for m in listing if m["id"] == model)
+        args = entry["status"]["args"]
+        return f"http://127.0.0.1:{args[args.index('--port') + 1]}"
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the router process itself (children excluded)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+
+    def rss_bytes(self, peak: bool = True) -> int:
+        key = "VmHWM:" if peak else "VmRSS:"
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_router(kind: str, binary: Path, source_args: list[str], max_models: int, workdir: Path,
+                 engine_args: list[str]) -> RouterProcess:
+    port = free_port()
+    common = [*source_args, "--models-max", str(max_models), "--port", str(port), *engine_args]
+    if kind == MODELYARD:
+        command = [sys.executable, "-m", "modelyard.cli", "serve", "--llama-server", str(binary), *common]
+    else:
+        command = [str(binary), *common]
+    log = workdir / f"{kind.replace(' ', '-')}-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return RouterProcess(kind, proc, f"http://127.0.0.1:{port}", log, time.monotonic())

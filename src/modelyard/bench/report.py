@@ -1,0 +1,180 @@
+"""The markdown report and the PNG plots."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from modelyard import __version__
+from modelyard.bench.processes import MODELYARD, ROUTER_MODE
+from modelyard.bench.scenarios import KINDS, Plan, Results
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def ratio(ours: float, theirs: float) -> str:
+    return f"{ours / theirs:.2f}x" if theirs else "n/a"
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()} {platform.release()}"
+
+
+def render(results: Results, plan: Plan, model: str, build: str, command: str) -> str:
+    lines = [f"# modelyard vs llama-server router mode ({plan.name} mode)", "",
+             f"- machine: {machine()}", f"- model: {model} (as models a, b, c)", f"- llama.cpp: {build}",
+             f"- modelyard: {__version__}, Python {platform.python_version()}", f"- command: `{command}`",
+             "- ratio = modelyard / router mode: below 1 means modelyard is faster or smaller.", ""]
+    lines += _overhead(results) + _streaming(results) + _cold(results) + _mixed(results)
+    lines += _cost(results) + _scale(results)
+    return "\n".join(lines) + "\n"
+
+
+def _overhead(results: Results) -> list[str]:
+    out = ["## 1. Hot-path overhead (latency added over calling the child directly)", "",
+           "| endpoint | concurrency | router | direct p50 | via p50 | added p50 | direct p99 | via p99 | added p99 |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    added: dict[tuple[str, int, str], tuple[float, float]] = {}
+    for (endpoint, conc, kind, route) in sorted({k for k in results.overhead if k[3] == "via router"}):
+        via = results.overhead[(endpoint, conc, kind, route)]
+        direct = results.overhead[(endpoint, conc, kind, "direct")]
+        a50, a99 = pct(via, .5) - pct(direct, .5), pct(via, .99) - pct(direct, .99)
+        added[(endpoint, conc, kind)] = (a50, a99)
+        out.append(f"| {endpoint} | {conc} | {kind} | {ms(pct(direct, .5))} | {ms(pct(via, .5))} | {ms(a50)} | "
+                   f"{ms(pct(direct, .99))} | {ms(pct(via, .99))} | {ms(a99)} |")
+    out += ["", "| endpoint | concurrency | added p50, modelyard / router mode | added p99, modelyard / router mode |",
+            "|---|---|---|---|"]
+    for endpoint, conc in sorted({(e, c) for e, c, _ in added}):
+        ours, theirs = added[(endpoint, conc, MODELYARD)], added[(endpoint, conc, ROUTER_MODE)]
+        out.append(f"| {endpoint} | {conc} | {ms(ours[0])} / {ms(theirs[0])} | {ms(ours[1])} / {ms(theirs[1])} |")
+    return [*out, ""]
+
+
+def _streaming(results: Results) -> list[str]:
+    out = ["## 2. Streaming", "",
+           "| router | route | time to first token p50 | inter-token gap p50 | gap p99 | tokens/s, 1 stream | "
+           "tokens/s, 8 streams |", "|---|---|---|---|---|---|---|"]
+    for (kind, route), streams in sorted(results.streams.items()):
+        gaps = [g for s in streams for g in s.gaps]
+        out.append(f"| {kind} | {route} | {ms(statistics.median(s.first_token for s in streams))} | "
+                   f"{ms(pct(gaps, .5))} | {ms(pct(gaps, .99))} | {results.throughput[(1, kind, route)]:.1f} | "
+                   f"{results.throughput[(8, kind, route)]:.1f} |")
+    return [*out, ""]
+
+
+def _cold(results: Results) -> list[str]:
+    ours, theirs = results.cold[MODELYARD], results.cold[ROUTER_MODE]
+    swap_ours, swap_theirs = (statistics.median(results.swaps[k]) for k in KINDS)
+    return ["## 3. Cold load and swap (request to first token, --models-max 1)", "",
+            "| measure | modelyard | router mode | ratio |", "|---|---|---|---|",
+            f"| cold load | {ours:.2f} s | {theirs:.2f} s | {ratio(ours, theirs)} |",
+            f"| swap (median of {len(results.swaps[MODELYARD])}) | {swap_ours:.2f} s | {swap_theirs:.2f} s | "
+            f"{ratio(swap_ours, swap_theirs)} |", ""]
+
+
+def _mixed(results: Results) -> list[str]:
+    out = ["## 4. Mixed workload (clients interleaving requests over 3 models)", "",
+           "| setting | router | makespan | loads | p50 latency | p99 latency | errors |",
+           "|---|---|---|---|---|---|---|"]
+    summary: dict[tuple[str, str], float] = {}
+    for (label, kind), runs in sorted(results.mixed.items()):
+        latencies = [x for run in runs for x in run["latencies"]]
+        makespan = statistics.median(run["makespan"] for run in runs)
+        summary[(label, kind)] = makespan
+        loads = "/".join(str(run["loads"]) for run in runs)
+        out.append(f"| {label} | {kind} | {makespan:.2f} s | {loads} | {pct(latencies, .5):.2f} s | "
+                   f"{pct(latencies, .99):.2f} s | {sum(run['errors'] for run in runs)} |")
+    out += ["", "| setting | makespan, modelyard / router mode |", "|---|---|"]
+    for label in sorted({label for label, _ in summary}):
+        out.append(f"| {label} | {ratio(summary[(label, MODELYARD)], summary[(label, ROUTER_MODE)])} |")
+    return [*out, ""]
+
+
+def _cost(results: Results) -> list[str]:
+    out = ["## 5. Router cost", "",
+           "| router | peak RSS | CPU s per 1k proxied /tokenize | requests/s at concurrency 64 "
+           "| same, direct to child |",
+           "|---|---|---|---|---|"]
+    for kind in KINDS:
+        cost = results.cost[kind]
+        out.append(f"| {kind} | {cost['peak_rss'] / 2**20:.0f} MiB | {cost['cpu_per_1k_requests']:.2f} | "
+                   f"{results.rate[(kind, 'via router')]:.0f} | {results.rate[(kind, 'direct')]:.0f} |")
+    ours, theirs = results.rate[(MODELYARD, "via router")], results.rate[(ROUTER_MODE, "via router")]
+    return [*out, "", f"Requests/s, modelyard / router mode: {ratio(ours, theirs)}.", ""]
+
+
+def _scale(results: Results) -> list[str]:
+    out = ["## 6. Scale (registered models, presets pointing at one file)", "",
+           "| models | router | startup | GET /v1/models | router RSS |", "|---|---|---|---|---|"]
+    for (size, kind), row in sorted(results.scale.items()):
+        out.append(f"| {size} | {kind} | {row['startup']:.2f} s | {ms(row['list'])} | {row['rss'] / 2**20:.0f} MiB |")
+    return [*out, ""]
+
+
+def plot(results: Results, directory: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, endpoint in zip(axes, ("tokenize", "chat, 1 token"), strict=True):
+        for (name, conc, kind, route), values in sorted(results.overhead.items()):
+            if name == endpoint and conc == 1:
+                ordered = sorted(v * 1000 for v in values)
+                axis.plot(ordered, [i / len(ordered) for i in range(len(ordered))], label=f"{kind}, {route}")
+        axis.set_xscale("log")
+        axis.set_xlabel("latency (ms, log scale)")
+        axis.set_ylabel("fraction of requests")
+        axis.set_title(f"{endpoint}, concurrency 1")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    paths.append(directory / "latency-cdf.png")
+    figure.savefig(paths[-1], dpi=110)
+    plt.close(figure)
+
+    runs = {kind: results.mixed[("--models-max 1", kind)][0] for kind in KINDS}
+    figure, axes = plt.subplots(len(runs), 1, figsize=(12, 2.2 * len(runs)), sharex=True)
+    for axis, (kind, run) in zip(axes, runs.items(), strict=True):
+        _timeline(axis, run)
+        axis.set_title(f"{kind}: makespan {run['makespan']:.1f} s, {run['loads']} loads")
+    axes[-1].set_xlabel("seconds since the workload started")
+    figure.tight_layout()
+    paths.append(directory / "mixed-timeline.png")
+    figure.savefig(paths[-1], dpi=110)
+    plt.close(figure)
+    return paths
+
+
+def _timeline(axis: Any, run: dict[str, Any]) -> None:
+    colours = {"loading": "#f0b429", "loaded": "#2f80ed", "stopping": "#bbbbbb"}
+    models = sorted({m for _, m, _ in run["timeline"]})
+    end = run["makespan"]
+    for row, model in enumerate(models):
+        events = [(t, s) for t, m, s in run["timeline"] if m == model]
+        for (t, status), nxt in zip(events, [*events[1:], (end, "end")], strict=True):
+            if status in colours:
+                axis.barh(row, max(nxt[0] - t, 0.01), left=t, color=colours[status], height=0.6)
+    axis.set_yticks(range(len(models)), models)
+    axis.set_xlim(left=0)

@@ -1,0 +1,44 @@
+"""Put a benchmark run together: models directory, routers, measurements, report and plots."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from modelyard.bench.report import plot, render
+from modelyard.bench.scenarios import PLANS, Setup, run_all
+from modelyard.demo import GEMMA3, default_models_dir
+from modelyard.engine.install import LLAMA_CPP_BUILD
+
+# Given to both routers, so every child runs with the same flags (modelyard would add --threads-http 64 itself).
+ENGINE_ARGS = ["-c", "2048", "--threads-http", "64"]
+
+
+def run_benchmark(mode: str, out: Path, binary: Path, log: Callable[[str], None]) -> Path:
+    plan = PLANS[mode]
+    model = default_models_dir() / f"{GEMMA3}.gguf"
+    if not model.is_file():
+        raise RuntimeError(f"{model} is missing: run `modelyard demo install`")
+    directory = out / mode
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="modelyard-bench-") as tmp:
+        models_dir = Path(tmp) / "models"
+        models_dir.mkdir()
+        for name in ("a", "b", "c"):
+            (models_dir / f"{name}.gguf").symlink_to(model)
+        setup = Setup(binary, models_dir, Path(tmp), ENGINE_ARGS)
+        started = time.monotonic()
+        results = run_all(setup, plan, log)
+        log(f"measured in {time.monotonic() - started:.0f} s")
+    command = shlex.join(["modelyard", "bench", "--mode", mode, *sys.argv[sys.argv.index(mode) + 1:]]
+                         if mode in sys.argv else ["modelyard", "bench", "--mode", mode])
+    report = directory / "report.md"
+    report.write_text(render(results, plan, f"{GEMMA3} ({model.stat().st_size / 1e6:.0f} MB)",
+                             f"{LLAMA_CPP_BUILD} ({binary})", command))
+    for path in plot(results, directory):
+        log(f"plot: {path}")
+    return report

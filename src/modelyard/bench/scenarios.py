@@ -1,0 +1,249 @@
+"""The measurements. Each runs the same workload against modelyard and llama-server router mode (same binary,
+same models, same flags), interleaved in rounds, and against each router's child directly where that is the
+baseline."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from modelyard.bench.load import StatusRecorder, Stream, Timed, new_session, streamed_chat, timed_requests
+from modelyard.bench.processes import MODELYARD, ROUTER_MODE, RouterProcess, start_router
+
+KINDS = (MODELYARD, ROUTER_MODE)
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    overhead_requests: int
+    rounds: int
+    stream_tokens: int
+    stream_runs: int
+    swaps: int
+    mixed_clients: int
+    mixed_per_client: int
+    mixed_rounds: int
+    rate_requests: int
+    scale_sizes: tuple[int, ...]
+
+
+PLANS = {
+    "smoke": Plan("smoke", 4, 1, 4, 1, 2, 2, 3, 1, 64, (50,)),
+    "quick": Plan("quick", 40, 2, 32, 3, 4, 4, 6, 1, 600, (1000,)),
+    "full": Plan("full", 300, 3, 64, 6, 6, 4, 6, 3, 4000, (1000, 10000)),
+}
+
+
+@dataclass
+class Setup:
+    binary: Path
+    models_dir: Path
+    workdir: Path
+    engine_args: list[str]
+    models: tuple[str, ...] = ("a", "b", "c")
+
+
+@dataclass
+class Results:
+    overhead: dict[tuple[str, int, str, str], list[float]] = field(default_factory=dict)
+    streams: dict[tuple[str, str], list[Stream]] = field(default_factory=dict)
+    throughput: dict[tuple[int, str, str], float] = field(default_factory=dict)
+    cold: dict[str, float] = field(default_factory=dict)
+    swaps: dict[str, list[float]] = field(default_factory=dict)
+    mixed: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
+    rate: dict[tuple[str, str], float] = field(default_factory=dict)
+    cost: dict[str, dict[str, float]] = field(default_factory=dict)
+    scale: dict[tuple[int, str], dict[str, float]] = field(default_factory=dict)
+
+
+@contextmanager
+def routers(setup: Setup, max_models: int, source: list[str] | None = None) -> Iterator[dict[str, RouterProcess]]:
+    started: dict[str, RouterProcess] = {}
+    try:
+        for kind in KINDS:
+            started[kind] = start_router(kind, setup.binary, source or ["--models-dir", str(setup.models_dir)],
+                                         max_models, setup.workdir, setup.engine_args)
+        for router in started.values():
+            router.wait_ready(120)
+        yield started
+    finally:
+        for router in started.values():
+            router.stop()
+
+
+def chat_body(model: str, max_tokens: int = 1) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": max_tokens,
+            "temperature": 0}
+
+
+async def warm(router: RouterProcess, model: str) -> str:
+    async with new_session(1) as session, session.post(router.url + "/v1/chat/completions",
+                                                        json=chat_body(model)) as response:
+        response.raise_for_status()
+        await response.read()
+    return router.child_url(model)
+
+
+# -- 1. hot-path overhead, 2. streaming, 5. requests/s at concurrency 64 ---------------------------------
+
+async def hot_path(running: dict[str, RouterProcess], plan: Plan, results: Results) -> None:
+    targets: list[tuple[str, str, str]] = []
+    for kind, router in running.items():
+        child = await warm(router, "a")
+        targets += [(kind, "via router", router.url), (kind, "direct", child)]
+    endpoints = {
+        "tokenize": ("/tokenize", lambda i: {"model": "a", "content": f"The quick brown fox {i % 7}"}),
+        "chat, 1 token": ("/v1/chat/completions", lambda i: chat_body("a")),
+    }
+    async with new_session(64) as session:
+        for endpoint, (path, body) in endpoints.items():
+            for concurrency in (1, 32):
+                count = max(plan.overhead_requests, 2 * concurrency)
+                for round_no in range(plan.rounds):
+                    order = targets[round_no % 2:] + targets[:round_no % 2]
+                    for kind, route, base in order:
+                        timed = await timed_requests(session, base + path, body, count, concurrency)
+                        key = (endpoint, concurrency, kind, route)
+                        results.overhead.setdefault(key, []).extend(timed.latencies)
+        await streaming(session, targets, plan, results)
+        await request_rate(session, running, targets, plan, results)
+
+
+async def streaming(session: Any, targets: list[tuple[str, str, str]], plan: Plan, results: Results) -> None:
+    for _ in range(plan.stream_runs):
+        for kind, route, base in targets:
+            stream = await streamed_chat(session, base, "a", plan.stream_tokens)
+            results.streams.setdefault((kind, route), []).append(stream)
+    for concurrency in (1, 8):
+        for kind, route, base in targets:
+            started = time.perf_counter()
+            streams = await asyncio.gather(*(streamed_chat(session, base, "a", plan.stream_tokens,
+                                                           prompt=f"Story number {i}.")
+                                             for i in range(concurrency)))
+            wall = time.perf_counter() - started
+            results.throughput[(concurrency, kind, route)] = sum(s.tokens for s in streams) / wall
+
+
+async def request_rate(session: Any, running: dict[str, RouterProcess], targets: list[tuple[str, str, str]],
+                       plan: Plan, results: Results) -> None:
+    def body(i: int) -> dict[str, Any]:
+        return {"model": "a", "content": "rate"}
+
+    for kind, route, base in targets:
+        router = running[kind]
+        cpu_before = router.cpu_seconds()
+        timed: Timed = await timed_requests(session, base + "/tokenize", body, plan.rate_requests, 64)
+        results.rate[(kind, route)] = timed.rate
+        if route == "via router":
+            results.cost.setdefault(kind, {})["cpu_per_1k_requests"] = (
+                (router.cpu_seconds() - cpu_before) * 1000 / max(1, len(timed.latencies)))
+
+
+# -- 3. cold load and swaps, 4. mixed workloads ----------------------------------------------------------
+
+async def cold_and_swaps(running: dict[str, RouterProcess], plan: Plan, results: Results) -> None:
+    async with new_session(8) as session:
+        for kind, router in running.items():
+            stream = await streamed_chat(session, router.url, "a", 4)
+            results.cold[kind] = stream.first_token
+        for i in range(plan.swaps):
+            model = "b" if i % 2 == 0 else "a"
+            for kind, router in running.items():
+                stream = await streamed_chat(session, router.url, model, 4)
+                results.swaps.setdefault(kind, []).append(stream.first_token)
+
+
+async def mixed(running: dict[str, RouterProcess], plan: Plan, label: str, models: tuple[str, ...],
+                results: Results, preload: bool) -> None:
+    for round_no in range(plan.mixed_rounds):
+        order = list(running.items()) if round_no % 2 == 0 else list(reversed(running.items()))
+        for kind, router in order:
+            if preload:
+                for model in models:
+                    await warm(router, model)
+            results.mixed.setdefault((label, kind), []).append(await _mixed_once(router, plan, models))
+
+
+async def _mixed_once(router: RouterProcess, plan: Plan, models: tuple[str, ...]) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+
+    async def client(session: Any, index: int) -> None:
+        nonlocal errors
+        for j in range(plan.mixed_per_client):
+            model = models[(index + j) % len(models)]
+            started = time.perf_counter()
+            try:
+                async with session.post(router.url + "/v1/chat/completions", json=chat_body(model, 8)) as reply:
+                    await reply.read()
+                    ok = reply.status == 200
+            except Exception:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors += 1
+
+    async with StatusRecorder(router.url) as recorder, new_session(plan.mixed_clients) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(session, i) for i in range(plan.mixed_clients)))
+        makespan = time.perf_counter() - started
+    return {"makespan": makespan, "loads": recorder.loads(), "latencies": latencies, "errors": errors,
+            "timeline": [(t - (started - recorder.origin), m, s) for t, m, s in recorder.transitions]}
+
+
+# -- 6. scale ---------------------------------------------------------------------------------------------
+
+def scale(setup: Setup, sizes: tuple[int, ...], results: Results) -> None:
+    model_file = next(setup.models_dir.glob("a.gguf")).resolve()
+    for size in sizes:
+        preset = setup.workdir / f"scale-{size}.ini"
+        preset.write_text("".join(f"[m{i:05d}]\nmodel = {model_file}\n" for i in range(size)))
+        for kind in KINDS:
+            router = start_router(kind, setup.binary, ["--models-preset", str(preset)], 4, setup.workdir,
+                                  setup.engine_args)
+            try:
+                ready = router.wait_ready(600)
+                with httpx.Client(timeout=600) as client:
+                    timings = []
+                    for _ in range(5):
+                        started = time.perf_counter()
+                        listing = client.get(router.url + "/v1/models")
+                        timings.append(time.perf_counter() - started)
+                    assert len(listing.json()["data"]) == size, f"{kind} listed {len(listing.json()['data'])}"
+                results.scale[(size, kind)] = {"startup": ready, "list": statistics.median(timings),
+                                               "rss": float(router.rss_bytes(peak=False))}
+            finally:
+                router.stop()
+
+
+# -- everything, in one run ---------------------------------------------------------------------------------
+
+def run_all(setup: Setup, plan: Plan, log: Any) -> Results:
+    results = Results()
+    log("1-2, 5: hot path, streaming and request rate (all models resident)")
+    with routers(setup, 4) as running:
+        asyncio.run(hot_path(running, plan, results))
+        for kind, router in running.items():
+            results.cost.setdefault(kind, {})["peak_rss"] = float(router.rss_bytes())
+    log("3-4: cold load, swaps and mixed workload with --models-max 1")
+    with routers(setup, 1) as running:
+        asyncio.run(cold_and_swaps(running, plan, results))
+        asyncio.run(mixed(running, plan, "--models-max 1", setup.models, results, preload=False))
+        for kind, router in running.items():
+            results.cost[kind]["cpu_seconds_models_max_1"] = router.cpu_seconds()
+    log("4: mixed workload with all three models resident")
+    with routers(setup, len(setup.models)) as running:
+        asyncio.run(mixed(running, plan, "all resident", setup.models, results, preload=True))
+    log(f"6: scale ({', '.join(str(s) for s in plan.scale_sizes)} registered models)")
+    scale(setup, plan.scale_sizes, results)
+    return results
