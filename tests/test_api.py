@@ -158,3 +158,11 @@ def test_https(tmp_path: Path, start_router: Any) -> None:
             assert time.monotonic() < deadline, router.log()
             time.sleep(0.05)
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize("cmd", ["", "python3 -c \"print(1)"])
+def test_an_unusable_cmd_is_refused_at_start(tmp_path: Path, cmd: str) -> None:
+    preset = tmp_path / "models.ini"
+    preset.write_text(f"[broken]\ncmd = {cmd}\n")
+    result = run_serve("--models-preset", str(preset))
+    assert result.returncode != 0 and "models.ini:2 [broken]: cmd" in result.stderr

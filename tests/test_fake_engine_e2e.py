@@ -207,3 +207,46 @@ def test_load_on_startup(tmp_path: Path, start_router: Any) -> None:
     router: Router = start_router("--models-preset", str(preset))
     router.wait_status("early", "loaded", timeout=10)
     assert router.status("late") == "unloaded"
+
+
+def test_unload_while_loading_cancels_the_load_and_fails_its_waiters(fleet: Any) -> None:
+    router = fleet(load_delay=1.5)
+
+    async def scenario() -> httpx.Response:
+        waiting = asyncio.create_task(post(router.url, chat("a")))
+        await asyncio.sleep(0.4)
+        async with httpx.AsyncClient(base_url=router.url) as client:
+            assert (await client.post("/models/unload", json={"model": "a"})).json() == {"success": True}
+        return await waiting
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 503 and response.json()["error"]["code"] == "model_unloaded"
+    router.wait_status("a", "unloaded", timeout=5)
+    time.sleep(0.3)
+    assert router.status("a") == "unloaded" and router.children() == []
+
+
+def test_a_busy_model_shows_stopping_as_soon_as_it_is_unloaded(fleet: Any) -> None:
+    router = fleet()
+
+    async def scenario() -> None:
+        busy = asyncio.create_task(post(router.url, chat("a", delay=1.0)))
+        await asyncio.sleep(0.3)
+        async with httpx.AsyncClient(base_url=router.url) as client:
+            await client.post("/models/unload", json={"model": "a"})
+            entry = (await client.get("/models")).json()["data"][0]
+            assert entry["status"]["value"] == "stopping" and entry["in_flight"] == 1
+        assert (await busy).status_code == 200
+
+    asyncio.run(scenario())
+    router.wait_status("a", "unloaded", timeout=5)
+
+
+def test_streamed_answers_carry_cors_headers(fleet: Any) -> None:
+    router = fleet()
+    origin = {"Origin": "http://localhost:5173"}
+    with router.client.stream("POST", "/v1/chat/completions", json=chat("a", stream=True), headers=origin) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        assert reply.headers["access-control-allow-origin"] == "http://localhost:5173"
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"

@@ -461,11 +461,20 @@ SCENARIOS = [
         final={"A": Status.UNLOADED},
     ),
     Scenario(
-        "unload-loading-stops-now-and-waiters-wait-for-the-next-load",
+        "unload-loading-cancels-the-load-and-fails-its-waiters",
         steps=[
             (Acquire(1, "A"), [start("A")]),
-            (UnloadRequested("A"), [stop("A")]),
+            (UnloadRequested("A"), [reject(1, ErrorKind.UNLOADED), stop("A")]),
             (loaded("A"), []),  # a late ready report for the stopping child is ignored
+            (exited("A"), []),  # nobody waits: it is not loaded again
+        ],
+        final={"A": Status.UNLOADED},
+    ),
+    Scenario(
+        "config-change-while-loading-restarts-for-its-waiters",
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (ModelChanged("A"), [stop("A")]),
             (exited("A"), [start("A")]),
             (loaded("A"), [grant(1, "A")]),
         ],
@@ -892,7 +901,7 @@ def test_waiter_without_autoload_is_refused_when_its_load_is_stopped() -> None:
     sched = Scheduler(["A"], max_models=1)
     sched.handle(Acquire(1, "A"), 0.0)  # autoload on: starts the load
     sched.handle(Acquire(2, "A", autoload=False), 0.5)  # joins the load in progress
-    sched.handle(UnloadRequested("A"), 1.0)  # the load is stopped
+    sched.handle(ModelChanged("A"), 1.0)  # the load is stopped (to restart with the new configuration)
     actions = sched.handle(InstanceExited("A", -15), 2.0)
     rejected = [a for a in actions if isinstance(a, Reject)]
     assert [(a.request_id, a.kind) for a in rejected] == [(2, ErrorKind.NOT_LOADED)]

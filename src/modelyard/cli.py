@@ -23,6 +23,7 @@ from modelyard.engine.locate import EngineNotFound, locate_llama_server
 from modelyard.manager import ModelManager
 
 log = logging.getLogger("modelyard")
+SHUTDOWN_GRACE_S = 5.0
 
 @click.group()
 @click.version_option(__version__, prog_name="modelyard")
@@ -129,7 +130,9 @@ def _loop_factory() -> type[asyncio.AbstractEventLoop] | None:
 async def _serve(context: AppContext, host: str, port: int, tls: ssl.SSLContext | None) -> None:
     from aiohttp import web
 
-    runner = web.AppRunner(build_app(context), handler_cancellation=True, access_log=None)
+    # In-flight requests get a short grace period on SIGTERM; then every child is stopped.
+    runner = web.AppRunner(build_app(context), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

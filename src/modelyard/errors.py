@@ -17,6 +17,8 @@ class ErrorKind(Enum):
     UPSTREAM = (502, "server_error", "upstream_error")
     BAD_REQUEST = (400, "invalid_request_error", "invalid_request")
     SHUTTING_DOWN = (503, "unavailable_error", "shutting_down")
+    UNLOADED = (503, "unavailable_error", "model_unloaded")
+    TOO_LARGE = (413, "invalid_request_error", "request_too_large")
     NOT_FOUND = (404, "invalid_request_error", "not_found")
     METHOD_NOT_ALLOWED = (405, "invalid_request_error", "method_not_allowed")
 

@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -32,6 +32,7 @@ _STATE_PREFIX = b"cmd_child_to_router:state:"
 _EXIT_COMMAND = b"cmd_router_to_child:exit\n"
 _LOG_TAIL_LINES = 40
 _HEALTH_POLL_S = 0.02
+_MAX_LINE = 1 << 20  # as router mode caps child lines
 _PR_SET_PDEATHSIG = 1
 
 
@@ -47,6 +48,19 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """Lines until EOF; an over-long line is skipped rather than ending the reader (a full pipe would block
+    the child)."""
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:
+            continue
+        if not line:
+            return
+        yield line
 
 
 class ChildExited(Exception):
@@ -89,7 +103,7 @@ class Instance:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.plan.argv, env=dict(self.plan.env), stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True, preexec_fn=_die_with_parent)
+                start_new_session=True, preexec_fn=_die_with_parent, limit=_MAX_LINE)
         finally:
             self._spawned.set_result(self._proc is not None)
             if self._proc is None:
@@ -136,7 +150,7 @@ class Instance:
 
     async def _read_stdout(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
-        async for raw in self._proc.stdout:
+        async for raw in _lines(self._proc.stdout):
             if raw.startswith(_STATE_PREFIX):
                 self._on_state(raw[len(_STATE_PREFIX):])
             else:
@@ -156,7 +170,7 @@ class Instance:
 
     async def _read_stderr(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None
-        async for raw in self._proc.stderr:
+        async for raw in _lines(self._proc.stderr):
             self._remember(raw)
 
     def _remember(self, raw: bytes) -> None:

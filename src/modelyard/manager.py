@@ -217,6 +217,8 @@ class ModelManager:
         """Drain and stop a running model; its in-flight requests finish first."""
         config = self.resolve(name)
         state = self._scheduler.models[config.name]
+        if state.status == Status.STOPPING:
+            return  # already on its way out
         if state.status not in (Status.LOADING, Status.LOADED):
             raise ModelError(ErrorKind.NOT_RUNNING, f"model '{config.name}' is not running")
         self._dispatch(UnloadRequested(config.name))
@@ -244,7 +246,8 @@ class ModelManager:
                 continue
             instance = self._instances.get(name)
             views.append(ModelView(
-                config=config, status=state.status, in_flight=state.in_flight,
+                config=config, status=state.status,
+                in_flight=state.in_flight,
                 queued=self._scheduler.queued_for(name), last_used=state.last_used,
                 exit_code=state.exit_code, failure=state.failure,
                 args=instance.plan.argv if instance else (),
@@ -304,16 +307,20 @@ class ModelManager:
     async def _start_instance(self, model: str) -> None:
         config = self.catalog.models[model]
         port = free_port()
-        instance = Instance(model, launch_plan(config, self._engine, port),
-                            port, on_progress=lambda p: self._publish(StatusEvent(model, Status.LOADING,
-                                                                                  progress=p)))
+        try:
+            plan = launch_plan(config, self._engine, port)
+            instance = Instance(model, plan, port, on_progress=lambda p: self._publish(
+                StatusEvent(model, Status.LOADING, progress=p)))
+        except Exception as exc:
+            self._dispatch(InstanceExited(model, None, f"could not start model '{model}': {exc}"))
+            return
         self._instances[model] = instance
         self._configs_in_use[model] = config
         try:
             await instance.start()
-        except OSError as exc:
-            del self._instances[model]
-            self._dispatch(InstanceExited(model, None, f"could not start {instance.plan.argv[0]}: {exc}"))
+        except Exception as exc:
+            self._instances.pop(model, None)
+            self._dispatch(InstanceExited(model, None, f"could not start {plan.argv[0]}: {exc}"))
             return
         self._spawn(self._watch(instance))
 
@@ -332,13 +339,21 @@ class ModelManager:
     async def _stop_instance(self, model: str) -> None:
         instance = self._instances.get(model)
         config = self.catalog.models.get(model) or self._configs_in_use.get(model)
-        if instance is not None:
-            await instance.stop(config.stop_timeout if config else 10.0)
+        if instance is None:  # its start failed or it already exited: nothing to wait for
+            self._dispatch(InstanceExited(model, None, "stopped before it started"))
+            return
+        await instance.stop(config.stop_timeout if config else 10.0)
 
     def _publish(self, event: StatusEvent) -> None:
-        for queue in self._subscribers:
-            with contextlib.suppress(asyncio.QueueFull):
+        for queue in list(self._subscribers):
+            try:
                 queue.put_nowait(event)
+            except asyncio.QueueFull:
+                # Too slow to follow: end its stream rather than let it miss a status change silently.
+                self._subscribers.discard(queue)
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(None)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)

@@ -69,7 +69,8 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
         log.warning("%s %s: %s", request.method, request.path, message)
         if is_sse:
             event = json.dumps(error_body(ErrorKind.UPSTREAM, message))
-            await response.write(f"data: {event}\n\n".encode())
+            # The llama.cpp web UI only finalises a message after [DONE].
+            await response.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
         else:
             # Not SSE: no in-band way to report it; cut the connection so the client sees a truncated body.
             if request.transport is not None:

@@ -10,7 +10,9 @@ Invariants kept here:
 - a model that is loading is never evicted;
 - requests for one model share one load; a freshly loaded model is leased to its waiters before anything
   else can evict it (router mode's #28698);
-- a model chosen to stop (draining) takes no new leases; its waiters wait for its next load.
+- a model chosen to stop is `stopping` at once and takes no new leases; while its in-flight requests finish
+  (draining) it keeps its child, which is stopped when the last lease is released; its waiters wait for
+  its next load.
 """
 
 from __future__ import annotations
@@ -196,7 +198,7 @@ class Scheduler:
             case InstanceExited():
                 self._exited(event, actions)
             case UnloadRequested(model=name, reason=reason):
-                self._drain(name, reason, actions)
+                self._unload(name, reason, actions)
             case ModelAdded(model=name):
                 self._add(name)
             case ModelRemoved(model=name):
@@ -227,7 +229,7 @@ class Scheduler:
             self.queue.append(Waiter(event.request_id, event.model, now, event.autoload))
 
     def _usable_without_autoload(self, model: ModelState) -> bool:
-        return model.status == Status.LOADING or (model.status == Status.LOADED and not model.draining)
+        return model.status in (Status.LOADING, Status.LOADED)
 
     def _release(self, request_id: int, now: float) -> None:
         name = self.lease_owner.pop(request_id, None)
@@ -265,14 +267,24 @@ class Scheduler:
         if model.removed:
             del self.models[event.model]
 
+    def _unload(self, name: str, reason: str, actions: list[Action]) -> None:
+        """An explicit unload of a loading model cancels the load: its waiters fail instead of reloading it."""
+        if self.models[name].status == Status.LOADING:
+            for waiter in self._take_waiters(name):
+                actions.append(Reject(waiter.request_id, ErrorKind.UNLOADED,
+                                      f"model '{name}' was unloaded while it was loading"))
+        self._drain(name, reason, actions)
+
     def _drain(self, name: str, reason: str, actions: list[Action]) -> None:
         model = self.models[name]
         if model.status == Status.LOADING:
             # A loading child cannot serve anyone yet: stop it now; its waiters wait for the next load.
             self._stop(model, reason, actions)
         elif model.status == Status.LOADED:
+            # Stopping from now on: it takes no new requests; the child stops when the in-flight ones finish.
             model.draining = True
             model.drain_reason = reason
+            self._set_status(model, Status.STOPPING, actions, reason=reason)
 
     def _add(self, name: str) -> None:
         model = self.models.get(name)
@@ -310,7 +322,7 @@ class Scheduler:
         self._start_loads(actions)
 
     def _grantable(self, model: ModelState) -> bool:
-        return model.status == Status.LOADED and not model.draining
+        return model.status == Status.LOADED
 
     def _grant_ready(self, now: float, actions: list[Action]) -> None:
         waiting: list[Waiter] = []
@@ -335,15 +347,16 @@ class Scheduler:
 
     def _stop_drained(self, actions: list[Action]) -> None:
         for model in list(self.models.values()):
-            if model.draining and model.status == Status.LOADED and model.in_flight == 0:
-                self._stop(model, model.drain_reason, actions)
+            if model.draining and model.in_flight == 0:
+                model.draining = False
+                actions.append(StopInstance(model.name, model.drain_reason))
 
     def _start_loads(self, actions: list[Action]) -> None:
         free = self._free_slots()
-        # Slots that stopping models will hand back, unless they are wanted again themselves.
-        incoming = sum(1 for m in self.models.values()
-                       if m.status == Status.STOPPING and not m.removed and self.queued_for(m.name) == 0)
-        incoming += sum(1 for m in self.models.values() if m.status == Status.STOPPING and m.removed)
+        # Slots that children being stopped now will hand back, unless their model is wanted again. (A model
+        # still draining its requests may take long: it is not counted, so an idle one can be evicted.)
+        incoming = sum(1 for m in self.models.values() if m.status == Status.STOPPING and not m.draining
+                       and (m.removed or self.queued_for(m.name) == 0))
         for name in self._models_needing_load():
             model = self.models[name]
             if free > 0:
@@ -374,13 +387,12 @@ class Scheduler:
 
     def _pick_victim(self) -> ModelState | None:
         idle = [m for m in self.models.values()
-                if m.status == Status.LOADED and m.in_flight == 0 and not m.draining
+                if m.status == Status.LOADED and m.in_flight == 0
                 and self.queued_for(m.name) == 0]
         return min(idle, key=lambda m: m.last_used, default=None)
 
     # -- helpers --
     def _stop(self, model: ModelState, reason: str, actions: list[Action]) -> None:
-        model.draining = False
         self._set_status(model, Status.STOPPING, actions, reason=reason)
         actions.append(StopInstance(model.name, reason))
 

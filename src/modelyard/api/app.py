@@ -31,24 +31,24 @@ def allowed_origin(origin: str, setting: str) -> bool:
 
 
 @web.middleware
-async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Router mode's CORS: echo an allowed Origin with credentials; answer every preflight."""
+async def preflight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every CORS preflight, on any path, before authentication (browsers send no key with it)."""
+    if request.method != "OPTIONS":
+        return await handler(request)
+    response = web.Response(status=204)
+    response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
+    response.headers["Access-Control-Allow-Headers"] = request.headers.get("Access-Control-Request-Headers", "*")
+    response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Runs as each response is prepared, so streamed answers (SSE) carry the headers too."""
     origin = request.headers.get("Origin")
-    if origin and not allowed_origin(origin, request.app[CONTEXT].settings.cors_origins):
-        origin = None
-    if request.method == "OPTIONS":
-        response: web.StreamResponse = web.Response(status=204)
-        response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
-        response.headers["Access-Control-Allow-Headers"] = request.headers.get(
-            "Access-Control-Request-Headers", "*")
-        response.headers["Access-Control-Max-Age"] = "600"
-    else:
-        response = await handler(request)
-    if origin and not response.prepared:
+    if origin and allowed_origin(origin, request.app[CONTEXT].settings.cors_origins):
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Allow-Credentials"] = "true"
         response.headers["Vary"] = "Origin"
-    return response
 
 
 def _authorised(request: web.Request, keys: tuple[str, ...]) -> bool:
@@ -75,13 +75,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPMethodNotAllowed as exc:
         return error_response(ErrorKind.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on "
                               f"{request.path}; use {', '.join(sorted(exc.allowed_methods))}")
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(ErrorKind.BAD_REQUEST, f"request body too large: {exc.text}")
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONTEXT].settings.max_body_bytes
+        return error_response(ErrorKind.TOO_LARGE, f"request body larger than {limit // 2**20} MiB")
 
 
-def build_app(context: AppContext, client_max_size: int = 1 << 30) -> web.Application:
-    app = web.Application(middlewares=[cors_middleware, error_middleware, api_key_middleware],
-                          client_max_size=client_max_size)
+def build_app(context: AppContext) -> web.Application:
+    app = web.Application(middlewares=[preflight_middleware, error_middleware, api_key_middleware],
+                          client_max_size=context.settings.max_body_bytes)
+    app.on_response_prepare.append(add_cors_headers)
     app[CONTEXT] = context
     router.add_routes(app)
     openai.add_routes(app)

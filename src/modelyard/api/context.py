@@ -15,6 +15,7 @@ class ServerSettings:
     autoload: bool = True
     api_keys: tuple[str, ...] = ()
     cors_origins: str = "*"  # "*" echoes any Origin (router mode's default), "localhost", or a list
+    max_body_bytes: int = 256 * 2**20
     build_info: str = ""
     started_at: float = field(default_factory=time.time)
 

@@ -3,9 +3,9 @@ the GET endpoints routed by `?model=`. Each request holds a lease on its model u
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from modelyard.api.context import CONTEXT
@@ -49,8 +49,8 @@ async def _proxy(request: web.Request, model: str, body: bytes) -> web.StreamRes
 async def post_by_body_model(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     try:
-        payload: Any = json.loads(body) if body else None
-    except ValueError as exc:
+        payload: Any = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError as exc:
         return error_response(ErrorKind.BAD_REQUEST, f"request body is not valid JSON: {exc}")
     if not isinstance(payload, dict):
         return error_response(ErrorKind.BAD_REQUEST, "request body must be a JSON object with a \"model\" field")

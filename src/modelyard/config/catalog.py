@@ -7,6 +7,7 @@ looked up here; they are never used as paths.
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,14 @@ def _model_config(name: str, full: Mapping[str, Setting], source: Literal["prese
             path = Path(setting.value).expanduser()
             if not path.is_file():
                 raise ConfigError(f"{setting.origin} [{name}]: {key} file '{setting.value}' does not exist")
+    command = full.get("cmd")
+    if command is not None:
+        try:
+            if not shlex.split(command.value):
+                raise ValueError("it is empty")
+        except ValueError as exc:
+            raise ConfigError(f"{command.origin} [{name}]: cmd {command.value!r} is not a usable command line "
+                              f"({exc})") from None
     values = {flag: s.value for flag, s in full.items()}
     router_only = {canon[key] for key in ROUTER_ONLY_KEYS}
     preset_only = {canon["load-on-startup"], canon["stop-timeout"], "dedup-cache-models", "cmd"}

@@ -66,9 +66,15 @@ def native_compiler_flags() -> list[str]:
 
 
 def installed_binary(cmake_args: str | None = None) -> Path:
-    """Where the cached build for this llama.cpp version, CPU and CMAKE_ARGS lives (it may not exist yet)."""
+    """The cached build for this llama.cpp version, CPU and CMAKE_ARGS; without CMAKE_ARGS set, the newest
+    build for this CPU (so a CUDA build is found by a plain `modelyard serve`). It may not exist yet."""
     args = os.environ.get("CMAKE_ARGS", "") if cmake_args is None else cmake_args
-    return cache_root() / build_key(args) / "bin" / "llama-server"
+    exact = cache_root() / build_key(args) / "bin" / "llama-server"
+    if exact.is_file() or args:
+        return exact
+    prefix = build_key("").removesuffix("-default")
+    builds = [p for p in cache_root().glob(f"{prefix}-*/bin/llama-server") if p.is_file()]
+    return max(builds, key=lambda p: p.stat().st_mtime, default=exact)
 
 
 def install_engine(echo: Callable[[str], None], force: bool = False) -> Path:
