@@ -34,6 +34,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(delay)
         return web.json_response({"id": "fake", "object": "chat.completion", "created": int(STARTED),
                                   "model": body.get("model"), "served_by": name, "pid": os.getpid(),
+                                  "received": sorted(body),
                                   "choices": [{"index": 0, "finish_reason": "stop",
                                                "message": {"role": "assistant", "content": "ok"}}]})
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

@@ -16,11 +16,15 @@ import click
 from modelyard import __version__
 from modelyard.api.app import build_app
 from modelyard.api.context import AppContext, ServerSettings
+from modelyard.config.durations import parse_duration
 from modelyard.config.presets import ConfigError
 from modelyard.demo import default_models_dir, install_demo_models
 from modelyard.engine.install import LLAMA_CPP_BUILD, install_engine
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
+from modelyard.errors import ModelError
 from modelyard.manager import ModelManager
+from modelyard.memory import parse_size, system_memory
+from modelyard.scheduler import Limits
 
 log = logging.getLogger("modelyard")
 SHUTDOWN_GRACE_S = 5.0
@@ -58,12 +62,19 @@ def main() -> None:
               help="llama-server binary (default: $LLAMA_SERVER, the PATH, or `modelyard engine install`).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024,
               help="Most requests waiting for a model at once; more get 503 with Retry-After.")
+@click.option("--memory-budget", default="80%", envvar="MODELYARD_MEMORY_BUDGET",
+              help="Memory the loaded models may use together: bytes, 16GiB, or a percentage of RAM; 0 = no limit.")
+@click.option("--keep-alive", "keep_alive", default="-1", envvar="MODELYARD_KEEP_ALIVE",
+              help="Unload a model idle this long (seconds, 5m, 1h); -1 = never. Presets: keep-alive = ...")
+@click.option("--max-wait", default="30s",
+              help="Longest a request waits behind other models' batches before the models in its way are "
+                   "drained (seconds or 30s, 2m).")
 @click.option("-v", "--verbose", is_flag=True, help="Log child output and every request decision.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, models_autoload: bool,
           host: str, port: int, api_key: str | None, api_key_file: Path | None, cors_origins: str,
           ssl_key_file: str | None, ssl_cert_file: str | None, llama_server: str | None, max_queue: int,
-          verbose: bool, engine_args: tuple[str, ...]) -> None:
+          memory_budget: str, keep_alive: str, max_wait: str, verbose: bool, engine_args: tuple[str, ...]) -> None:
     """Serve every model in --models-dir / --models-preset behind one OpenAI-compatible endpoint.
 
     Any other llama-server flag (for example `-c 4096 --jinja`) is a default for every model instance:
@@ -77,12 +88,18 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
             if not models_dir.is_dir():
                 raise ConfigError(f"no models: pass --models-dir or --models-preset, or install the demo "
                                   f"models into {models_dir} with `modelyard demo install`")
+        limits = Limits(max_models=models_max, max_queue=max_queue,
+                        memory_budget=parse_size(memory_budget, system_memory()),
+                        keep_alive=parse_duration(keep_alive), max_wait=parse_duration(max_wait))
         manager = ModelManager.create(models_dir=models_dir, models_preset=models_preset,
-                                      llama_server=llama_server, engine_args=engine_args, max_models=models_max,
-                                      max_queue=max_queue, router_port=port)
+                                      llama_server=llama_server, engine_args=engine_args, limits=limits,
+                                      router_port=port)
         _check_startup_models(manager, models_max)
-    except (ConfigError, EngineNotFound, RuntimeError) as exc:
+        manager.check_pinned()
+    except (ConfigError, EngineNotFound, RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    except ModelError as exc:
+        raise click.ClickException(exc.message) from None
     if bool(ssl_key_file) != bool(ssl_cert_file):
         raise click.ClickException("--ssl-key-file and --ssl-cert-file go together")
     settings = ServerSettings(autoload=models_autoload, api_keys=_api_keys(api_key, api_key_file),

@@ -18,6 +18,8 @@ class ErrorKind(Enum):
     BAD_REQUEST = (400, "invalid_request_error", "invalid_request")
     SHUTTING_DOWN = (503, "unavailable_error", "shutting_down")
     UNLOADED = (503, "unavailable_error", "model_unloaded")
+    TOO_BIG = (507, "server_error", "model_too_large")
+    BUSY = (429, "rate_limit_error", "concurrency_limit")
     TOO_LARGE = (413, "invalid_request_error", "request_too_large")
     NOT_FOUND = (404, "invalid_request_error", "not_found")
     METHOD_NOT_ALLOWED = (405, "invalid_request_error", "method_not_allowed")

@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from modelyard.engine.install import cache_root
 from modelyard.engine.locate import locate_llama_server
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.instance import Instance, free_port
+from modelyard.memory import GgufCache, describe, estimate_footprint, gpu_memory_by_pid, model_files, process_memory
 from modelyard.scheduler import (
     Acquire,
     Action,
@@ -39,10 +41,13 @@ from modelyard.scheduler import (
     Event,
     Grant,
     InstanceExited,
+    Limits,
     LoadSucceeded,
+    MemoryMeasured,
     ModelAdded,
     ModelChanged,
     ModelRemoved,
+    ModelSpec,
     Reject,
     Release,
     Scheduler,
@@ -51,6 +56,7 @@ from modelyard.scheduler import (
     Status,
     StatusChanged,
     StopInstance,
+    Tick,
     UnloadRequested,
 )
 
@@ -98,37 +104,92 @@ class ModelView:
     info: Mapping[str, Any] = field(default_factory=dict)
     port: int | None = None
     pid: int | None = None
+    estimated_memory: int = 0
+    measured_memory: int = 0
+    keep_alive: float = -1.0
+    expires_in: float | None = None  # seconds until an idle model's keep-alive ends
+    idle_for: float | None = None  # seconds since its last request, if it ever had one
+
+
+_MEASURE_EVERY_S = 5.0
 
 
 class ModelManager:
-    def __init__(self, source: CatalogSource, engine: Engine, *, max_models: int = 4, max_queue: int = 1024,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, source: CatalogSource, engine: Engine, *, limits: Limits | None = None,
+                 max_models: int | None = None, max_queue: int | None = None,
+                 clock: Callable[[], float] = time.monotonic, gguf_cache: GgufCache | None = None) -> None:
         self._source = source
         self._engine = engine
         self._clock = clock
+        self._gguf = gguf_cache or GgufCache(cache_root())
         self.catalog = source.load()
-        self._scheduler = Scheduler(list(self.catalog.models), max_models=max_models, max_queue=max_queue)
+        self._footprints: dict[str, int] = {}
+        self._scheduler = Scheduler([self._spec(c) for c in self.catalog.models.values()], limits,
+                                    max_models=max_models, max_queue=max_queue)
         self._instances: dict[str, Instance] = {}
         self._waiting: dict[int, asyncio.Future[Lease]] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscribers: set[asyncio.Queue[StatusEvent | None]] = set()
         self._configs_in_use: dict[str, ModelConfig] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
 
     @classmethod
     def create(cls, *, models_dir: Path | None = None, models_preset: Path | None = None,
-               llama_server: str | None = None, engine_args: Sequence[str] = (), max_models: int = 4,
-               max_queue: int = 1024, router_port: int = 0) -> ModelManager:
+               llama_server: str | None = None, engine_args: Sequence[str] = (), max_models: int | None = None,
+               max_queue: int | None = None, router_port: int = 0, limits: Limits | None = None) -> ModelManager:
         """A manager over a models directory and/or preset file, with llama-server found as the CLI finds it.
 
-        `engine_args` are llama-server flags applied to every model (`["-c", "4096"]`).
+        `engine_args` are llama-server flags applied to every model (`["-c", "4096"]`); `limits` holds the
+        memory budget, default keep-alive and max-wait (`max_models`/`max_queue` override its fields).
         """
         binary = locate_llama_server(llama_server)
         table = load_option_table(binary, cache_root())
         sources = Sources(table, models_dir=models_dir, preset_path=models_preset,
                           router_settings=parse_engine_args(tuple(engine_args), table))
-        return cls(sources, Engine(binary, table, router_port=router_port), max_models=max_models,
-                   max_queue=max_queue)
+        return cls(sources, Engine(binary, table, router_port=router_port), limits=limits,
+                   max_models=max_models, max_queue=max_queue)
+
+    def _spec(self, config: ModelConfig) -> ModelSpec:
+        if config.name not in self._footprints:
+            facts = [self._gguf.get(path) for path in model_files(config.settings)]
+            known = [f for f in facts if f is not None]
+            self._footprints[config.name] = estimate_footprint(config.settings, known) if known else 0
+        return ModelSpec(config.name, footprint=self._footprints[config.name], pinned=config.pinned,
+                         priority=config.priority, keep_alive=config.keep_alive,
+                         concurrency_limit=config.concurrency_limit)
+
+    async def estimate_memory(self) -> None:
+        """Read the GGUF metadata of every model not estimated yet (off the event loop: the reader is slow),
+        and hand the estimates to the scheduler."""
+        for config in list(self.catalog.models.values()):
+            if self._footprints.get(config.name):
+                continue
+            try:
+                facts = [await asyncio.to_thread(self._gguf.read, p) for p in model_files(config.settings)]
+            except Exception as exc:
+                log.warning("could not read the GGUF metadata of %s: %s", config.name, exc)
+                continue
+            self._footprints[config.name] = estimate_footprint(config.settings, facts)
+            if config.name in self._scheduler.models and self.catalog.models.get(config.name) is config:
+                self._dispatch(ModelChanged(self._spec(config), restart=False))
+
+    def check_pinned(self) -> None:
+        """Refuse a configuration whose pinned models alone exceed --models-max or the memory budget."""
+        pinned = [c for c in self.catalog.models.values() if c.pinned]
+        limits = self._scheduler.limits
+        if limits.max_models and len(pinned) > limits.max_models:
+            raise ModelError(ErrorKind.BAD_REQUEST, f"{len(pinned)} models are pinned "
+                             f"({', '.join(c.name for c in pinned)}) but --models-max is {limits.max_models}")
+        if not limits.memory_budget or not pinned:
+            return
+        sizes = {c.name: estimate_footprint(c.settings, [self._gguf.read(p) for p in model_files(c.settings)])
+                 for c in pinned}
+        if sum(sizes.values()) > limits.memory_budget:
+            detail = ", ".join(f"{name} {describe(size)}" for name, size in sizes.items())
+            raise ModelError(ErrorKind.BAD_REQUEST, f"pinned models need about {describe(sum(sizes.values()))} "
+                             f"({detail}) but --memory-budget is {describe(limits.memory_budget)}")
 
     @property
     def engine(self) -> Engine:
@@ -140,10 +201,13 @@ class ModelManager:
 
     # -- lifecycle of the manager --
     async def start(self) -> None:
-        """Load the models marked `load-on-startup` (without waiting for them)."""
+        """Load the models marked `load-on-startup` (without waiting for them), estimate footprints and start
+        measuring what children use."""
         for config in self.catalog.models.values():
             if config.load_on_startup:
                 self.load_in_background(config.name)
+        self._spawn(self.estimate_memory())
+        self._spawn(self._measure_forever())
 
     def end_subscriptions(self) -> None:
         for queue in self._subscribers:
@@ -174,13 +238,14 @@ class ModelManager:
             raise ModelError(ErrorKind.UNKNOWN_MODEL, f"model '{name}' not found")
         return config
 
-    async def acquire(self, name: str, autoload: bool = True) -> Lease:
-        """Wait for a lease on `name`, loading it if needed. Cancelling the wait leaves the queue."""
+    async def acquire(self, name: str, autoload: bool = True, keep_alive: float | None = None) -> Lease:
+        """Wait for a lease on `name`, loading it if needed. Cancelling the wait leaves the queue.
+        `keep_alive` (seconds, <0 forever, 0 unload when done) becomes the model's idle timeout."""
         model = self.resolve(name).name
         request_id = next(self._ids)
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
-        self._dispatch(Acquire(request_id, model, autoload))
+        self._dispatch(Acquire(request_id, model, autoload, keep_alive))
         try:
             return await future
         except asyncio.CancelledError:
@@ -195,8 +260,9 @@ class ModelManager:
         self._dispatch(Release(lease.request_id))
 
     @asynccontextmanager
-    async def lease(self, name: str, autoload: bool = True) -> AsyncIterator[Lease]:
-        granted = await self.acquire(name, autoload)
+    async def lease(self, name: str, autoload: bool = True, keep_alive: float | None = None
+                    ) -> AsyncIterator[Lease]:
+        granted = await self.acquire(name, autoload, keep_alive)
         try:
             yield granted
         finally:
@@ -229,16 +295,21 @@ class ModelManager:
         old = self.catalog
         self.catalog = fresh
         for name in fresh.models.keys() - old.models.keys():
-            self._dispatch(ModelAdded(name))
+            self._dispatch(ModelAdded(self._spec(fresh.models[name])))
         for name in old.models.keys() - fresh.models.keys():
             self._dispatch(ModelRemoved(name))
         for name in fresh.models.keys() & old.models.keys():
+            if old.models[name].launch_signature() != fresh.models[name].launch_signature():
+                self._footprints.pop(name, None)
             running = self._configs_in_use.get(name)
-            if running is not None and running.launch_signature() != fresh.models[name].launch_signature():
-                self._dispatch(ModelChanged(name))
+            restart = running is not None and running.launch_signature() != fresh.models[name].launch_signature()
+            self._dispatch(ModelChanged(self._spec(fresh.models[name]), restart=restart))
         self._publish(StatusEvent("*", Status.UNLOADED, reason="models_reload"))
+        self._spawn(self.estimate_memory())
 
     def models(self) -> list[ModelView]:
+        now = self._clock()
+        queued = Counter(w.model for w in self._scheduler.queue)
         views = []
         for name, config in self.catalog.models.items():
             state = self._scheduler.models.get(name)
@@ -246,14 +317,20 @@ class ModelManager:
                 continue
             instance = self._instances.get(name)
             views.append(ModelView(
-                config=config, status=state.status,
-                in_flight=state.in_flight,
-                queued=self._scheduler.queued_for(name), last_used=state.last_used,
-                exit_code=state.exit_code, failure=state.failure,
+                config=config, status=state.status, in_flight=state.in_flight, queued=queued[name],
+                last_used=state.last_used, exit_code=state.exit_code, failure=state.failure,
                 args=instance.plan.argv if instance else (),
                 info=instance.info if instance and state.status == Status.LOADED else {},
-                port=instance.port if instance else None, pid=instance.pid if instance else None))
+                port=instance.port if instance else None, pid=instance.pid if instance else None,
+                estimated_memory=state.spec.footprint, measured_memory=state.measured,
+                keep_alive=self._scheduler.effective_keep_alive(state),
+                expires_in=max(0.0, state.expires_at - now) if state.expires_at is not None else None,
+                idle_for=now - state.last_used if state.last_used else None))
         return views
+
+    def memory(self) -> tuple[int, int]:
+        """(bytes the running models use, as measured or estimated; the memory budget, 0 = none)."""
+        return self._scheduler.memory_used(), self._scheduler.limits.memory_budget
 
     def status_of(self, name: str) -> Status:
         return self._scheduler.models[self.resolve(name).name].status
@@ -272,6 +349,39 @@ class ModelManager:
     def _dispatch(self, event: Event) -> None:
         for action in self._scheduler.handle(event, self._clock()):
             self._execute(action)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """Wake the scheduler when its next keep-alive or max-wait deadline comes."""
+        deadline = self._scheduler.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, deadline
+        if deadline is not None:
+            delay = max(0.0, deadline - self._clock()) + 0.001
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self._dispatch(Tick())
+
+    async def _measure_forever(self) -> None:
+        """What each child really uses (resident memory, plus GPU memory where nvidia-smi reports it)."""
+        while True:
+            await asyncio.sleep(_MEASURE_EVERY_S)
+            self._measure()
+
+    def _measure(self) -> None:
+        gpu = gpu_memory_by_pid() if self._instances else {}
+        for name, instance in list(self._instances.items()):
+            state = self._scheduler.models.get(name)
+            if instance.pid is None or state is None or state.status != Status.LOADED:
+                continue
+            used = process_memory(instance.pid) + gpu.get(instance.pid, 0)
+            if used > state.measured:
+                self._dispatch(MemoryMeasured(name, used))
 
     def _execute(self, action: Action) -> None:
         match action:
@@ -280,7 +390,7 @@ class ModelManager:
             case Reject(request_id=rid, kind=kind, message=message):
                 future = self._waiting.pop(rid, None)
                 if future is not None and not future.done():
-                    retry = 1.0 if kind == ErrorKind.QUEUE_FULL else None
+                    retry = 1.0 if kind in (ErrorKind.QUEUE_FULL, ErrorKind.BUSY) else None
                     future.set_exception(ModelError(kind, message, retry_after=retry))
             case StartLoad(model=model, reason=reason):
                 log.info("loading %s: %s", model, reason)
@@ -289,6 +399,8 @@ class ModelManager:
                 log.info("stopping %s: %s", model, reason)
                 self._spawn(self._stop_instance(model))
             case StatusChanged(model=model, status=status, exit_code=code, reason=reason):
+                level = logging.WARNING if status == Status.FAILED else logging.DEBUG
+                log.log(level, "%s: %s%s", model, status.value, f" ({reason})" if reason else "")
                 instance = self._instances.get(model)
                 info = instance.info if instance is not None and status == Status.LOADED else None
                 self._publish(StatusEvent(model, status, code, reason, info=info))
@@ -330,6 +442,7 @@ class ModelManager:
             log.info("%s ready in %.2f s (pid %s, port %d)", instance.model,
                      instance.ready_at - instance.started_at, instance.pid, instance.port)
             self._dispatch(LoadSucceeded(instance.model))
+            self._measure()
         code = await instance.exited
         if self._instances.get(instance.model) is instance:
             del self._instances[instance.model]

@@ -1,23 +1,29 @@
 """The scheduling core: a pure, deterministic state machine (events in, actions out).
 
-It owns the decisions — which model to load, which idle model to evict, which waiting request gets a
-lease — and nothing else: no processes, no sockets, no clock (every event is handled at a given `now`).
-The asyncio shell (`manager.py`) turns actions into processes and requests, and reports back with events.
+It owns the decisions — which model to load, which model to evict, which waiting request gets a lease, when
+an idle model's keep-alive ends — and nothing else: no processes, no sockets, no clock (every event is
+handled at a given `now`; `next_deadline()` tells the shell when to send the next `Tick`). The asyncio shell
+(`manager.py`) turns actions into processes and requests, and reports back with events.
 
 Invariants kept here:
-- loading + loaded + stopping models never exceed `max_models` (0 = unlimited);
-- a model with a lease out (a request granted, proxied or not yet) is never stopped;
-- a model that is loading is never evicted;
-- requests for one model share one load; a freshly loaded model is leased to its waiters before anything
-  else can evict it (router mode's #28698);
+- loading + loaded + stopping models never exceed `max_models` (0 = unlimited), and a load starts only if
+  the footprints of running models plus the new one fit in `memory_budget` (0 = unlimited);
+- a model with a lease out (a request granted, proxied or not) is never stopped; a loading model is never
+  evicted; a pinned model is never evicted by pressure or keep-alive, only by an explicit unload;
+- requests for one model share one load; a freshly loaded model is leased to its waiters in the same step,
+  before anything can evict it (router mode's #28698);
+- evictions happen only if they make the waiting model fit; a model that cannot fit even alone is refused
+  at once, naming the sizes (no eviction loop, unlike Ollama's #18282);
 - a model chosen to stop is `stopping` at once and takes no new leases; while its in-flight requests finish
-  (draining) it keeps its child, which is stopped when the last lease is released; its waiters wait for
-  its next load.
+  (draining) it keeps its child, stopped when the last lease is released; its waiters wait for its next load;
+- swap-aware: a loaded model serves every request queued for it, so requests are served grouped by model,
+  and an idle model is evicted only for a waiting one; but no request waits longer than `max_wait` behind
+  other models' batches: once it has, the models in its way are drained even though they are busy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -33,17 +39,41 @@ class Status(StrEnum):
 
 
 RUNNING = frozenset({Status.LOADING, Status.LOADED, Status.STOPPING})
+FOREVER = -1.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the scheduler needs to know of a model's configuration."""
+
+    name: str
+    footprint: int = 0  # estimated bytes in memory; 0 = unknown
+    pinned: bool = False
+    priority: int = 0
+    keep_alive: float | None = None  # seconds idle before unloading; None = the scheduler's default; <0 never
+    concurrency_limit: int = 0  # requests in flight + queued for this model; 0 = no limit
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_models: int = 4
+    max_queue: int = 1024
+    memory_budget: int = 0  # bytes; 0 = unlimited
+    keep_alive: float = FOREVER
+    max_wait: float = 30.0
 
 
 # --- events -----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Acquire:
-    """A request wants a lease on `model`; with autoload off it is refused unless the model is running."""
+    """A request wants a lease on `model`; with autoload off it is refused unless the model is running.
+    `keep_alive`, when given, becomes the model's idle timeout once this request is done."""
 
     request_id: int
     model: str
     autoload: bool = True
+    keep_alive: float | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +101,14 @@ class InstanceExited:
 
 
 @dataclass(frozen=True)
+class MemoryMeasured:
+    """What the model's child really uses (its peak so far); replaces the estimate."""
+
+    model: str
+    used: int
+
+
+@dataclass(frozen=True)
 class UnloadRequested:
     model: str
     reason: str = "unload requested"
@@ -78,7 +116,7 @@ class UnloadRequested:
 
 @dataclass(frozen=True)
 class ModelAdded:
-    model: str
+    spec: ModelSpec
 
 
 @dataclass(frozen=True)
@@ -88,9 +126,15 @@ class ModelRemoved:
 
 @dataclass(frozen=True)
 class ModelChanged:
-    """The model's configuration changed: a running instance restarts once idle."""
+    """New settings for a model; with `restart`, a running instance restarts once idle."""
 
-    model: str
+    spec: ModelSpec
+    restart: bool = True
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time has passed: keep-alive timers and waiting limits are checked."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +142,8 @@ class Shutdown:
     """Refuse waiting and new requests and stop every instance once idle."""
 
 
-Event = (Acquire | Release | Cancel | LoadSucceeded | InstanceExited | UnloadRequested | ModelAdded
-         | ModelRemoved | ModelChanged | Shutdown)
+Event = (Acquire | Release | Cancel | LoadSucceeded | InstanceExited | MemoryMeasured | UnloadRequested
+         | ModelAdded | ModelRemoved | ModelChanged | Tick | Shutdown)
 
 
 # --- actions ----------------------------------------------------------------------------------------------
@@ -144,19 +188,31 @@ Action = StartLoad | StopInstance | Grant | Reject | StatusChanged
 
 @dataclass
 class ModelState:
-    name: str
+    spec: ModelSpec
     status: Status = Status.UNLOADED
     leases: set[int] = field(default_factory=set)
     last_used: float = 0.0
+    loaded_at: float = 0.0
     draining: bool = False
     drain_reason: str = ""
     removed: bool = False
     exit_code: int | None = None
     failure: str = ""
+    measured: int = 0  # peak bytes measured for the current instance; 0 = not yet
+    keep_alive: float | None = None  # set by the last request that asked; overrides the spec
+    expires_at: float | None = None  # when an idle loaded model's keep-alive ends
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def in_flight(self) -> int:
         return len(self.leases)
+
+    @property
+    def footprint(self) -> int:
+        return self.measured or self.spec.footprint
 
 
 @dataclass(frozen=True)
@@ -165,96 +221,170 @@ class Waiter:
     model: str
     since: float
     autoload: bool = True
+    keep_alive: float | None = None
 
 
 class Scheduler:
-    def __init__(self, models: list[str], max_models: int = 4, max_queue: int = 1024) -> None:
-        self.max_models = max_models
-        self.max_queue = max_queue
-        self.models: dict[str, ModelState] = {name: ModelState(name) for name in models}
+    def __init__(self, models: Iterable[ModelSpec | str], limits: Limits | None = None, *,
+                 max_models: int | None = None, max_queue: int | None = None) -> None:
+        limits = limits or Limits()
+        if max_models is not None or max_queue is not None:
+            limits = Limits(max_models=limits.max_models if max_models is None else max_models,
+                            max_queue=limits.max_queue if max_queue is None else max_queue,
+                            memory_budget=limits.memory_budget, keep_alive=limits.keep_alive,
+                            max_wait=limits.max_wait)
+        self.limits = limits
+        self.models: dict[str, ModelState] = {}
+        for model in models:
+            spec = ModelSpec(model) if isinstance(model, str) else model
+            self.models[spec.name] = ModelState(spec)
         self.queue: list[Waiter] = []
         self.lease_owner: dict[int, str] = {}
+        self.lease_keep_alive: dict[int, float] = {}
         self.shutting_down = False
+        self.now = 0.0
+
+    @property
+    def max_models(self) -> int:
+        return self.limits.max_models
+
+    @property
+    def max_queue(self) -> int:
+        return self.limits.max_queue
 
     # -- queries --
     def running_count(self) -> int:
         return sum(1 for m in self.models.values() if m.status in RUNNING)
 
+    def memory_used(self) -> int:
+        return sum(m.footprint for m in self.models.values() if m.status in RUNNING)
+
     def queued_for(self, model: str) -> int:
         return sum(1 for w in self.queue if w.model == model)
 
+    def effective_keep_alive(self, model: ModelState) -> float:
+        for value in (model.keep_alive, model.spec.keep_alive):
+            if value is not None:
+                return value
+        return self.limits.keep_alive
+
+    def next_deadline(self) -> float | None:
+        """When the next Tick could change something: a keep-alive ending or a waiter reaching max_wait."""
+        deadlines = [m.expires_at for m in self.models.values() if m.expires_at is not None]
+        deadlines += [w.since + self.limits.max_wait for w in self.queue
+                      if w.since + self.limits.max_wait > self.now]
+        return min(deadlines, default=None)
+
     # -- the one entry point --
     def handle(self, event: Event, now: float) -> list[Action]:
+        self.now = now
         actions: list[Action] = []
         match event:
             case Acquire():
-                self._acquire(event, now, actions)
+                self._acquire(event, actions)
             case Release(request_id=rid):
-                self._release(rid, now)
+                self._release(rid)
             case Cancel(request_id=rid):
                 self.queue = [w for w in self.queue if w.request_id != rid]
             case LoadSucceeded(model=name):
-                self._loaded(name, now, actions)
+                self._loaded(name, actions)
             case InstanceExited():
                 self._exited(event, actions)
+            case MemoryMeasured(model=name, used=used):
+                if name in self.models and self.models[name].status in RUNNING:
+                    self.models[name].measured = max(self.models[name].measured, used)
             case UnloadRequested(model=name, reason=reason):
                 self._unload(name, reason, actions)
-            case ModelAdded(model=name):
-                self._add(name)
+            case ModelAdded(spec=spec):
+                self._add(spec)
             case ModelRemoved(model=name):
                 self._remove(name, actions)
-            case ModelChanged(model=name):
-                if self.models[name].status in RUNNING:
-                    self._drain(name, "configuration changed", actions)
+            case ModelChanged(spec=spec, restart=restart):
+                self._change(spec, restart, actions)
             case Shutdown():
                 self._shutdown(actions)
-        self._schedule(now, actions)
+            case Tick():
+                pass
+        self._schedule(actions)
         return actions
 
     # -- event handlers --
-    def _acquire(self, event: Acquire, now: float, actions: list[Action]) -> None:
+    def _acquire(self, event: Acquire, actions: list[Action]) -> None:
         model = self.models.get(event.model)
-        if model is None or model.removed:
-            actions.append(Reject(event.request_id, ErrorKind.UNKNOWN_MODEL, f"model '{event.model}' not found"))
-        elif self.shutting_down:
-            actions.append(Reject(event.request_id, ErrorKind.SHUTTING_DOWN, "modelyard is shutting down"))
-        elif not event.autoload and not self._usable_without_autoload(model):
-            actions.append(Reject(event.request_id, ErrorKind.NOT_LOADED,
-                                  f"model '{event.model}' is not loaded and autoload is off; load it with "
-                                  f"POST /models/load or add ?autoload=true"))
-        elif len(self.queue) >= self.max_queue and not self._grantable(model):
-            actions.append(Reject(event.request_id, ErrorKind.QUEUE_FULL,
-                                  f"too many waiting requests ({self.max_queue}); retry later"))
+        refusal = self._refusal(event, model)
+        if refusal is not None:
+            kind, message = refusal
+            actions.append(Reject(event.request_id, kind, message))
         else:
-            self.queue.append(Waiter(event.request_id, event.model, now, event.autoload))
+            self.queue.append(Waiter(event.request_id, event.model, self.now, event.autoload, event.keep_alive))
 
-    def _usable_without_autoload(self, model: ModelState) -> bool:
-        return model.status in (Status.LOADING, Status.LOADED)
+    def _refusal(self, event: Acquire, model: ModelState | None) -> tuple[ErrorKind, str] | None:
+        if model is None or model.removed:
+            return ErrorKind.UNKNOWN_MODEL, f"model '{event.model}' not found"
+        if self.shutting_down:
+            return ErrorKind.SHUTTING_DOWN, "modelyard is shutting down"
+        if not event.autoload and model.status not in (Status.LOADING, Status.LOADED):
+            return ErrorKind.NOT_LOADED, (f"model '{event.model}' is not loaded and autoload is off; load it with "
+                                          f"POST /models/load or add ?autoload=true")
+        too_big = self._never_fits(model)
+        if too_big:
+            return ErrorKind.TOO_BIG, too_big
+        limit = model.spec.concurrency_limit
+        if limit and model.in_flight + self.queued_for(model.name) >= limit:
+            return ErrorKind.BUSY, (f"model '{model.name}' already has {limit} requests in flight or waiting "
+                                    f"(its concurrency-limit); retry later")
+        if len(self.queue) >= self.max_queue and not self._grantable(model):
+            return ErrorKind.QUEUE_FULL, f"too many waiting requests ({self.max_queue}); retry later"
+        return None
 
-    def _release(self, request_id: int, now: float) -> None:
+    def _never_fits(self, model: ModelState) -> str:
+        budget = self.limits.memory_budget
+        if not budget or model.status in RUNNING:
+            return ""
+        pinned = sum(m.footprint for m in self.models.values()
+                      if m.spec.pinned and m.name != model.name and m.status in RUNNING)
+        if model.footprint <= budget - pinned:
+            return ""
+        detail = f" ({_gib(pinned)} held by pinned models)" if pinned else ""
+        return (f"model '{model.name}' needs about {_gib(model.footprint)} of memory but the budget is "
+                f"{_gib(budget)}{detail}; raise --memory-budget or lower its ctx-size/parallel")
+
+    def _release(self, request_id: int) -> None:
         name = self.lease_owner.pop(request_id, None)
-        if name is not None and name in self.models:
-            model = self.models[name]
-            model.leases.discard(request_id)
-            model.last_used = now
+        keep_alive = self.lease_keep_alive.pop(request_id, None)
+        model = self.models.get(name) if name is not None else None
+        if model is None or request_id not in model.leases:
+            return
+        model.leases.discard(request_id)
+        model.last_used = self.now
+        if keep_alive is not None:
+            model.keep_alive = keep_alive
+        if model.in_flight == 0:
+            self._start_idle_timer(model)
 
-    def _loaded(self, name: str, now: float, actions: list[Action]) -> None:
+    def _start_idle_timer(self, model: ModelState) -> None:
+        keep_alive = self.effective_keep_alive(model)
+        model.expires_at = None if keep_alive < 0 or model.spec.pinned else self.now + keep_alive
+
+    def _loaded(self, name: str, actions: list[Action]) -> None:
         model = self.models[name]
         if model.status != Status.LOADING:
             return
-        model.last_used = now
+        model.last_used = model.loaded_at = self.now
         self._set_status(model, Status.LOADED, actions)
+        self._start_idle_timer(model)
 
     def _exited(self, event: InstanceExited, actions: list[Action]) -> None:
         model = self.models.get(event.model)
         if model is None:
             return
         was = model.status
-        deliberate = was == Status.STOPPING
         model.exit_code = event.exit_code
         model.draining = False
+        model.measured = 0
+        model.expires_at = None
         model.leases.clear()  # requests on the dead instance fail on their own; they hold nothing now
-        if deliberate:
+        if was == Status.STOPPING:
             model.failure = ""
             self._set_status(model, Status.UNLOADED, actions, event.exit_code)
         else:
@@ -277,8 +407,9 @@ class Scheduler:
 
     def _drain(self, name: str, reason: str, actions: list[Action]) -> None:
         model = self.models[name]
+        model.expires_at = None
         if model.status == Status.LOADING:
-            # A loading child cannot serve anyone yet: stop it now; its waiters wait for the next load.
+            # A loading child cannot serve anyone yet: stop it now.
             self._stop(model, reason, actions)
         elif model.status == Status.LOADED:
             # Stopping from now on: it takes no new requests; the child stops when the in-flight ones finish.
@@ -286,12 +417,19 @@ class Scheduler:
             model.drain_reason = reason
             self._set_status(model, Status.STOPPING, actions, reason=reason)
 
-    def _add(self, name: str) -> None:
-        model = self.models.get(name)
+    def _add(self, spec: ModelSpec) -> None:
+        model = self.models.get(spec.name)
         if model is None:
-            self.models[name] = ModelState(name)
+            self.models[spec.name] = ModelState(spec)
         else:
+            model.spec = spec
             model.removed = False  # re-added while its old instance still stops: it stays
+
+    def _change(self, spec: ModelSpec, restart: bool, actions: list[Action]) -> None:
+        model = self.models[spec.name]
+        model.spec = spec
+        if restart and model.status in (Status.LOADING, Status.LOADED):
+            self._drain(spec.name, "configuration changed", actions)
 
     def _remove(self, name: str, actions: list[Action]) -> None:
         model = self.models.get(name)
@@ -315,27 +453,45 @@ class Scheduler:
             self._drain(model.name, "shutting down", actions)
 
     # -- the decision pass, run after every event --
-    def _schedule(self, now: float, actions: list[Action]) -> None:
-        self._grant_ready(now, actions)
+    def _schedule(self, actions: list[Action]) -> None:
+        self._grant_ready(actions)
         self._stop_drained(actions)
+        self._expire_keep_alive(actions)
         self._reject_without_autoload(actions)
         self._start_loads(actions)
 
     def _grantable(self, model: ModelState) -> bool:
         return model.status == Status.LOADED
 
-    def _grant_ready(self, now: float, actions: list[Action]) -> None:
+    def _grant_ready(self, actions: list[Action]) -> None:
         waiting: list[Waiter] = []
         for waiter in self.queue:
             model = self.models[waiter.model]
             if self._grantable(model):
                 model.leases.add(waiter.request_id)
-                model.last_used = now
+                model.last_used = self.now
+                model.expires_at = None
                 self.lease_owner[waiter.request_id] = model.name
+                if waiter.keep_alive is not None:
+                    self.lease_keep_alive[waiter.request_id] = waiter.keep_alive
                 actions.append(Grant(waiter.request_id, model.name))
             else:
                 waiting.append(waiter)
         self.queue = waiting
+
+    def _stop_drained(self, actions: list[Action]) -> None:
+        for model in self.models.values():
+            if model.draining and model.in_flight == 0:
+                model.draining = False
+                actions.append(StopInstance(model.name, model.drain_reason))
+
+    def _expire_keep_alive(self, actions: list[Action]) -> None:
+        for model in list(self.models.values()):
+            expires = model.expires_at
+            if (expires is not None and expires <= self.now and model.status == Status.LOADED
+                    and model.in_flight == 0 and self.queued_for(model.name) == 0):
+                keep_alive = self.effective_keep_alive(model)
+                self._stop(model, f"idle for {keep_alive:g} s (keep-alive)", actions)
 
     def _reject_without_autoload(self, actions: list[Action]) -> None:
         """A request sent with autoload off never causes a load, even if the load it waited for was stopped."""
@@ -345,54 +501,82 @@ class Scheduler:
                 actions.append(Reject(waiter.request_id, ErrorKind.NOT_LOADED,
                                       f"model '{waiter.model}' is not loaded and autoload is off"))
 
-    def _stop_drained(self, actions: list[Action]) -> None:
-        for model in list(self.models.values()):
-            if model.draining and model.in_flight == 0:
-                model.draining = False
-                actions.append(StopInstance(model.name, model.drain_reason))
-
     def _start_loads(self, actions: list[Action]) -> None:
-        free = self._free_slots()
-        # Slots that children being stopped now will hand back, unless their model is wanted again. (A model
-        # still draining its requests may take long: it is not counted, so an idle one can be evicted.)
-        incoming = sum(1 for m in self.models.values() if m.status == Status.STOPPING and not m.draining
-                       and (m.removed or self.queued_for(m.name) == 0))
-        for name in self._models_needing_load():
+        claimed = (0, 0)  # memory and slots of stopping children already promised to earlier waiting models
+        for name, overdue in self._models_needing_load():
             model = self.models[name]
-            if free > 0:
-                free -= 1
+            too_big = self._never_fits(model)
+            if too_big:
+                for waiter in self._take_waiters(name):
+                    actions.append(Reject(waiter.request_id, ErrorKind.TOO_BIG, too_big))
+                continue
+            if claimed == (0, 0) and self._fits(model, freed=0, slots_freed=0):
                 self._set_status(model, Status.LOADING, actions)
                 actions.append(StartLoad(name, f"{self.queued_for(name)} request(s) waiting"))
-            elif incoming > 0:
-                incoming -= 1
-            else:
-                victim = self._pick_victim()
-                if victim is None:
-                    return
-                self._stop(victim, f"evicted (least recently used) to make room for '{name}'", actions)
-
-    def _free_slots(self) -> int:
-        if self.max_models <= 0:
-            return len(self.models) + 1
-        return self.max_models - self.running_count()
-
-    def _models_needing_load(self) -> Iterator[str]:
-        seen: set[str] = set()
-        for waiter in self.queue:
-            if waiter.model in seen:
                 continue
-            seen.add(waiter.model)
-            if self.models[waiter.model].status in (Status.UNLOADED, Status.FAILED):
-                yield waiter.model
+            room = self._make_room(model, overdue, claimed, actions)
+            if room is None:
+                return  # the head of the line waits for room; later models must not take it
+            claimed = room
 
-    def _pick_victim(self) -> ModelState | None:
-        idle = [m for m in self.models.values()
-                if m.status == Status.LOADED and m.in_flight == 0
-                and self.queued_for(m.name) == 0]
-        return min(idle, key=lambda m: m.last_used, default=None)
+    def _models_needing_load(self) -> list[tuple[str, bool]]:
+        """Models with waiters and no instance: overdue ones first, then by priority, then the oldest waiter."""
+        oldest: dict[str, float] = {}
+        for waiter in self.queue:
+            if self.models[waiter.model].status in (Status.UNLOADED, Status.FAILED):
+                oldest.setdefault(waiter.model, waiter.since)
+        deadline = self.now - self.limits.max_wait
+        order = sorted(oldest, key=lambda n: (oldest[n] > deadline, -self.models[n].spec.priority, oldest[n]))
+        return [(name, oldest[name] <= deadline) for name in order]
+
+    def _fits(self, model: ModelState, freed: int, slots_freed: int) -> bool:
+        slots_ok = self.max_models <= 0 or self.running_count() - slots_freed < self.max_models
+        budget = self.limits.memory_budget
+        memory_ok = not budget or self.memory_used() - freed + model.footprint <= budget
+        return slots_ok and memory_ok
+
+    def _make_room(self, model: ModelState, overdue: bool, claimed: tuple[int, int],
+                   actions: list[Action]) -> tuple[int, int] | None:
+        """Stop idle models (least recently used first), and busy ones too if `model` has waited past
+        max_wait, but only if that is enough to make it fit. Returns the room now promised, or None."""
+        freed, slots = self._pending_room()
+        freed, slots = freed - claimed[0], slots - claimed[1]
+        promised = (claimed[0] + model.footprint, claimed[1] + 1)
+        if self._fits(model, freed, slots):
+            return promised  # children already stopping will make room: wait for them
+        victims: list[ModelState] = []
+        for victim in self._victims(busy_too=overdue):
+            victims.append(victim)
+            freed += victim.footprint
+            slots += 1
+            if self._fits(model, freed, slots):
+                reason = (f"evicted (least recently used) to make room for '{model.name}'" if not overdue else
+                          f"evicted: a request for '{model.name}' waited {self.limits.max_wait:g} s (max-wait)")
+                for chosen in victims:
+                    if chosen.in_flight:
+                        self._drain(chosen.name, reason, actions)
+                    else:
+                        self._stop(chosen, reason, actions)
+                return promised
+        return None
+
+    def _pending_room(self) -> tuple[int, int]:
+        """Memory and slots that children being stopped will hand back (draining ones count: they are
+        committed to stop), unless their model is wanted again."""
+        leaving = [m for m in self.models.values() if m.status == Status.STOPPING
+                   and (m.removed or self.queued_for(m.name) == 0)]
+        return sum(m.footprint for m in leaving), len(leaving)
+
+    def _victims(self, busy_too: bool) -> list[ModelState]:
+        candidates = [m for m in self.models.values()
+                      if m.status == Status.LOADED and not m.spec.pinned and self.queued_for(m.name) == 0
+                      and (busy_too or m.in_flight == 0)]
+        # Idle before busy, then least recently used.
+        return sorted(candidates, key=lambda m: (m.in_flight > 0, m.last_used))
 
     # -- helpers --
     def _stop(self, model: ModelState, reason: str, actions: list[Action]) -> None:
+        model.expires_at = None
         self._set_status(model, Status.STOPPING, actions, reason=reason)
         actions.append(StopInstance(model.name, reason))
 
@@ -406,3 +590,7 @@ class Scheduler:
                     reason: str = "") -> None:
         model.status = status
         actions.append(StatusChanged(model.name, status, exit_code, reason))
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"

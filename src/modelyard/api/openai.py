@@ -10,6 +10,7 @@ from aiohttp import web
 
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_response, from_model_error
+from modelyard.config.durations import parse_duration
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.proxy import forward
 
@@ -33,11 +34,12 @@ def _forward_query(request: web.Request) -> dict[str, str]:
     return {k: v for k, v in request.query.items() if k != "autoload"}
 
 
-async def _proxy(request: web.Request, model: str, body: bytes) -> web.StreamResponse:
+async def _proxy(request: web.Request, model: str, body: bytes, keep_alive: float | None = None
+                 ) -> web.StreamResponse:
     context = request.app[CONTEXT]
     manager = context.manager
     try:
-        lease = await manager.acquire(model, autoload_flag(request, context.settings.autoload))
+        lease = await manager.acquire(model, autoload_flag(request, context.settings.autoload), keep_alive)
     except ModelError as error:
         return from_model_error(error)
     try:
@@ -62,7 +64,14 @@ async def post_by_body_model(request: web.Request) -> web.StreamResponse:
                               "set \"model\" to one of the ids listed by GET /v1/models", param="model")
     if not isinstance(model, str):
         return error_response(ErrorKind.BAD_REQUEST, "\"model\" must be a string", param="model")
-    return await _proxy(request, model, body)
+    keep_alive = None
+    if "keep_alive" in payload:  # modelyard's extension, as Ollama has it; the engine never sees it
+        try:
+            keep_alive = parse_duration(payload.pop("keep_alive"))
+        except ValueError as exc:
+            return error_response(ErrorKind.BAD_REQUEST, str(exc), param="keep_alive")
+        body = orjson.dumps(payload)
+    return await _proxy(request, model, body, keep_alive)
 
 
 async def get_by_query_model(request: web.Request) -> web.StreamResponse:

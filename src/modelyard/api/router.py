@@ -37,10 +37,17 @@ def model_entry(view: ModelView, created: int) -> dict[str, Any]:
         "aliases": list(config.aliases), "tags": list(config.tags), "path": config.model_path,
         "source": config.source, "status": status, "architecture": _architecture(config),
         "in_flight": view.in_flight, "queued": view.queued,
+        "memory": {"estimated": view.estimated_memory or None, "measured": view.measured_memory or None},
+        "keep_alive": view.keep_alive, "expires_in": _round(view.expires_in), "idle_for": _round(view.idle_for),
+        "pinned": config.pinned, "priority": config.priority,
     }
     for key, value in view.info.items():
         entry.setdefault(key, value)
     return entry
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 def _architecture(config: ModelConfig) -> dict[str, list[str]]:
@@ -58,7 +65,9 @@ async def list_models(request: web.Request) -> web.Response:
             return error_response(ErrorKind.BAD_REQUEST, f"reload failed, keeping the current models: {exc}")
     created = int(context.settings.started_at)
     data = [model_entry(view, created) for view in context.manager.models()]
-    return web.json_response({"object": "list", "data": data})
+    used, budget = context.manager.memory()
+    return web.json_response({"object": "list", "data": data,
+                              "memory": {"used": used, "budget": budget or None}})
 
 
 async def _model_from_body(request: web.Request) -> str:

@@ -11,10 +11,11 @@ import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from modelyard.config.durations import parse_duration
 from modelyard.config.models_dir import scan_models_dir
-from modelyard.config.options import TRUTHY, OptionTable
+from modelyard.config.options import FALSEY, TRUTHY, OptionTable
 from modelyard.config.presets import ConfigError, PresetFile, Setting, normalise_value, read_preset_file
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ class ModelConfig:
     load_on_startup: bool = False
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     command: str | None = None
+    keep_alive: float | None = None  # seconds idle before unloading; None = the server default; <0 never
+    pinned: bool = False
+    priority: int = 0
+    concurrency_limit: int = 0
     preset_text: str = field(default="", compare=False)
 
     @property
@@ -133,7 +138,8 @@ def _model_config(name: str, full: Mapping[str, Setting], source: Literal["prese
                               f"({exc})") from None
     values = {flag: s.value for flag, s in full.items()}
     router_only = {canon[key] for key in ROUTER_ONLY_KEYS}
-    preset_only = {canon["load-on-startup"], canon["stop-timeout"], "dedup-cache-models", "cmd"}
+    preset_only = {canon["load-on-startup"], canon["stop-timeout"], *_SCHEDULING_KEYS, "dedup-cache-models",
+                   "cmd"}
     settings = {flag: _absolute(flag, value, canon) for flag, value in values.items()
                 if flag not in router_only and flag not in preset_only}
     return ModelConfig(
@@ -146,8 +152,37 @@ def _model_config(name: str, full: Mapping[str, Setting], source: Literal["prese
         load_on_startup=values.get(canon["load-on-startup"], "false").lower() in TRUTHY,
         stop_timeout=_stop_timeout(values.get(canon["stop-timeout"]), where),
         command=values.get("cmd"),
+        **_scheduling(full, name),
         preset_text=_render_preset(name, values),
     )
+
+
+_SCHEDULING_KEYS = ("keep-alive", "pin", "priority", "concurrency-limit")
+
+
+def _scheduling(full: Mapping[str, Setting], name: str) -> dict[str, Any]:
+    """modelyard's own preset keys: keep-alive (seconds or 5m; -1 = never unload), pin, priority,
+    concurrency-limit."""
+    out: dict[str, Any] = {}
+    for key in _SCHEDULING_KEYS:
+        setting = full.get(key)
+        if setting is None:
+            continue
+        try:
+            if key == "keep-alive":
+                out["keep_alive"] = parse_duration(setting.value)
+            elif key == "pin":
+                if setting.value.lower() not in TRUTHY | FALSEY:
+                    raise ValueError("expected true or false")
+                out["pinned"] = setting.value.lower() in TRUTHY
+            else:
+                number = int(setting.value)
+                if key == "concurrency-limit" and number < 0:
+                    raise ValueError("must be 0 (no limit) or more")
+                out[key.replace("-", "_")] = number
+        except ValueError as exc:
+            raise ConfigError(f"{setting.origin} [{name}]: {key} = {setting.value!r}: {exc}") from None
+    return out
 
 
 def _absolute(flag: str, value: str, canon: Mapping[str, str]) -> str:

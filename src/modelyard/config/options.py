@@ -41,7 +41,7 @@ class EngineOption:
         yield from self.env
 
 
-# Keys that only mean something in a preset; router mode adds the first three, modelyard adds `cmd`.
+# Keys that only mean something in a preset; router mode has the first three, modelyard adds the rest.
 PRESET_ONLY_OPTIONS: tuple[EngineOption, ...] = (
     EngineOption(("load-on-startup",), env=("LLAMA_ARG_PRESET_LOAD_ON_STARTUP",), takes_value=True,
                  preset_only=True),
@@ -49,6 +49,10 @@ PRESET_ONLY_OPTIONS: tuple[EngineOption, ...] = (
     EngineOption(("dedup-cache-models",), env=("LLAMA_ARG_PRESET_DEDUP_CACHE_MODELS",), takes_value=True,
                  preset_only=True),
     EngineOption(("cmd",), takes_value=True, preset_only=True),
+    EngineOption(("keep-alive",), takes_value=True, preset_only=True),
+    EngineOption(("pin",), takes_value=True, preset_only=True),
+    EngineOption(("priority",), takes_value=True, preset_only=True),
+    EngineOption(("concurrency-limit",), takes_value=True, preset_only=True),
 )
 
 

@@ -1,0 +1,145 @@
+"""Issue #4 through the whole stack with the fake engine (deterministic timings): swap-aware batching,
+the max-wait bound, keep-alive, concurrency limits, pins; and the memory budget with the real model."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Router, fake_cmd
+from tests.test_fake_engine_e2e import chat, post, write_preset
+
+
+def loads(router: Router) -> int:
+    return len(re.findall(r"INFO modelyard.manager: loading ", router.log()))
+
+
+def test_alternating_requests_over_three_models_with_room_for_one_need_fewer_loads(
+        tmp_path: Path, start_router: Any) -> None:
+    preset = write_preset(tmp_path, {n: fake_cmd(n, 0.3) for n in ("a", "b", "c")})
+    router: Router = start_router("--models-preset", str(preset), "--models-max", "1", "--max-wait", "60")
+
+    async def client(index: int) -> list[int]:
+        codes = []
+        for j in range(6):
+            model = "abc"[(index + j) % 3]
+            codes.append((await post(router.url, chat(model, delay=0.2))).status_code)
+        return codes
+
+    async def scenario() -> list[list[int]]:
+        return await asyncio.gather(*(client(i) for i in range(4)))
+
+    codes = asyncio.run(scenario())
+    assert all(code == 200 for row in codes for code in row)
+    assert loads(router) < 24 / 2, router.log()  # grouped by model: far fewer loads than requests
+
+
+def test_a_request_for_another_model_is_served_within_max_wait_while_a_stays_busy(
+        tmp_path: Path, start_router: Any) -> None:
+    preset = write_preset(tmp_path, {n: fake_cmd(n, 0.2) for n in ("a", "b")})
+    router: Router = start_router("--models-preset", str(preset), "--models-max", "1", "--max-wait", "2")
+
+    async def keep_a_busy(until: float, offset: float) -> int:
+        await asyncio.sleep(offset)  # staggered, so that a is never idle
+        served = 0
+        while time.monotonic() < until:
+            assert (await post(router.url, chat("a", delay=0.3))).status_code == 200
+            served += 1
+        return served
+
+    async def scenario() -> float:
+        assert (await post(router.url, chat("a"))).status_code == 200  # loaded before the clients start
+        until = time.monotonic() + 7
+        busy = [asyncio.create_task(keep_a_busy(until, i * 0.075)) for i in range(4)]
+        await asyncio.sleep(1.0)
+        asked = time.monotonic()
+        response = await post(router.url, chat("b"))
+        waited = time.monotonic() - asked
+        assert response.status_code == 200 and response.json()["served_by"] == "b"
+        assert all(n > 0 for n in await asyncio.gather(*busy))
+        return waited
+
+    waited = asyncio.run(scenario())
+    # max-wait (2 s) + a's in-flight requests finishing (0.3 s) + one load (0.2 s) + slack for this machine
+    assert 1.9 < waited < 4.5, waited
+    assert "max-wait" in router.log()
+
+
+def test_keep_alive_global_per_model_and_per_request(tmp_path: Path, start_router: Any) -> None:
+    preset = tmp_path / "fleet.ini"
+    preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\n[b]\ncmd = {fake_cmd('b')}\nkeep-alive = -1\n"
+                      f"[c]\ncmd = {fake_cmd('c')}\n")
+    router: Router = start_router("--models-preset", str(preset), "--keep-alive", "1s")
+    for model in ("a", "b"):
+        assert router.client.post("/v1/chat/completions", json=chat(model)).status_code == 200
+    entry = next(m for m in router.client.get("/models").json()["data"] if m["id"] == "a")
+    assert entry["keep_alive"] == 1 and entry["expires_in"] is not None and entry["expires_in"] <= 1
+    router.wait_status("a", "unloaded", timeout=5)  # global keep-alive
+    assert router.status("b") == "loaded"  # keep-alive = -1 in its preset
+    assert "keep-alive" in router.log()
+
+    reply = router.client.post("/v1/chat/completions", json={**chat("c"), "keep_alive": 0})
+    assert reply.status_code == 200
+    assert "keep_alive" not in reply.json()["received"]  # removed before forwarding
+    router.wait_status("c", "unloaded", timeout=3)  # keep_alive 0: unloaded right after the request
+    router.client.post("/v1/chat/completions", json={**chat("c"), "keep_alive": "-1"}).raise_for_status()
+    time.sleep(1.5)
+    assert router.status("c") == "loaded"  # the request's keep_alive -1 overrides the global 1 s
+    bad = router.client.post("/v1/chat/completions", json={**chat("c"), "keep_alive": "soon"})
+    assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]["message"]
+
+
+def test_concurrency_limit_answers_429_with_retry_after(tmp_path: Path, start_router: Any) -> None:
+    preset = tmp_path / "fleet.ini"
+    preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\nconcurrency-limit = 2\n")
+    router: Router = start_router("--models-preset", str(preset))
+
+    async def scenario() -> list[int]:
+        replies = await asyncio.gather(*(post(router.url, chat("a", delay=1.0)) for _ in range(3)))
+        return sorted(r.status_code for r in replies)
+
+    assert asyncio.run(scenario()) == [200, 200, 429]
+    limited = router.client.post("/v1/chat/completions", json=chat("a"))
+    assert limited.status_code == 200  # the limit counts only what is in flight or waiting
+
+
+def test_pinned_models_beyond_the_cap_are_refused_at_start(tmp_path: Path) -> None:
+    from tests.test_api import run_serve
+
+    preset = tmp_path / "fleet.ini"
+    preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\npin = true\n[b]\ncmd = {fake_cmd('b')}\npin = true\n")
+    result = run_serve("--models-preset", str(preset), "--models-max", "1")
+    assert result.returncode != 0 and "2 models are pinned (a, b) but --models-max is 1" in result.stderr
+
+
+def test_a_pinned_model_is_not_evicted(tmp_path: Path, start_router: Any) -> None:
+    preset = tmp_path / "fleet.ini"
+    preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\npin = true\n[b]\ncmd = {fake_cmd('b')}\n"
+                      f"[c]\ncmd = {fake_cmd('c')}\n")
+    router: Router = start_router("--models-preset", str(preset), "--models-max", "2")
+    for model in ("a", "b", "c", "b"):
+        assert router.client.post("/v1/chat/completions", json=chat(model)).status_code == 200
+    assert router.status("a") == "loaded"
+    entry = next(m for m in router.client.get("/models").json()["data"] if m["id"] == "a")
+    assert entry["pinned"] is True
+
+
+def test_a_model_that_cannot_fit_is_refused_at_once_naming_the_sizes(models_dir: Path,
+                                                                      start_router: Any) -> None:
+    router: Router = start_router("--models-dir", str(models_dir), "--memory-budget", "50MiB")
+    deadline = time.monotonic() + 60
+    while True:  # the estimate is read from the GGUF file in the background
+        entry = next(m for m in router.client.get("/models").json()["data"] if m["id"] == "smol")
+        if entry["memory"]["estimated"]:
+            break
+        assert time.monotonic() < deadline, "no memory estimate"
+        time.sleep(0.1)
+    assert entry["memory"]["estimated"] > 98_000_000  # at least the weights
+    reply = router.client.post("/v1/chat/completions", json={"model": "smol", "messages": []})
+    assert reply.status_code == 507
+    message = reply.json()["error"]["message"]
+    assert "needs about" in message and "budget is 0.05 GiB" in message
+    assert router.children() == [] and loads(router) == 0
