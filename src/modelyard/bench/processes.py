@@ -86,11 +86,12 @@ class RouterProcess:
 
 
 def start_router(kind: str, binary: Path, source_args: list[str], max_models: int, workdir: Path,
-                 engine_args: list[str]) -> RouterProcess:
+                 engine_args: list[str], modelyard_args: tuple[str, ...] = ()) -> RouterProcess:
     port = free_port()
     common = [*source_args, "--models-max", str(max_models), "--port", str(port), *engine_args]
     if kind == MODELYARD:
-        command = [sys.executable, "-m", "modelyard.cli", "serve", "--llama-server", str(binary), *common]
+        command = [sys.executable, "-m", "modelyard.cli", "serve", "--llama-server", str(binary),
+                   *modelyard_args, *common]
     else:
         command = [str(binary), *common]
     log = workdir / f"{kind.replace(' ', '-')}-{port}.log"

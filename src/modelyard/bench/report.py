@@ -46,7 +46,7 @@ def render(results: Results, plan: Plan, model: str, build: str, command: str) -
              f"- modelyard: {__version__}, Python {platform.python_version()}", f"- command: `{command}`",
              "- ratio = modelyard / router mode: below 1 means modelyard is faster or smaller.", ""]
     lines += _overhead(results) + _streaming(results) + _cold(results) + _mixed(results)
-    lines += _cost(results) + _scale(results)
+    lines += _cost(results) + _scale(results) + _busy(results, plan)
     return "\n".join(lines) + "\n"
 
 
@@ -129,6 +129,17 @@ def _scale(results: Results) -> list[str]:
     for (size, kind), row in sorted(results.scale.items()):
         out.append(f"| {size} | {kind} | {row['startup']:.2f} s | {ms(row['list'])} | {row['rss'] / 2**20:.0f} MiB |")
     return [*out, ""]
+
+
+def _busy(results: Results, plan: Plan) -> list[str]:
+    from modelyard.bench.scenarios import MAX_WAIT_S
+
+    ours, theirs = results.starved_wait[MODELYARD], results.starved_wait[ROUTER_MODE]
+    return ["## 7. A request for another model while one model is kept busy", "",
+            f"Four clients keep model a busy for {plan.busy_seconds:g} s with --models-max 1; a request for b "
+            f"arrives after 1 s. modelyard runs with --max-wait {MAX_WAIT_S:g}.", "",
+            "| router | b's wait | ratio |", "|---|---|---|",
+            f"| modelyard | {ours:.2f} s | {ratio(ours, theirs)} |", f"| llama-server router | {theirs:.2f} s | |", ""]
 
 
 def plot(results: Results, directory: Path) -> list[Path]:

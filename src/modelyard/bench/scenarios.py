@@ -34,12 +34,13 @@ class Plan:
     mixed_rounds: int
     rate_requests: int
     scale_sizes: tuple[int, ...]
+    busy_seconds: float
 
 
 PLANS = {
-    "smoke": Plan("smoke", 4, 1, 4, 1, 2, 2, 3, 1, 64, (50,)),
-    "quick": Plan("quick", 40, 2, 32, 3, 4, 4, 6, 1, 600, (1000,)),
-    "full": Plan("full", 300, 3, 64, 6, 6, 4, 6, 3, 4000, (1000, 10000)),
+    "smoke": Plan("smoke", 4, 1, 4, 1, 2, 2, 3, 1, 64, (50,), 4.0),
+    "quick": Plan("quick", 40, 2, 32, 3, 4, 4, 6, 1, 600, (1000,), 12.0),
+    "full": Plan("full", 300, 3, 64, 6, 6, 4, 6, 3, 4000, (1000, 10000), 20.0),
 }
 
 
@@ -63,15 +64,20 @@ class Results:
     rate: dict[tuple[str, str], float] = field(default_factory=dict)
     cost: dict[str, dict[str, float]] = field(default_factory=dict)
     scale: dict[tuple[int, str], dict[str, float]] = field(default_factory=dict)
+    starved_wait: dict[str, float] = field(default_factory=dict)
+
+
+MAX_WAIT_S = 3.0  # modelyard's --max-wait in the busy-model scenario (router mode has no such bound)
 
 
 @contextmanager
-def routers(setup: Setup, max_models: int, source: list[str] | None = None) -> Iterator[dict[str, RouterProcess]]:
+def routers(setup: Setup, max_models: int, source: list[str] | None = None,
+            modelyard_args: tuple[str, ...] = ()) -> Iterator[dict[str, RouterProcess]]:
     started: dict[str, RouterProcess] = {}
     try:
         for kind in KINDS:
             started[kind] = start_router(kind, setup.binary, source or ["--models-dir", str(setup.models_dir)],
-                                         max_models, setup.workdir, setup.engine_args)
+                                         max_models, setup.workdir, setup.engine_args, modelyard_args)
         for router in started.values():
             router.wait_ready(120)
         yield started
@@ -201,6 +207,30 @@ async def _mixed_once(router: RouterProcess, plan: Plan, models: tuple[str, ...]
             "timeline": [(t - (started - recorder.origin), m, s) for t, m, s in recorder.transitions]}
 
 
+# -- 7. a request for another model while one model is kept busy -----------------------------------------
+
+async def busy_model(running: dict[str, RouterProcess], plan: Plan, results: Results) -> None:
+    """Four clients keep model a busy for `busy_seconds`; one request for b arrives after 1 s. How long does
+    it wait? (llama.cpp's router evicts only an idle model, so b waits for a's traffic to stop.)"""
+    async def keep_busy(session: Any, url: str, until: float, offset: float) -> None:
+        await asyncio.sleep(offset)
+        while time.perf_counter() < until:
+            async with session.post(url + "/v1/chat/completions", json=chat_body("a", 16)) as reply:
+                await reply.read()
+
+    for kind, router in running.items():
+        await warm(router, "a")
+        until = time.perf_counter() + plan.busy_seconds
+        async with new_session(8) as session:
+            clients = [asyncio.create_task(keep_busy(session, router.url, until, i * 0.1)) for i in range(4)]
+            await asyncio.sleep(1.0)
+            asked = time.perf_counter()
+            async with session.post(router.url + "/v1/chat/completions", json=chat_body("b", 4)) as reply:
+                await reply.read()
+            results.starved_wait[kind] = time.perf_counter() - asked
+            await asyncio.gather(*clients)
+
+
 # -- 6. scale ---------------------------------------------------------------------------------------------
 
 def scale(setup: Setup, sizes: tuple[int, ...], results: Results) -> None:
@@ -241,6 +271,9 @@ def run_all(setup: Setup, plan: Plan, log: Any) -> Results:
         asyncio.run(mixed(running, plan, "--models-max 1", setup.models, results, preload=False))
         for kind, router in running.items():
             results.cost[kind]["cpu_seconds_models_max_1"] = router.cpu_seconds()
+    log(f"7: a request for b while a is kept busy (--models-max 1, modelyard --max-wait {MAX_WAIT_S:g})")
+    with routers(setup, 1, modelyard_args=("--max-wait", str(MAX_WAIT_S))) as running:
+        asyncio.run(busy_model(running, plan, results))
     log("4: mixed workload with all three models resident")
     with routers(setup, len(setup.models)) as running:
         asyncio.run(mixed(running, plan, "all resident", setup.models, results, preload=True))
