@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from types import EllipsisType
 from typing import Any
 
 import pytest
@@ -30,10 +31,13 @@ from modelyard.scheduler import (
     Event,
     Grant,
     InstanceExited,
+    Limits,
     LoadSucceeded,
+    MemoryMeasured,
     ModelAdded,
     ModelChanged,
     ModelRemoved,
+    ModelSpec,
     Reject,
     Release,
     Scheduler,
@@ -42,6 +46,7 @@ from modelyard.scheduler import (
     Status,
     StatusChanged,
     StopInstance,
+    Tick,
     UnloadRequested,
 )
 
@@ -92,12 +97,30 @@ def exited(model: str, code: int | None = 0, reason: str = "") -> InstanceExited
     return InstanceExited(model, code, reason)
 
 
-Step = tuple[Event, list[Summary] | set[Summary]]
+Expected = list[Summary] | set[Summary]
+UNCHECKED = ...  # At.deadline default: next_deadline() is not checked after that step
+
+
+@dataclass(frozen=True)
+class At:
+    """A step at an explicit time `now`, optionally checking `next_deadline()` after it."""
+
+    now: float
+    event: Event
+    expected: Expected
+    deadline: float | EllipsisType | None = UNCHECKED
+
+
+Step = tuple[Event, Expected] | At
+G = 2**30  # a GiB, for memory-budget scenarios
 
 
 @dataclass
 class Scenario:
-    """Steps run at now = 0, 1, 2, ...; a list expects exactly those actions in order, a set in any order."""
+    """Plain steps run at now = 0, 1, 2, ... (one after the previous step); `At` steps at their own time.
+    A list expects exactly those actions in order, a set in any order. `specs` and `limits`, when given,
+    replace `models` and `max_models`/`max_queue`; `loads`, when given, is the number of StartLoads expected over
+    the whole scenario; `xfail` marks a scenario that shows a known scheduler bug (strict)."""
 
     id: str
     steps: list[Step]
@@ -105,22 +128,44 @@ class Scenario:
     models: tuple[str, ...] = ("A", "B", "C")
     max_models: int = 1
     max_queue: int = 1024
+    specs: tuple[ModelSpec | str, ...] | None = None
+    limits: Limits | None = None
+    loads: int | None = None
+    xfail: str = ""
 
 
 def run_scenario(scenario: Scenario) -> Scheduler:
-    sched = Scheduler(list(scenario.models), max_models=scenario.max_models, max_queue=scenario.max_queue)
-    for now, (event, expected) in enumerate(scenario.steps):
-        got = summarize(sched.handle(event, float(now)))
-        if isinstance(expected, set):
-            assert Counter(got) == Counter(expected), f"step {now}: {event}"
+    models = list(scenario.specs) if scenario.specs is not None else list(scenario.models)
+    if scenario.limits is not None:
+        sched = Scheduler(models, scenario.limits)
+    else:
+        sched = Scheduler(models, max_models=scenario.max_models, max_queue=scenario.max_queue)
+    max_models, budget = sched.max_models, sched.limits.memory_budget
+    now, loads = -1.0, 0
+    for i, step in enumerate(scenario.steps):
+        if isinstance(step, At):
+            now, event, expected, deadline = step.now, step.event, step.expected, step.deadline
         else:
-            assert got == expected, f"step {now}: {event}"
-        assert scenario.max_models <= 0 or sched.running_count() <= scenario.max_models, f"step {now}: {event}"
+            (event, expected), now, deadline = step, now + 1.0, UNCHECKED
+        got = summarize(sched.handle(event, now))
+        where = f"step {i} at {now:g}: {event}"
+        if isinstance(expected, set):
+            assert Counter(got) == Counter(expected), where
+        else:
+            assert got == expected, where
+        assert max_models <= 0 or sched.running_count() <= max_models, where
+        if any(a[0] == "start" for a in got):
+            loads += sum(1 for a in got if a[0] == "start")
+            assert not budget or sched.memory_used() <= budget, f"over the memory budget after {where}"
+        if deadline is not UNCHECKED:
+            assert sched.next_deadline() == deadline, f"next_deadline after {where}"
     for name, status in scenario.final.items():
         if status is ABSENT:
             assert name not in sched.models
         else:
             assert sched.models[name].status == status, name
+    if scenario.loads is not None:
+        assert loads == scenario.loads, "number of loads"
     return sched
 
 
@@ -474,7 +519,7 @@ SCENARIOS = [
         "config-change-while-loading-restarts-for-its-waiters",
         steps=[
             (Acquire(1, "A"), [start("A")]),
-            (ModelChanged("A"), [stop("A")]),
+            (ModelChanged(ModelSpec("A")), [stop("A")]),
             (exited("A"), [start("A")]),
             (loaded("A"), [grant(1, "A")]),
         ],
@@ -527,7 +572,7 @@ SCENARIOS = [
         "model-added-can-be-loaded",
         steps=[
             (Acquire(1, "Z"), [reject(1, ErrorKind.UNKNOWN_MODEL)]),
-            (ModelAdded("Z"), []),
+            (ModelAdded(ModelSpec("Z")), []),
             (Acquire(2, "Z"), [start("Z")]),
         ],
         final={"Z": Status.LOADING},
@@ -538,7 +583,7 @@ SCENARIOS = [
             (Acquire(1, "A"), [start("A")]),
             (loaded("A"), [grant(1, "A")]),
             (Release(1), []),
-            (ModelChanged("A"), [stop("A")]),
+            (ModelChanged(ModelSpec("A")), [stop("A")]),
             (exited("A"), []),
         ],
         final={"A": Status.UNLOADED},
@@ -548,7 +593,7 @@ SCENARIOS = [
         steps=[
             (Acquire(1, "A"), [start("A")]),
             (loaded("A"), [grant(1, "A")]),
-            (ModelChanged("A"), []),
+            (ModelChanged(ModelSpec("A")), []),
             (Acquire(2, "A"), []),
             (Release(1), [stop("A")]),
             (exited("A"), [start("A")]),
@@ -558,7 +603,7 @@ SCENARIOS = [
     ),
     Scenario(
         "model-changed-not-running-is-a-no-op",
-        steps=[(ModelChanged("A"), [])],
+        steps=[(ModelChanged(ModelSpec("A")), [])],
         final={"A": Status.UNLOADED},
     ),
     Scenario(
@@ -595,7 +640,7 @@ SCENARIOS = [
             (Acquire(5, "E"), [start("E")]),
             (loaded("A"), [grant(1, "A")]),
             (Release(1), []),
-            (ModelAdded("F"), []),
+            (ModelAdded(ModelSpec("F")), []),
             (Acquire(6, "F"), [start("F")]),
         ],
         final={name: Status.LOADING for name in "BCDEF"} | {"A": Status.LOADED},
@@ -713,7 +758,7 @@ def test_model_re_added_while_old_instance_stops() -> None:
     sched.handle(LoadSucceeded("A"), 1.0)
     sched.handle(Release(1), 2.0)
     assert summarize(sched.handle(ModelRemoved("A"), 3.0)) == [stop("A")]
-    sched.handle(ModelAdded("A"), 4.0)  # e.g. the config file was restored before the child exited
+    sched.handle(ModelAdded(ModelSpec("A")), 4.0)  # e.g. the config file was restored before the child exited
     assert summarize(sched.handle(Acquire(2, "A"), 5.0)) == []  # waits for the old instance to go
     sched.handle(InstanceExited("A", 0), 6.0)
     assert "A" in sched.models
@@ -753,6 +798,9 @@ class Sim:
     outcomes: Counter[int] = field(default_factory=Counter)  # Grant/Reject per request id
     acquired: list[int] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    # With max-wait in play, a model may be drained in the very step it leases its waiters (it has served
+    # them, its minimum residency): then a Grant is checked against the status at the time of the grant only.
+    drain_after_grant: bool = False
 
     def feed(self, event: Event) -> list[Action]:
         before = {name: (m.status, m.in_flight) for name, m in self.sched.models.items()}
@@ -783,7 +831,9 @@ class Sim:
                     assert status[model] == Status.LOADING, where
                 case Grant(request_id=rid, model=model):
                     assert rid in self.waiting, f"grant for a request not waiting: {rid}\n{where}"
-                    assert sched.models[model].status == Status.LOADED, where
+                    assert status[model] == Status.LOADED, f"grant on a model not loaded then\n{where}"
+                    if not self.drain_after_grant:
+                        assert sched.models[model].status == Status.LOADED, where
                     assert rid in sched.models[model].leases, where
                     self.waiting.discard(rid)
                     self.leases[rid] = model
@@ -834,7 +884,7 @@ class Sim:
         elif op == "unload" and (live := self.models_in(Status.LOADING, Status.LOADED)):
             self.feed(UnloadRequested(live[pick % len(live)]))
         elif op == "change":
-            self.feed(ModelChanged(names[pick % len(names)]))
+            self.feed(ModelChanged(ModelSpec(names[pick % len(names)])))
         elif op == "tick":
             self.now += 1.0 + pick % 5
 
@@ -901,8 +951,956 @@ def test_waiter_without_autoload_is_refused_when_its_load_is_stopped() -> None:
     sched = Scheduler(["A"], max_models=1)
     sched.handle(Acquire(1, "A"), 0.0)  # autoload on: starts the load
     sched.handle(Acquire(2, "A", autoload=False), 0.5)  # joins the load in progress
-    sched.handle(ModelChanged("A"), 1.0)  # the load is stopped (to restart with the new configuration)
+    sched.handle(ModelChanged(ModelSpec("A")), 1.0)  # the load is stopped (to restart with the new configuration)
     actions = sched.handle(InstanceExited("A", -15), 2.0)
     rejected = [a for a in actions if isinstance(a, Reject)]
     assert [(a.request_id, a.kind) for a in rejected] == [(2, ErrorKind.NOT_LOADED)]
     assert [a.model for a in actions if isinstance(a, StartLoad)] == ["A"]  # request 1 still gets its model
+
+
+# === keep-alive, memory budget, pins, priority, swap-aware grouping, max-wait, concurrency limit ============
+
+KA = Limits(max_models=2, keep_alive=10.0, max_wait=1000.0)  # every idle model unloads after 10 s
+MB = Limits(max_models=4, memory_budget=10 * G, max_wait=1000.0)  # room for 10 GiB, slots to spare
+
+
+def spec(name: str, gib: float = 0, **kw: Any) -> ModelSpec:
+    return ModelSpec(name, footprint=int(gib * G), **kw)
+
+
+SCHEDULING_SCENARIOS = [
+    # -- keep-alive --
+    Scenario(
+        "keep-alive-timer-starts-when-the-last-request-ends-not-at-grant",
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")], 1000.0),  # only the waiter's max-wait
+            At(1, loaded("A"), [grant(1, "A")], None),  # leased at once: no timer
+            At(2, Acquire(2, "A"), [grant(2, "A")], None),
+            At(20, Tick(), [], None),  # long past grant + 10 s, but busy
+            At(21, Release(1), [], None),  # request 2 still in flight
+            At(30, Release(2), [], 40.0),  # the last one ends: the timer starts now
+            At(39.5, Tick(), [], 40.0),
+            At(40, Tick(), [stop("A")], None),
+            At(41, exited("A"), [], None),
+        ],
+        final={"A": Status.UNLOADED},
+    ),
+    Scenario(
+        "keep-alive-late-tick-still-stops",
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Release(1), [], 12.0),
+            At(500, Tick(), [stop("A")], None),
+        ],
+        final={"A": Status.STOPPING},
+    ),
+    Scenario(
+        "keep-alive-request-before-expiry-cancels-the-timer",
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Release(1), [], 12.0),
+            At(11, Acquire(2, "A"), [grant(2, "A")], None),
+            At(12, Tick(), [], None),  # the old expiry: nothing
+            At(15, Release(2), [], 25.0),  # a fresh timer from the new last release
+            At(24, Tick(), [], 25.0),
+            At(25, Tick(), [stop("A")], None),
+        ],
+        final={"A": Status.STOPPING},
+    ),
+    Scenario(
+        "keep-alive-a-load-nobody-waits-for-any-more-times-out-from-the-load",
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(1, Cancel(1), []),
+            At(2, loaded("A"), [], 12.0),
+            At(12, Tick(), [stop("A")], None),
+        ],
+    ),
+    Scenario(
+        "keep-alive-spec-overrides-limits",
+        specs=(spec("A", keep_alive=3.0), "B"),
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(0, Acquire(2, "B"), [start("B")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(1, loaded("B"), [grant(2, "B")]),
+            At(2, Release(1), [], 5.0),
+            At(2, Release(2), [], 5.0),  # B's 12.0 is later
+            At(5, Tick(), [stop("A")], 12.0),
+            At(11, Tick(), [], 12.0),
+            At(12, Tick(), [stop("B")], None),
+        ],
+    ),
+    Scenario(
+        "keep-alive-spec-never",
+        specs=(spec("A", keep_alive=-1.0),),
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Release(1), [], None),
+            At(10_000, Tick(), [], None),
+        ],
+        final={"A": Status.LOADED},
+    ),
+    Scenario(
+        "keep-alive-request-0-unloads-right-after-it",
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A", keep_alive=0), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Release(1), [stop("A")], None),
+            At(3, exited("A"), []),
+        ],
+        final={"A": Status.UNLOADED},
+    ),
+    Scenario(
+        "keep-alive-request-0-waits-for-the-other-requests-in-flight",
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A", keep_alive=0), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Acquire(2, "A"), [grant(2, "A")]),
+            At(3, Release(1), [], None),
+            At(4, Release(2), [stop("A")], None),
+        ],
+    ),
+    Scenario(
+        "keep-alive-request-minus-1-is-forever",
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A", keep_alive=-1), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Release(1), [], None),
+            At(10_000, Tick(), [], None),
+        ],
+        final={"A": Status.LOADED},
+    ),
+    Scenario(
+        "keep-alive-request-overrides-the-spec",
+        specs=(spec("A", keep_alive=-1.0),),
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A", keep_alive=5), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Release(1), [], 7.0),
+            At(7, Tick(), [stop("A")], None),
+        ],
+    ),
+    Scenario(
+        "keep-alive-request-value-stays-the-models-timeout-for-later-requests",
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A", keep_alive=5), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Release(1), [], 7.0),
+            At(3, Acquire(2, "A"), [grant(2, "A")], None),  # no keep_alive of its own
+            At(4, Release(2), [], 9.0),  # still 5 s, not the default 10 s
+            At(9, Tick(), [stop("A")], None),
+        ],
+    ),
+    Scenario(
+        "keep-alive-never-expires-a-pinned-model",
+        specs=(spec("A", pinned=True, keep_alive=1.0),),
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A", keep_alive=0), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Release(1), [], None),
+            At(3, Acquire(2, "A", keep_alive=5), [grant(2, "A")]),
+            At(4, Release(2), [], None),
+            At(10_000, Tick(), [], None),
+        ],
+        final={"A": Status.LOADED},
+    ),
+    Scenario(
+        "keep-alive-request-value-does-not-outlive-the-instance",
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A", keep_alive=0), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Release(1), [stop("A")]),
+            At(3, exited("A"), []),
+            At(4, Acquire(2, "A"), [start("A")]),  # a new instance, for a request without keep_alive
+            At(5, loaded("A"), [grant(2, "A")]),
+            At(6, Release(2), [], 16.0),  # the default 10 s, not request 1's 0
+            At(16, Tick(), [stop("A")], None),
+        ],
+    ),
+    Scenario(
+        "keep-alive-no-deadline-for-a-drained-stopping-model",
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, UnloadRequested("A"), [], None),
+            At(3, Release(1), [stop("A")], None),  # stopping: there is no idle timer to report
+        ],
+        final={"A": Status.STOPPING},
+    ),
+    # -- memory budget --
+    Scenario(
+        "memory-a-load-waits-while-the-budget-is-full-of-busy-models",
+        specs=(spec("A", 4), spec("B", 4), spec("C", 4)),
+        limits=MB,
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (Acquire(2, "B"), [start("B")]),  # 8 GiB of 10
+            (loaded("A"), [grant(1, "A")]),
+            (loaded("B"), [grant(2, "B")]),
+            (Acquire(3, "C"), []),  # 12 GiB would not fit, and nothing is idle
+            (Release(1), [stop("A")]),
+            (exited("A"), [start("C")]),
+            (loaded("C"), [grant(3, "C")]),
+        ],
+        final={"A": Status.UNLOADED, "B": Status.LOADED, "C": Status.LOADED},
+    ),
+    Scenario(
+        "memory-an-exact-fit-loads",
+        specs=(spec("A", 4), spec("B", 6)),
+        limits=MB,
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (Acquire(2, "B"), [start("B")]),
+        ],
+        final={"A": Status.LOADING, "B": Status.LOADING},
+    ),
+    Scenario(
+        "memory-evicts-idle-models-least-recently-used-first-until-it-fits",
+        specs=(spec("A", 4), spec("B", 3), spec("C", 3), spec("D", 6)),
+        limits=MB,
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (Acquire(2, "B"), [start("B")]),
+            (Acquire(3, "C"), [start("C")]),  # 10 GiB
+            (loaded("A"), [grant(1, "A")]),
+            (loaded("B"), [grant(2, "B")]),
+            (loaded("C"), [grant(3, "C")]),
+            (Release(2), []),  # B least recently used, then A, then C
+            (Release(1), []),
+            (Release(3), []),
+            (Acquire(4, "D"), [stop("B"), stop("A")]),  # B alone frees 3 GiB: not enough; B and A free 7
+            (exited("B"), []),  # A still holds its 4 GiB
+            (exited("A"), [start("D")]),
+            (loaded("D"), [grant(4, "D")]),
+        ],
+        final={"A": Status.UNLOADED, "B": Status.UNLOADED, "C": Status.LOADED, "D": Status.LOADED},
+        loads=4,
+    ),
+    Scenario(
+        "memory-no-partial-eviction-when-evicting-the-idle-models-is-not-enough",
+        specs=(spec("A", 3), spec("B", 5), spec("C", 6)),
+        limits=MB,
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (Acquire(2, "B"), [start("B")]),
+            (loaded("A"), [grant(1, "A")]),
+            (loaded("B"), [grant(2, "B")]),
+            (Release(1), []),  # A idle (3 GiB), B busy (5 GiB)
+            (Acquire(3, "C"), []),  # evicting A would leave 5 + 6 > 10: A stays
+            (Tick(), []),
+            (Release(2), [stop("A"), stop("B")]),  # now it can fit: both go, least recently used first
+            (exited("A"), []),
+            (exited("B"), [start("C")]),
+        ],
+        final={"A": Status.UNLOADED, "B": Status.UNLOADED, "C": Status.LOADING},
+    ),
+    Scenario(
+        "memory-a-model-bigger-than-the-budget-is-rejected-at-once-without-eviction",
+        specs=(spec("A", 4), spec("C", 12)),
+        limits=MB,
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (Release(1), []),
+            (Acquire(2, "C"), [reject(2, ErrorKind.TOO_BIG)]),
+            (Acquire(3, "C"), [reject(3, ErrorKind.TOO_BIG)]),  # no loop: refused again, at once
+            (Tick(), []),
+        ],
+        final={"A": Status.LOADED, "C": Status.UNLOADED},
+        loads=1,
+    ),
+    Scenario(
+        "memory-a-model-bigger-than-the-budget-minus-running-pins-is-rejected-at-once",
+        specs=(spec("P", 6, pinned=True), spec("A", 2), spec("C", 5), spec("D", 4)),
+        limits=MB,
+        steps=[
+            (Acquire(1, "P"), [start("P")]),
+            (loaded("P"), [grant(1, "P")]),
+            (Release(1), []),
+            (Acquire(2, "A"), [start("A")]),  # 8 GiB
+            (loaded("A"), [grant(2, "A")]),
+            (Release(2), []),
+            (Acquire(3, "C"), [reject(3, ErrorKind.TOO_BIG)]),  # 5 > 10 - 6: A is not evicted for nothing
+            (Acquire(4, "D"), [stop("A")]),  # 4 fits beside P once A goes
+            (exited("A"), [start("D")]),
+        ],
+        final={"P": Status.LOADED, "A": Status.UNLOADED, "C": Status.UNLOADED, "D": Status.LOADING},
+    ),
+    Scenario(
+        "memory-a-pinned-model-not-running-takes-no-room",
+        specs=(spec("P", 6, pinned=True), spec("C", 5)),
+        limits=MB,
+        steps=[(Acquire(1, "C"), [start("C")])],
+        final={"P": Status.UNLOADED, "C": Status.LOADING},
+    ),
+    Scenario(
+        "memory-a-larger-measured-figure-counts-against-the-budget",
+        specs=(spec("A", 4), spec("B", 5)),
+        limits=MB,
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (MemoryMeasured("A", 7 * G), []),
+            (loaded("A"), [grant(1, "A")]),
+            (Acquire(2, "B"), []),  # 4 + 5 would fit, 7 + 5 does not
+            (Release(1), [stop("A")]),
+            (exited("A"), [start("B")]),
+        ],
+        final={"A": Status.UNLOADED, "B": Status.LOADING},
+    ),
+    Scenario(
+        "memory-a-measured-figure-replaces-the-estimate",
+        specs=(spec("A", 8), spec("B", 5)),
+        limits=MB,
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (MemoryMeasured("A", 4 * G), []),
+            (Acquire(2, "B"), [start("B")]),  # 4 + 5 fits
+        ],
+        final={"A": Status.LOADED, "B": Status.LOADING},
+    ),
+    Scenario(
+        "memory-the-measured-peak-is-kept",
+        specs=(spec("A", 4), spec("B", 5)),
+        limits=MB,
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (MemoryMeasured("A", 7 * G), []),
+            (MemoryMeasured("A", 3 * G), []),
+            (Acquire(2, "B"), []),
+        ],
+        final={"A": Status.LOADED, "B": Status.UNLOADED},
+    ),
+    Scenario(
+        "memory-a-measured-figure-outlives-the-instance",
+        specs=(spec("A", 4), spec("B", 5)),
+        limits=MB,
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (MemoryMeasured("A", 9 * G), []),  # A really needs 9 GiB, not the estimated 4
+            (Release(1), []),
+            (UnloadRequested("A"), [stop("A")]),
+            (exited("A"), []),
+            (Acquire(2, "B"), [start("B")]),
+            (loaded("B"), [grant(2, "B")]),
+            (Acquire(3, "A"), []),  # 9 + 5 > 10 and B is busy: A must wait
+        ],
+        final={"A": Status.UNLOADED, "B": Status.LOADED},
+    ),
+    # -- pins --
+    Scenario(
+        "pin-an-idle-pinned-model-is-never-the-lru-victim",
+        specs=(spec("P", pinned=True), "A", "B"),
+        limits=Limits(max_models=2, max_wait=1000.0),
+        steps=[
+            (Acquire(1, "P"), [start("P")]),
+            (Acquire(2, "A"), [start("A")]),
+            (loaded("P"), [grant(1, "P")]),
+            (loaded("A"), [grant(2, "A")]),
+            (Release(1), []),  # P least recently used
+            (Release(2), []),
+            (Acquire(3, "B"), [stop("A")]),
+            (exited("A"), [start("B")]),
+        ],
+        final={"P": Status.LOADED, "A": Status.UNLOADED, "B": Status.LOADING},
+    ),
+    Scenario(
+        "pin-memory-pressure-does-not-evict-an-idle-pinned-model",
+        specs=(spec("P", 5, pinned=True), spec("A", 5), spec("C", 5)),
+        limits=MB,
+        steps=[
+            (Acquire(1, "P"), [start("P")]),
+            (Acquire(2, "A"), [start("A")]),
+            (loaded("P"), [grant(1, "P")]),
+            (loaded("A"), [grant(2, "A")]),
+            (Release(1), []),  # P idle, A busy
+            (Acquire(3, "C"), []),
+            (Tick(), []),
+            (Release(2), [stop("A")]),
+            (exited("A"), [start("C")]),
+        ],
+        final={"P": Status.LOADED, "A": Status.UNLOADED, "C": Status.LOADING},
+    ),
+    Scenario(
+        "pin-max-wait-drains-the-busy-unpinned-model-never-the-pinned-one",
+        specs=(spec("P", pinned=True), "A", "B"),
+        limits=Limits(max_models=2, max_wait=10.0),
+        steps=[
+            At(0, Acquire(1, "P"), [start("P")]),
+            At(0, Acquire(2, "A"), [start("A")]),
+            At(1, loaded("P"), [grant(1, "P")]),
+            At(1, loaded("A"), [grant(2, "A")]),
+            At(2, Acquire(3, "B"), [], 12.0),
+            At(11.9, Tick(), []),
+            At(12, Tick(), [], None),  # A drains (busy: no stop yet); P is left alone
+            At(13, Release(1), []),  # P idle now, but A's slot is already on its way to B
+            At(14, Release(2), [stop("A")]),
+            At(15, exited("A"), [start("B")]),
+            At(16, loaded("B"), [grant(3, "B")]),
+        ],
+        final={"P": Status.LOADED, "A": Status.UNLOADED, "B": Status.LOADED},
+    ),
+    Scenario(
+        "pin-an-explicit-unload-stops-a-pinned-model",
+        specs=(spec("P", pinned=True),),
+        steps=[
+            (Acquire(1, "P"), [start("P")]),
+            (loaded("P"), [grant(1, "P")]),
+            (UnloadRequested("P"), []),  # busy: drains
+            (Release(1), [stop("P")]),
+            (exited("P"), []),
+            (Acquire(2, "P"), [start("P")]),
+            (loaded("P"), [grant(2, "P")]),
+            (Release(2), []),
+            (UnloadRequested("P"), [stop("P")]),  # idle: at once
+        ],
+        final={"P": Status.STOPPING},
+    ),
+    Scenario(
+        "pin-pinning-an-idle-model-cancels-its-keep-alive",
+        limits=KA,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Release(1), [], 12.0),
+            At(3, ModelChanged(spec("A", pinned=True), restart=False), [], None),  # e.g. `pin = true`, reloaded
+            At(12, Tick(), []),
+        ],
+        final={"A": Status.LOADED},
+    ),
+    # -- priority --
+    Scenario(
+        "priority-the-higher-priority-waiter-loads-first",
+        specs=("A", spec("B", priority=0), spec("C", priority=5)),
+        limits=Limits(max_models=1, max_wait=1000.0),
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (Acquire(2, "B"), []),
+            (Acquire(3, "C"), []),  # later, but higher priority
+            (Release(1), [stop("A")]),
+            (exited("A"), [start("C")]),
+            (loaded("C"), [grant(3, "C")]),
+            (Release(3), [stop("C")]),
+            (exited("C"), [start("B")]),
+            (loaded("B"), [grant(2, "B")]),
+        ],
+    ),
+    Scenario(
+        "priority-equal-priority-oldest-waiter-first",
+        specs=("A", spec("B", priority=3), spec("C", priority=3)),
+        limits=Limits(max_models=1, max_wait=1000.0),
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (Acquire(2, "C"), []),
+            (Acquire(3, "B"), []),
+            (Acquire(4, "C"), []),
+            (Release(1), [stop("A")]),
+            (exited("A"), [start("C")]),
+            (loaded("C"), [grant(2, "C"), grant(4, "C")]),
+            (Release(2), []),
+            (Release(4), [stop("C")]),
+            (exited("C"), [start("B")]),
+        ],
+    ),
+    Scenario(
+        "priority-a-waiter-past-max-wait-goes-before-a-higher-priority-one",
+        specs=("A", spec("B", priority=0), spec("C", priority=5)),
+        limits=Limits(max_models=1, max_wait=30.0),
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Acquire(2, "B"), [], 32.0),
+            At(32, Tick(), []),  # B overdue: A drains
+            At(40, Acquire(3, "C"), [], 70.0),
+            At(41, Release(1), [stop("A")]),
+            At(42, exited("A"), [start("B")]),
+            At(43, loaded("B"), [grant(2, "B")]),
+            At(44, Release(2), [stop("B")]),
+            At(45, exited("B"), [start("C")]),
+        ],
+    ),
+    # -- swap-aware grouping --
+    Scenario(
+        "swap-aware-abab-while-a-is-busy-is-served-aa-then-bb",
+        models=("A", "B"),
+        limits=Limits(max_models=1, max_wait=1000.0),
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (Acquire(2, "A"), [grant(2, "A")]),
+            (Acquire(3, "B"), []),
+            (Acquire(4, "A"), [grant(4, "A")]),
+            (Acquire(5, "B"), []),
+            (Release(1), []),
+            (Release(2), []),
+            (Release(4), [stop("A")]),
+            (exited("A"), [start("B")]),
+            (loaded("B"), [grant(3, "B"), grant(5, "B")]),
+        ],
+        loads=2,
+    ),
+    Scenario(
+        "swap-aware-abab-while-a-loads-is-served-aa-then-bb",
+        models=("A", "B"),
+        limits=Limits(max_models=1, max_wait=1000.0),
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (Acquire(2, "B"), []),
+            (Acquire(3, "A"), []),
+            (Acquire(4, "B"), []),
+            (loaded("A"), [grant(1, "A"), grant(3, "A")]),
+            (Release(1), []),
+            (Release(3), [stop("A")]),
+            (exited("A"), [start("B")]),
+            (loaded("B"), [grant(2, "B"), grant(4, "B")]),
+        ],
+        loads=2,
+    ),
+    Scenario(
+        "swap-aware-babab-during-an-eviction-is-served-bb-then-aa",
+        models=("A", "B"),
+        limits=Limits(max_models=1, max_wait=1000.0),
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (Release(1), []),
+            (Acquire(2, "B"), [stop("A")]),
+            (Acquire(3, "A"), []),  # A is stopping: waits for its next load
+            (Acquire(4, "B"), []),
+            (Acquire(5, "A"), []),
+            (exited("A"), [start("B")]),
+            (loaded("B"), [grant(2, "B"), grant(4, "B")]),
+            (Release(2), []),
+            (Release(4), [stop("B")]),
+            (exited("B"), [start("A")]),
+            (loaded("A"), [grant(3, "A"), grant(5, "A")]),
+        ],
+        loads=3,
+    ),
+    # -- max-wait --
+    Scenario(
+        "max-wait-drains-a-busy-model-and-queues-its-new-requests",
+        models=("A", "B"),
+        limits=Limits(max_models=1, max_wait=30.0),
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Acquire(2, "A"), [grant(2, "A")]),
+            At(5, Acquire(3, "B"), [], 35.0),
+            At(10, Release(1), [], 35.0),
+            At(11, Acquire(4, "A"), [grant(4, "A")]),  # A never idle
+            At(20, Release(2), []),
+            At(21, Acquire(5, "A"), [grant(5, "A")]),
+            At(30, Release(4), []),
+            At(34.9, Tick(), [], 35.0),
+            At(35, Tick(), [], None),  # A drains: STOPPING, request 5 still in flight
+            At(36, Acquire(6, "A"), []),  # not granted: waits for A's next load
+            At(40, Release(5), [stop("A")]),
+            At(41, exited("A"), [start("B")]),
+            At(42, loaded("B"), [grant(3, "B")]),
+            At(43, Release(3), [stop("B")]),
+            At(44, exited("B"), [start("A")]),
+            At(45, loaded("A"), [grant(6, "A")]),
+        ],
+        final={"A": Status.LOADED, "B": Status.UNLOADED},
+    ),
+    # -- concurrency limit --
+    Scenario(
+        "concurrency-limit-in-flight-plus-queued-rejects-busy",
+        specs=(spec("A", concurrency_limit=2), "B"),
+        limits=Limits(max_models=2),
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (Acquire(2, "A"), []),
+            (Acquire(3, "A"), [reject(3, ErrorKind.BUSY)]),  # 0 in flight + 2 queued
+            (Acquire(4, "B"), [start("B")]),  # other models are not limited
+            (loaded("A"), [grant(1, "A"), grant(2, "A")]),
+            (Acquire(5, "A"), [reject(5, ErrorKind.BUSY)]),  # 2 in flight
+            (Release(1), []),
+            (Acquire(6, "A"), [grant(6, "A")]),
+            (Acquire(7, "A"), [reject(7, ErrorKind.BUSY)]),
+        ],
+    ),
+    Scenario(
+        "concurrency-limit-counts-a-cancelled-waiter-no-more",
+        specs=(spec("A", concurrency_limit=1),),
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (Acquire(2, "A"), [reject(2, ErrorKind.BUSY)]),
+            (Cancel(1), []),
+            (Acquire(3, "A"), []),
+            (loaded("A"), [grant(3, "A")]),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("scenario", [
+    pytest.param(s, id=s.id, marks=[pytest.mark.xfail(strict=True, reason=s.xfail)] if s.xfail else [])
+    for s in SCHEDULING_SCENARIOS
+])
+def test_scheduling_scenario(scenario: Scenario) -> None:
+    run_scenario(scenario)
+
+
+# --- focused checks: reasons, messages, continuous traffic, pinned slots ----------------------------------
+
+def _reasons(actions: list[Action], model: str) -> list[str]:
+    return [a.reason for a in actions if isinstance(a, (StopInstance, StatusChanged)) and a.model == model]
+
+
+def test_keep_alive_stop_names_keep_alive_as_the_reason() -> None:
+    sched = Scheduler([spec("A", keep_alive=7.5)], KA)
+    sched.handle(Acquire(1, "A"), 0.0)
+    sched.handle(LoadSucceeded("A"), 1.0)
+    sched.handle(Release(1), 2.0)
+    assert sched.models["A"].expires_at == 9.5
+    actions = sched.handle(Tick(), 9.5)
+    stops = [a for a in actions if isinstance(a, StopInstance)]
+    assert len(stops) == 1 and stops[0].model == "A"
+    assert "keep-alive" in stops[0].reason and "7.5" in stops[0].reason
+    assert StatusChanged("A", Status.STOPPING, None, stops[0].reason) in actions
+    assert sched.models["A"].expires_at is None
+
+
+def test_lru_eviction_names_the_waiting_model() -> None:
+    sched = Scheduler([spec("A", 6), spec("B", 6)], MB)
+    sched.handle(Acquire(1, "A"), 0.0)
+    sched.handle(LoadSucceeded("A"), 1.0)
+    sched.handle(Release(1), 2.0)
+    actions = sched.handle(Acquire(2, "B"), 3.0)
+    assert [a.model for a in actions if isinstance(a, StopInstance)] == ["A"]
+    assert all("least recently used" in r and "'B'" in r for r in _reasons(actions, "A"))
+
+
+def test_too_big_message_names_the_sizes_and_evicts_nothing() -> None:
+    sched = Scheduler([spec("A", 4), spec("C", 12)], MB)
+    sched.handle(Acquire(1, "A"), 0.0)
+    sched.handle(LoadSucceeded("A"), 1.0)
+    sched.handle(Release(1), 2.0)
+    actions = sched.handle(Acquire(2, "C"), 3.0)
+    assert [type(a) for a in actions] == [Reject]
+    (refusal,) = actions
+    assert isinstance(refusal, Reject)
+    assert refusal.kind == ErrorKind.TOO_BIG and refusal.kind.status == 507
+    assert "'C'" in refusal.message and "12.00 GiB" in refusal.message and "10.00 GiB" in refusal.message
+    assert sched.queue == [] and sched.models["A"].status == Status.LOADED
+
+
+def test_too_big_beside_pinned_models_names_what_the_pins_hold() -> None:
+    sched = Scheduler([spec("P", 6, pinned=True), spec("C", 5)], MB)
+    sched.handle(Acquire(1, "P"), 0.0)
+    sched.handle(LoadSucceeded("P"), 1.0)
+    sched.handle(Release(1), 2.0)
+    (refusal,) = sched.handle(Acquire(2, "C"), 3.0)
+    assert isinstance(refusal, Reject) and refusal.kind == ErrorKind.TOO_BIG
+    assert "5.00 GiB" in refusal.message and "10.00 GiB" in refusal.message
+    assert "6.00 GiB held by pinned models" in refusal.message
+    assert sched.models["P"].status == Status.LOADED
+
+
+def test_a_waiter_is_refused_too_big_when_a_pinned_model_grows() -> None:
+    """A request admitted while it fitted, refused with TOO_BIG once a pinned model's measured figure leaves no
+    room for it: refused, not left waiting for an eviction that cannot happen."""
+    sched = Scheduler([spec("P", 4, pinned=True), spec("A", 5), spec("C", 5)], MB)
+    sched.handle(Acquire(1, "P"), 0.0)
+    sched.handle(Acquire(2, "A"), 0.0)
+    sched.handle(LoadSucceeded("P"), 1.0)
+    sched.handle(LoadSucceeded("A"), 1.0)
+    assert summarize(sched.handle(Acquire(3, "C"), 2.0)) == []  # 4 + 5 + 5 > 10: waits for A
+    assert summarize(sched.handle(MemoryMeasured("P", 6 * G), 3.0)) == [reject(3, ErrorKind.TOO_BIG)]
+    assert sched.models["A"].status == Status.LOADED and sched.models["P"].status == Status.LOADED
+
+
+def test_concurrency_limit_rejects_with_busy_and_429() -> None:
+    sched = Scheduler([spec("A", concurrency_limit=1)], Limits(max_models=1))
+    sched.handle(Acquire(1, "A"), 0.0)
+    (refusal,) = sched.handle(Acquire(2, "A"), 0.0)
+    assert isinstance(refusal, Reject) and refusal.kind == ErrorKind.BUSY and refusal.kind.status == 429
+    assert "'A'" in refusal.message and "1" in refusal.message
+
+
+def test_max_wait_bounds_a_wait_behind_continuous_traffic() -> None:
+    """Clients keep model A busy (a new 2 s request every second, so A is never idle); a request for B at
+    t=5 makes A drain at t=5+max_wait: new A requests queue, A stops once its in-flight ones are done, B
+    loads and is granted, then A comes back for the requests that queued."""
+    max_wait = 30.0
+    sched = Scheduler(["A", "B"], Limits(max_models=1, max_wait=max_wait))
+    log: list[str] = []
+    engine: list[Event] = []  # what the engine reports one second after the action
+    in_flight: dict[int, float] = {}  # granted A and B requests -> when
+    queued_a: list[int] = []
+    granted_at: dict[int, float] = {}
+    loads: list[str] = []
+    a_stopping_at: float | None = None
+    b_rid = 1000
+
+    def feed(event: Event, now: float) -> list[Action]:
+        actions = sched.handle(event, now)
+        log.append(f"{now:g} {event} -> {summarize(actions)}")
+        for action in actions:
+            match action:
+                case Grant(request_id=rid):
+                    in_flight[rid] = now
+                    granted_at[rid] = now
+                case StartLoad(model=model):
+                    loads.append(model)
+                    engine.append(LoadSucceeded(model))
+                case StopInstance(model=model):
+                    assert sched.models[model].in_flight == 0, "\n".join(log)
+                    engine.append(InstanceExited(model, 0))
+        return actions
+
+    feed(Acquire(1, "A"), 0.0)
+    feed(engine.pop(), 0.5)  # A loaded: request 1 granted
+    rid = 2
+    for second in range(1, 80):
+        now = float(second)
+        pending, engine[:] = list(engine), []
+        for event in pending:
+            feed(event, now)
+        for r, since in sorted(in_flight.items()):
+            if now - since >= 2:
+                del in_flight[r]
+                feed(Release(r), now)
+        if second == 5:
+            assert summarize(feed(Acquire(b_rid, "B"), now)) == []
+        if second <= 50:
+            was_stopping = sched.models["A"].status == Status.STOPPING
+            actions = feed(Acquire(rid, "A"), now)
+            if was_stopping:
+                assert Grant(rid, "A") not in actions, "a draining model took a new request\n" + "\n".join(log)
+                queued_a.append(rid)
+            rid += 1
+        feed(Tick(), now)
+        if 5 <= second < 5 + max_wait:
+            assert b_rid in sched.lease_owner or sched.next_deadline() == 5 + max_wait, "\n".join(log)
+            assert sched.models["A"].status == Status.LOADED, "A evicted before max-wait\n" + "\n".join(log)
+            assert sched.models["A"].in_flight > 0  # the traffic really keeps A busy
+        if a_stopping_at is None and sched.models["A"].status == Status.STOPPING:
+            a_stopping_at = now
+            assert "max-wait" in sched.models["A"].drain_reason
+    where = "\n".join(log)
+    assert a_stopping_at == 5 + max_wait, where
+    assert b_rid in granted_at and granted_at[b_rid] <= 5 + max_wait + 3, where  # the drain, a stop, a load
+    assert queued_a and all(r in granted_at for r in queued_a), where
+    assert loads == ["A", "B", "A"], where
+
+
+def test_a_request_is_answered_when_pinned_models_hold_every_slot() -> None:
+    sched = Scheduler([spec("P", pinned=True), "B"], Limits(max_models=1, max_wait=30.0))
+    sched.handle(Acquire(1, "P"), 0.0)
+    sched.handle(LoadSucceeded("P"), 1.0)
+    sched.handle(Release(1), 2.0)
+    answers = summarize(sched.handle(Acquire(2, "B"), 3.0))
+    answers += summarize(sched.handle(Tick(), 33.0))
+    answers += summarize(sched.handle(Tick(), 1000.0))
+    assert stop("P") not in answers and sched.models["P"].status == Status.LOADED
+    assert [a for a in answers if a[0] in ("grant", "reject") and a[1] == 2], "request 2 never answered"
+
+
+@pytest.mark.parametrize("keep_alive", [0.0, 10.0])
+def test_next_deadline_is_in_the_future_after_a_drained_model_is_released(keep_alive: float) -> None:
+    sched = Scheduler(["A"], Limits(max_models=1, keep_alive=keep_alive))
+    sched.handle(Acquire(1, "A"), 0.0)
+    sched.handle(LoadSucceeded("A"), 1.0)
+    sched.handle(UnloadRequested("A"), 2.0)
+    assert summarize(sched.handle(Release(1), 3.0)) == [stop("A")]
+    sched.handle(Tick(), 20.0)  # the child takes its time to exit
+    deadline = sched.next_deadline()
+    assert deadline is None or deadline > 20.0
+
+
+# --- property test: memory budget, pins, keep-alive and time ------------------------------------------------
+
+BUDGET_OPS = ("acquire", "acquire", "acquire", "release", "release", "cancel", "load_ok", "load_ok", "exit",
+              "unload", "change", "measure", "tick", "tick", "deadline", "wait_out", "remove", "add")
+REQUEST_KEEP_ALIVES = (None, None, None, 0.0, 3.0, -1.0)
+
+
+@dataclass
+class BudgetSim(Sim):
+    """Sim with footprints, a memory budget, pins, keep-alive and Ticks; the specs never change (a
+    ModelChanged carries the model's own spec), so a model's pin is known from `specs`."""
+
+    specs: dict[str, ModelSpec] = field(default_factory=dict)
+    budget: int = 0
+    max_wait: float = 30.0
+    requested: dict[int, str] = field(default_factory=dict)  # request id -> model
+    shut_down: bool = False
+
+    def check(self, event: Event, before: dict[str, tuple[Status, int]], actions: list[Action]) -> None:
+        super().check(event, before, actions)
+        sched, where = self.sched, "\n".join(self.log)
+        if isinstance(event, Shutdown):
+            self.shut_down = True
+        match event:  # the model this event explicitly stops, if any: the only way a pinned model may go
+            case UnloadRequested(model=named) | ModelRemoved(model=named):
+                pass
+            case ModelChanged(spec=changed, restart=True):
+                named = changed.name
+            case _:
+                named = None
+        for action in actions:
+            match action:
+                case StartLoad(model=model):
+                    assert sched.memory_used() <= self.budget, f"over budget loading {model}\n{where}"
+                case StatusChanged(model=model, status=Status.STOPPING) if self.specs[model].pinned:
+                    assert self.shut_down or named == model, f"pinned {model} drained by {event}\n{where}"
+                case StopInstance(model=model, reason=reason):
+                    if self.specs[model].pinned:
+                        was = before.get(model, (Status.UNLOADED, 0))[0]  # already draining: allowed then
+                        assert self.shut_down or named == model or was == Status.STOPPING, \
+                            f"pinned {model} stopped by {event}\n{where}"
+                    if "keep-alive" in reason:
+                        assert not self.specs[model].pinned, where
+                case Reject(kind=ErrorKind.TOO_BIG, request_id=rid):
+                    model = self.requested[rid]
+                    pins = sum(m.footprint for m in sched.models.values()
+                               if m.spec.pinned and m.name != model and m.status in RUNNING)
+                    assert sched.models[model].footprint > self.budget - pins, f"TOO_BIG for {rid}\n{where}"
+        for name, model in sched.models.items():
+            # every keep-alive that has ended was acted on (a STOPPING model's stale timer is the known bug
+            # of test_next_deadline_is_in_the_future_after_a_drained_model_is_released)
+            if model.status == Status.LOADED and model.expires_at is not None:
+                assert model.expires_at > self.now, f"{name} outlived its keep-alive\n{where}"
+                assert not self.specs[name].pinned, f"pinned {name} has a keep-alive timer\n{where}"
+
+    def step4(self, op: str, pick: int, flag: bool, extra: int) -> None:
+        names = sorted(self.specs)
+        name = names[pick % len(names)]
+        state = self.sched.models.get(name)
+        present = state is not None and not state.removed
+        if op == "acquire":
+            rid = self.next_rid
+            self.next_rid += 1
+            self.acquired.append(rid)
+            self.waiting.add(rid)
+            self.requested[rid] = name
+            keep_alive = REQUEST_KEEP_ALIVES[extra % len(REQUEST_KEEP_ALIVES)]
+            self.feed(Acquire(rid, name, autoload=flag or pick % 3 != 0, keep_alive=keep_alive))
+        elif op == "change" and present:
+            self.feed(ModelChanged(self.specs[name], restart=flag))
+        elif op == "measure" and (running := self.models_in(*RUNNING)):
+            name = running[pick % len(running)]
+            self.feed(MemoryMeasured(name, self.specs[name].footprint * (extra + 2) // 4))  # 0.5x .. 1.75x
+        elif op == "tick":
+            self.now += 0.5 * (1 + extra)
+            self.feed(Tick())
+        elif op == "deadline" and (deadline := self.sched.next_deadline()) is not None:
+            self.now = max(self.now, deadline)
+            self.feed(Tick())
+        elif op == "wait_out":
+            self.wait_out()
+        elif op == "remove" and present:
+            self.feed(ModelRemoved(name))
+        elif op == "add" and not present:
+            self.feed(ModelAdded(self.specs[name]))
+        elif op not in ("change", "measure", "tick", "deadline", "remove", "add"):  # the base ops
+            self.step(op, pick, flag)
+
+    def wait_out(self) -> None:
+        """Let max-wait pass with nothing else happening (leases kept, loads and stops unfinished): a request
+        still waiting then must have something under way for it: a load, or a model stopping (draining)."""
+        self.now += self.max_wait
+        self.feed(Tick())
+        if self.sched.queue:
+            assert self.models_in(Status.LOADING, Status.STOPPING), \
+                "requests wait past max-wait with nothing under way\n" + "\n".join(self.log)
+
+    def settle_with_time(self) -> None:
+        """Drive to quiescence: release every lease, finish every load and stop, and let time pass (with
+        Ticks) while requests still wait, so max-wait and keep-alive deadlines come."""
+        self.wait_out()
+        for _ in range(2000):
+            if self.leases:
+                self.now += 1.0
+                rid = min(self.leases)
+                del self.leases[rid]
+                self.feed(Release(rid))
+            elif stopping := self.models_in(Status.STOPPING):
+                self.now += 1.0
+                self.feed(InstanceExited(stopping[0], 0))
+            elif loading := self.models_in(Status.LOADING):
+                self.now += 1.0
+                self.feed(LoadSucceeded(loading[0]))
+            elif self.sched.queue:
+                deadline = self.sched.next_deadline()
+                self.now = max(self.now + 1.0, deadline if deadline is not None else self.now + self.max_wait)
+                self.feed(Tick())
+            else:
+                return
+        raise AssertionError("no quiescence after 2000 steps\n" + "\n".join(self.log))
+
+
+@st.composite
+def budget_configs(draw: st.DrawFn) -> tuple[list[ModelSpec], Limits]:
+    max_models = draw(st.sampled_from([1, 2, 2, 3]))
+    budget_gib = draw(st.sampled_from([6, 8, 10]))
+    n_models = draw(st.integers(3, 5))
+    specs: list[ModelSpec] = []
+    pinned_gib = pinned_count = 0
+    for name in "ABCDE"[:n_models]:
+        gib = draw(st.sampled_from([1, 2, 3, 4, 6, 12]))  # 12 GiB never fits
+        # as check_pinned allows: pins fit the budget, and (see the xfail above) leave a slot to the others
+        pinned = (draw(st.booleans()) and pinned_count + 1 < max_models and pinned_gib + gib <= budget_gib // 2)
+        if pinned:
+            pinned_count, pinned_gib = pinned_count + 1, pinned_gib + gib
+        specs.append(ModelSpec(name, footprint=gib * G, pinned=pinned, priority=draw(st.integers(0, 2)),
+                               keep_alive=draw(st.sampled_from([None, None, 2.0, 5.0, -1.0])),
+                               concurrency_limit=draw(st.sampled_from([0, 0, 2]))))
+    limits = Limits(max_models=max_models, max_queue=draw(st.sampled_from([4, 1024])),
+                    memory_budget=budget_gib * G, keep_alive=draw(st.sampled_from([-1.0, 0.0, 4.0])),
+                    max_wait=draw(st.sampled_from([3.0, 10.0])))
+    return specs, limits
+
+
+budget_op_strategy = st.tuples(st.sampled_from(BUDGET_OPS), st.integers(0, 11), st.booleans(), st.integers(0, 5))
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=budget_configs(), ops=st.lists(budget_op_strategy, min_size=20, max_size=120),
+       shutdown_at=st.none() | st.integers(0, 120))
+def test_random_sequences_keep_the_budget_pins_and_answer_every_request(
+    config: tuple[list[ModelSpec], Limits], ops: list[tuple[str, int, bool, int]], shutdown_at: int | None
+) -> None:
+    specs, limits = config
+    sim = BudgetSim(Scheduler(specs, limits), limits.max_models, drain_after_grant=True,
+                    specs={s.name: s for s in specs}, budget=limits.memory_budget,
+                    max_wait=limits.max_wait)
+    for i, (op, pick, flag, extra) in enumerate(ops):
+        if i == shutdown_at:
+            sim.feed(Shutdown())
+        sim.step4(op, pick, flag, extra)
+    sim.settle_with_time()
+    where = "\n".join(sim.log)
+    assert sim.sched.queue == [], where
+    assert sim.waiting == set(), f"requests never answered: {sorted(sim.waiting)}\n{where}"
+    for rid in sim.acquired:
+        expected = 0 if rid in sim.cancelled else 1
+        assert sim.outcomes[rid] == expected, f"request {rid}: {sim.outcomes[rid]} answers\n{where}"
+    assert sim.sched.lease_owner == {}, where
+    assert sim.sched.running_count() <= limits.max_models, where
+    assert not sim.models_in(Status.LOADING, Status.STOPPING), where

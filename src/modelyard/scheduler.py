@@ -338,12 +338,17 @@ class Scheduler:
         return None
 
     def _never_fits(self, model: ModelState) -> str:
-        budget = self.limits.memory_budget
-        if not budget or model.status in RUNNING:
+        """Why `model` cannot be placed however long it waits (pinned models never make way), or ""."""
+        if model.status in RUNNING:
             return ""
-        pinned = sum(m.footprint for m in self.models.values()
-                      if m.spec.pinned and m.name != model.name and m.status in RUNNING)
-        if model.footprint <= budget - pinned:
+        pins = [m for m in self.models.values()
+                if m.spec.pinned and m.name != model.name and m.status in (Status.LOADING, Status.LOADED)]
+        if self.max_models > 0 and len(pins) >= self.max_models:
+            return (f"model '{model.name}' cannot be loaded: all {self.max_models} model slots (--models-max) "
+                    f"are held by pinned models ({', '.join(m.name for m in pins)})")
+        budget = self.limits.memory_budget
+        pinned = sum(m.footprint for m in pins)
+        if not budget or model.footprint <= budget - pinned:
             return ""
         detail = f" ({_gib(pinned)} held by pinned models)" if pinned else ""
         return (f"model '{model.name}' needs about {_gib(model.footprint)} of memory but the budget is "
@@ -359,7 +364,7 @@ class Scheduler:
         model.last_used = self.now
         if keep_alive is not None:
             model.keep_alive = keep_alive
-        if model.in_flight == 0:
+        if model.in_flight == 0 and model.status == Status.LOADED:
             self._start_idle_timer(model)
 
     def _start_idle_timer(self, model: ModelState) -> None:
@@ -381,7 +386,7 @@ class Scheduler:
         was = model.status
         model.exit_code = event.exit_code
         model.draining = False
-        model.measured = 0
+        model.keep_alive = None  # a request's keep-alive applies to the instance it was sent to
         model.expires_at = None
         model.leases.clear()  # requests on the dead instance fail on their own; they hold nothing now
         if was == Status.STOPPING:
@@ -428,8 +433,12 @@ class Scheduler:
     def _change(self, spec: ModelSpec, restart: bool, actions: list[Action]) -> None:
         model = self.models[spec.name]
         model.spec = spec
-        if restart and model.status in (Status.LOADING, Status.LOADED):
-            self._drain(spec.name, "configuration changed", actions)
+        if restart:
+            model.measured = 0  # another configuration: the old measurement says nothing about it
+            if model.status in (Status.LOADING, Status.LOADED):
+                self._drain(spec.name, "configuration changed", actions)
+        elif model.status == Status.LOADED and model.in_flight == 0:
+            self._start_idle_timer(model)  # a new keep-alive or pin applies to the running timer
 
     def _remove(self, name: str, actions: list[Action]) -> None:
         model = self.models.get(name)
@@ -489,7 +498,7 @@ class Scheduler:
         for model in list(self.models.values()):
             expires = model.expires_at
             if (expires is not None and expires <= self.now and model.status == Status.LOADED
-                    and model.in_flight == 0 and self.queued_for(model.name) == 0):
+                    and model.in_flight == 0 and not model.spec.pinned and self.queued_for(model.name) == 0):
                 keep_alive = self.effective_keep_alive(model)
                 self._stop(model, f"idle for {keep_alive:g} s (keep-alive)", actions)
 
