@@ -67,6 +67,7 @@ class Results:
     starved_wait: dict[str, float] = field(default_factory=dict)
 
 
+_POOL_IDLE_S = 5.5  # longer than both modelyard's (4 s) and llama-server's (5 s) keep-alive timeouts
 MAX_WAIT_S = 3.0  # modelyard's --max-wait in the busy-model scenario (router mode has no such bound)
 
 
@@ -110,18 +111,20 @@ async def hot_path(running: dict[str, RouterProcess], plan: Plan, results: Resul
         "tokenize": ("/tokenize", lambda i: {"model": "a", "content": f"The quick brown fox {i % 7}"}),
         "chat, 1 token": ("/v1/chat/completions", lambda i: chat_body("a")),
     }
-    async with new_session(64) as session:
-        for endpoint, (path, body) in endpoints.items():
-            for concurrency in (1, 32):
-                count = max(plan.overhead_requests, 2 * concurrency)
-                for round_no in range(plan.rounds):
-                    order = targets[round_no % 2:] + targets[:round_no % 2]
-                    for kind, route, base in order:
+    # A fresh client per run: idle keep-alive connections left over from one target would otherwise hold
+    # threads of the child that the next target needs (llama-server serves one connection per thread).
+    for endpoint, (path, body) in endpoints.items():
+        for concurrency in (1, 32):
+            count = max(plan.overhead_requests, 2 * concurrency)
+            for round_no in range(plan.rounds):
+                order = targets[round_no % 2:] + targets[:round_no % 2]
+                for kind, route, base in order:
+                    async with new_session(concurrency) as session:
                         timed = await timed_requests(session, base + path, body, count, concurrency)
-                        key = (endpoint, concurrency, kind, route)
-                        results.overhead.setdefault(key, []).extend(timed.latencies)
+                    results.overhead.setdefault((endpoint, concurrency, kind, route), []).extend(timed.latencies)
+    async with new_session(8) as session:
         await streaming(session, targets, plan, results)
-        await request_rate(session, running, targets, plan, results)
+    await request_rate(running, targets, plan, results)
 
 
 async def streaming(session: Any, targets: list[tuple[str, str, str]], plan: Plan, results: Results) -> None:
@@ -139,15 +142,17 @@ async def streaming(session: Any, targets: list[tuple[str, str, str]], plan: Pla
             results.throughput[(concurrency, kind, route)] = sum(s.tokens for s in streams) / wall
 
 
-async def request_rate(session: Any, running: dict[str, RouterProcess], targets: list[tuple[str, str, str]],
-                       plan: Plan, results: Results) -> None:
+async def request_rate(running: dict[str, RouterProcess], targets: list[tuple[str, str, str]], plan: Plan,
+                       results: Results) -> None:
     def body(i: int) -> dict[str, Any]:
         return {"model": "a", "content": "rate"}
 
     for kind, route, base in targets:
         router = running[kind]
+        await asyncio.sleep(_POOL_IDLE_S)  # every idle connection of the previous target has been closed
         cpu_before = router.cpu_seconds()
-        timed: Timed = await timed_requests(session, base + "/tokenize", body, plan.rate_requests, 64)
+        async with new_session(64) as session:
+            timed: Timed = await timed_requests(session, base + "/tokenize", body, plan.rate_requests, 64)
         results.rate[(kind, route)] = timed.rate
         if route == "via router":
             results.cost.setdefault(kind, {})["cpu_per_1k_requests"] = (
