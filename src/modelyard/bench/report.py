@@ -10,7 +10,7 @@ from typing import Any
 
 from modelyard import __version__
 from modelyard.bench.processes import MODELYARD, ROUTER_MODE
-from modelyard.bench.scenarios import KINDS, Plan, Results
+from modelyard.bench.scenarios import KINDS, SCALE_START_LIMIT_S, Plan, Results
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -127,6 +127,10 @@ def _scale(results: Results) -> list[str]:
     out = ["## 6. Scale (registered models, presets pointing at one file)", "",
            "| models | router | startup | GET /v1/models | router RSS |", "|---|---|---|---|---|"]
     for (size, kind), row in sorted(results.scale.items()):
+        if row["startup"] == float("inf"):
+            out.append(f"| {size} | {kind} | not ready after {SCALE_START_LIMIT_S:.0f} s | | "
+                       f"{row['rss'] / 2**20:.0f} MiB |")
+            continue
         out.append(f"| {size} | {kind} | {row['startup']:.2f} s | {ms(row['list'])} | {row['rss'] / 2**20:.0f} MiB |")
     return [*out, ""]
 

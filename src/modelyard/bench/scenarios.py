@@ -69,6 +69,7 @@ class Results:
 
 _POOL_IDLE_S = 5.5  # longer than both modelyard's (4 s) and llama-server's (5 s) keep-alive timeouts
 MAX_WAIT_S = 3.0  # modelyard's --max-wait in the busy-model scenario (router mode has no such bound)
+SCALE_START_LIMIT_S = 600.0  # a router not answering /v1/models by then is reported as "did not start"
 
 
 @contextmanager
@@ -247,7 +248,12 @@ def scale(setup: Setup, sizes: tuple[int, ...], results: Results) -> None:
             router = start_router(kind, setup.binary, ["--models-preset", str(preset)], 4, setup.workdir,
                                   setup.engine_args)
             try:
-                ready = router.wait_ready(600)
+                try:
+                    ready = router.wait_ready(SCALE_START_LIMIT_S)
+                except TimeoutError:
+                    results.scale[(size, kind)] = {"startup": float("inf"), "list": float("inf"),
+                                                   "rss": float(router.rss_bytes(peak=False))}
+                    continue
                 with httpx.Client(timeout=600) as client:
                     timings = []
                     for _ in range(5):
