@@ -241,6 +241,9 @@ class Scheduler:
         self.queue: list[Waiter] = []
         self.lease_owner: dict[int, str] = {}
         self.lease_keep_alive: dict[int, float] = {}
+        # Indexes over `models`, so that a request to a loaded model costs the same with 10 or 10,000 models.
+        self._expiring: set[str] = set()  # models with a keep-alive deadline
+        self._draining: set[str] = set()  # stopping models whose in-flight requests are finishing
         self.shutting_down = False
         self.now = 0.0
 
@@ -270,7 +273,7 @@ class Scheduler:
 
     def next_deadline(self) -> float | None:
         """When the next Tick could change something: a keep-alive ending or a waiter reaching max_wait."""
-        deadlines = [m.expires_at for m in self.models.values() if m.expires_at is not None]
+        deadlines = [e for e in (self.models[n].expires_at for n in self._expiring) if e is not None]
         deadlines += [w.since + self.limits.max_wait for w in self.queue
                       if w.since + self.limits.max_wait > self.now]
         return min(deadlines, default=None)
@@ -369,7 +372,7 @@ class Scheduler:
 
     def _start_idle_timer(self, model: ModelState) -> None:
         keep_alive = self.effective_keep_alive(model)
-        model.expires_at = None if keep_alive < 0 or model.spec.pinned else self.now + keep_alive
+        self._set_expiry(model, None if keep_alive < 0 or model.spec.pinned else self.now + keep_alive)
 
     def _loaded(self, name: str, actions: list[Action]) -> None:
         model = self.models[name]
@@ -385,9 +388,9 @@ class Scheduler:
             return
         was = model.status
         model.exit_code = event.exit_code
-        model.draining = False
+        self._set_draining(model, False)
         model.keep_alive = None  # a request's keep-alive applies to the instance it was sent to
-        model.expires_at = None
+        self._set_expiry(model, None)
         model.leases.clear()  # requests on the dead instance fail on their own; they hold nothing now
         if was == Status.STOPPING:
             model.failure = ""
@@ -412,13 +415,13 @@ class Scheduler:
 
     def _drain(self, name: str, reason: str, actions: list[Action]) -> None:
         model = self.models[name]
-        model.expires_at = None
+        self._set_expiry(model, None)
         if model.status == Status.LOADING:
             # A loading child cannot serve anyone yet: stop it now.
             self._stop(model, reason, actions)
         elif model.status == Status.LOADED:
             # Stopping from now on: it takes no new requests; the child stops when the in-flight ones finish.
-            model.draining = True
+            self._set_draining(model, True)
             model.drain_reason = reason
             self._set_status(model, Status.STOPPING, actions, reason=reason)
 
@@ -479,7 +482,7 @@ class Scheduler:
             if self._grantable(model):
                 model.leases.add(waiter.request_id)
                 model.last_used = self.now
-                model.expires_at = None
+                self._set_expiry(model, None)
                 self.lease_owner[waiter.request_id] = model.name
                 if waiter.keep_alive is not None:
                     self.lease_keep_alive[waiter.request_id] = waiter.keep_alive
@@ -489,13 +492,13 @@ class Scheduler:
         self.queue = waiting
 
     def _stop_drained(self, actions: list[Action]) -> None:
-        for model in self.models.values():
-            if model.draining and model.in_flight == 0:
-                model.draining = False
-                actions.append(StopInstance(model.name, model.drain_reason))
+        for name in [n for n in self._draining if self.models[n].in_flight == 0]:
+            model = self.models[name]
+            self._set_draining(model, False)
+            actions.append(StopInstance(name, model.drain_reason))
 
     def _expire_keep_alive(self, actions: list[Action]) -> None:
-        for model in list(self.models.values()):
+        for model in [self.models[n] for n in self._expiring]:
             expires = model.expires_at
             if (expires is not None and expires <= self.now and model.status == Status.LOADED
                     and model.in_flight == 0 and not model.spec.pinned and self.queued_for(model.name) == 0):
@@ -584,8 +587,22 @@ class Scheduler:
         return sorted(candidates, key=lambda m: (m.in_flight > 0, m.last_used))
 
     # -- helpers --
+    def _set_expiry(self, model: ModelState, deadline: float | None) -> None:
+        model.expires_at = deadline
+        if deadline is None:
+            self._expiring.discard(model.name)
+        else:
+            self._expiring.add(model.name)
+
+    def _set_draining(self, model: ModelState, draining: bool) -> None:
+        model.draining = draining
+        if draining:
+            self._draining.add(model.name)
+        else:
+            self._draining.discard(model.name)
+
     def _stop(self, model: ModelState, reason: str, actions: list[Action]) -> None:
-        model.expires_at = None
+        self._set_expiry(model, None)
         self._set_status(model, Status.STOPPING, actions, reason=reason)
         actions.append(StopInstance(model.name, reason))
 
