@@ -28,12 +28,21 @@ import aiohttp
 
 from modelyard.config.catalog import Catalog, ModelConfig, Sources, parse_engine_args
 from modelyard.config.options import load_option_table
+from modelyard.digests import FileDigests
 from modelyard.engine.command import Engine, launch_plan
 from modelyard.engine.install import cache_root
 from modelyard.engine.locate import locate_llama_server
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.instance import Instance, free_port
-from modelyard.memory import GgufCache, describe, estimate_footprint, gpu_memory_by_pid, model_files, process_memory
+from modelyard.memory import (
+    GgufCache,
+    GgufFacts,
+    describe,
+    estimate_footprint,
+    gpu_memory_by_pid,
+    model_files,
+    process_memory,
+)
 from modelyard.scheduler import (
     Acquire,
     Action,
@@ -122,6 +131,7 @@ class ModelManager:
         self._engine = engine
         self._clock = clock
         self._gguf = gguf_cache or GgufCache(cache_root())
+        self.digests = FileDigests(cache_root())
         self.catalog = source.load()
         self._footprints: dict[str, int] = {}
         self._scheduler = Scheduler([self._spec(c) for c in self.catalog.models.values()], limits,
@@ -175,6 +185,10 @@ class ModelManager:
             if config.name in self._scheduler.models and self.catalog.models.get(config.name) is config:
                 self._dispatch(ModelChanged(self._spec(config), restart=False))
 
+    def gguf_facts(self, config: ModelConfig) -> list[GgufFacts]:
+        """What is known of the model's GGUF files so far (never waits: the reader runs in the background)."""
+        return [f for f in (self._gguf.get(p) for p in model_files(config.settings)) if f is not None]
+
     def check_pinned(self) -> None:
         """Refuse a configuration whose pinned models alone exceed --models-max or the memory budget."""
         pinned = [c for c in self.catalog.models.values() if c.pinned]
@@ -208,6 +222,7 @@ class ModelManager:
                 self.load_in_background(config.name)
         self._spawn(self.estimate_memory())
         self._spawn(self._measure_forever())
+        self._spawn(self.digests.compute([p for c in self.catalog.models.values() for p in model_files(c.settings)]))
 
     def end_subscriptions(self) -> None:
         for queue in self._subscribers:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -40,6 +39,9 @@ class GgufFacts:
     head_count_kv: int = 0
     key_length: int = 0
     value_length: int = 0
+    size_label: str = ""  # general.size_label, such as 270M
+    quantization: str = ""  # from general.file_type, such as Q4_K_M
+    parameters: int = 0  # number of weights
 
 
 def parse_size(text: str, total: int) -> int:
@@ -102,7 +104,13 @@ def read_gguf(path: Path) -> GgufFacts:
         contents = field.contents()
         return max(contents) if isinstance(contents, list) and contents else contents
 
+    from gguf import LlamaFileType
+
     arch = str(value("general.architecture", ""))
+    try:
+        quantization = LlamaFileType(int(value("general.file_type", -1))).name.removeprefix("MOSTLY_")
+    except ValueError:
+        quantization = ""
     heads = int(value(f"{arch}.attention.head_count", 0) or 0)
     embedding = int(value(f"{arch}.embedding_length", 0) or 0)
     head_size = embedding // heads if heads else 0
@@ -114,6 +122,9 @@ def read_gguf(path: Path) -> GgufFacts:
         head_count_kv=int(value(f"{arch}.attention.head_count_kv", heads) or heads),
         key_length=int(value(f"{arch}.attention.key_length", head_size) or head_size),
         value_length=int(value(f"{arch}.attention.value_length", head_size) or head_size),
+        size_label=str(value("general.size_label", "")),
+        quantization=quantization,
+        parameters=sum(int(t.n_elements) for t in reader.tensors),
     )
 
 
@@ -131,7 +142,7 @@ class GgufCache:
     @staticmethod
     def _key(path: Path) -> str:
         stat = path.stat()
-        return f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
+        return f"v2|{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
 
     def get(self, path: Path) -> GgufFacts | None:
         try:
@@ -178,13 +189,19 @@ def estimate_footprint(settings: Mapping[str, str], facts: list[GgufFacts]) -> i
         return 0
     main = facts[0]
     weights = sum(f.tensor_bytes for f in facts)
-    parallel = _int(settings.get("--parallel"), 1) if _int(settings.get("--parallel"), -1) > 0 else 1
-    ctx = _int(settings.get("--ctx-size"), 0) or main.context_length * parallel
+    ctx = serving_context(settings, main)
     per_cell = main.block_count * main.head_count_kv
     key_bytes = _CACHE_TYPE_BYTES.get(settings.get("--cache-type-k", "f16").lower(), 2.0)
     value_bytes = _CACHE_TYPE_BYTES.get(settings.get("--cache-type-v", "f16").lower(), 2.0)
     kv = int(per_cell * ctx * (main.key_length * key_bytes + main.value_length * value_bytes))
     return weights + kv + _COMPUTE_MARGIN + weights // 20
+
+
+def serving_context(settings: Mapping[str, str], facts: GgufFacts) -> int:
+    """The context llama-server allocates (measured against its own n_ctx): -c if set, which is the total over
+    all slots; with -c 0, the trained context, times --parallel if that is set explicitly."""
+    parallel = _int(settings.get("--parallel"), 1) if _int(settings.get("--parallel"), -1) > 0 else 1
+    return _int(settings.get("--ctx-size"), 0) or facts.context_length * parallel
 
 
 def _int(value: str | None, default: int) -> int:
@@ -201,7 +218,3 @@ def default_budget() -> int:
 
 def describe(size: int) -> str:
     return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
-
-
-def process_exists(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")

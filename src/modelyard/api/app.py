@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from modelyard.api import openai, router
+from modelyard.api import ollama, openai, router
 from modelyard.api.context import CONTEXT, AppContext
 from modelyard.api.errors import error_response
 from modelyard.errors import ErrorKind
@@ -87,6 +87,7 @@ def build_app(context: AppContext) -> web.Application:
     app[CONTEXT] = context
     router.add_routes(app)
     openai.add_routes(app)
+    ollama.add_routes(app)
 
     async def start_manager(app: web.Application) -> None:
         await context.manager.start()

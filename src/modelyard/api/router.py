@@ -70,6 +70,17 @@ async def list_models(request: web.Request) -> web.Response:
                               "memory": {"used": used, "budget": budget or None}})
 
 
+async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: one model, by id, alias or `id:latest`."""
+    context = request.app[CONTEXT]
+    try:
+        name = context.manager.resolve(request.match_info["model"]).name
+    except ModelError as error:
+        return from_model_error(error)
+    view = next(v for v in context.manager.models() if v.config.name == name)
+    return web.json_response(model_entry(view, int(context.settings.started_at)))
+
+
 async def _model_from_body(request: web.Request) -> str:
     try:
         payload = await request.json()
@@ -166,6 +177,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/health", health)
     app.router.add_get("/models", list_models)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_post("/models/load", load_model)
     app.router.add_post("/models/unload", unload_model)
     app.router.add_get("/models/sse", models_sse)
