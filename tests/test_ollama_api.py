@@ -88,3 +88,85 @@ def test_the_ollama_client_raises_the_error_text(router: Router) -> None:
     with pytest.raises(ollama.ResponseError, match="--models-dir"):
         ollama.Client(host=router.url).pull("gemma")
     assert httpx.get(router.url + "/api/tags").headers["content-type"].startswith("application/json")
+
+
+def test_chat_stream_and_not(router: Router) -> None:
+    client = ollama.Client(host=router.url)
+    reply = client.chat(model="smol", messages=[{"role": "user", "content": "Say hello."}],
+                        options={"num_predict": 8, "temperature": 0}, stream=False)
+    assert reply.message.role == "assistant" and reply.message.content
+    assert reply.done and reply.done_reason in ("stop", "length")
+    for field in ("prompt_eval_count", "eval_count", "total_duration", "load_duration", "eval_duration",
+                  "prompt_eval_duration"):
+        value = getattr(reply, field)
+        assert isinstance(value, int) and value >= 0, field
+    assert reply.eval_count and reply.eval_count > 0 and reply.total_duration and reply.total_duration > 0
+
+    chunks = list(client.chat(model="smol:latest", messages=[{"role": "user", "content": "Count to three."}],
+                              options={"num_predict": 8}, stream=True))
+    assert all(c.message.role == "assistant" for c in chunks)
+    assert "".join(c.message.content or "" for c in chunks)
+    assert chunks[-1].done and not any(c.done for c in chunks[:-1])
+    assert chunks[-1].eval_count and chunks[-1].eval_count > 0
+
+
+def test_ndjson_framing(router: Router) -> None:
+    body = {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "options": {"num_predict": 4}}
+    with httpx.stream("POST", router.url + "/api/chat", json=body, timeout=60) as response:
+        assert response.headers["content-type"] == "application/x-ndjson"
+        lines = response.read().decode().split("\n")
+    assert lines[-1] == "" and all(line.strip() for line in lines[:-1])  # no blank keep-alive lines
+
+
+def test_generate_plain_and_raw(router: Router) -> None:
+    client = ollama.Client(host=router.url)
+    reply = client.generate(model="smol", prompt="Name a colour.", options={"num_predict": 6})
+    assert reply.response and reply.done and reply.eval_count
+    raw = client.generate(model="gemma", prompt="The capital of France is", raw=True,
+                          options={"num_predict": 4, "temperature": 0})
+    assert raw.done and raw.eval_count == 4 and raw.done_reason == "length"
+    streamed = list(client.generate(model="gemma", prompt="One, two,", raw=True, stream=True,
+                                    options={"num_predict": 4}))
+    assert streamed[-1].done and "".join(s.response or "" for s in streamed[:-1])
+
+
+def test_load_and_unload_through_keep_alive(router: Router) -> None:
+    client = ollama.Client(host=router.url)
+    loaded = client.generate(model="gemma")  # only a model: load it
+    assert loaded.done and loaded.done_reason == "load"
+    assert router.status("gemma") == "loaded"
+    unloaded = httpx.post(router.url + "/api/generate", json={"model": "gemma", "keep_alive": 0}, timeout=30)
+    assert unloaded.headers["content-type"].startswith("application/json")  # one object, not a stream
+    assert unloaded.json()["done_reason"] == "unload"
+    router.wait_status("gemma", "unloaded", timeout=10)
+    assert client.chat(model="smol", messages=[]).done_reason == "load"
+
+
+def test_allocation_options_never_reload(router: Router) -> None:
+    client = ollama.Client(host=router.url)
+    for num_ctx in (8192, 9001, 12345):
+        client.generate(model="smol", prompt="Hi", options={"num_ctx": num_ctx, "num_predict": 1})
+    assert router.log().count("loading smol:") == 1
+
+
+def test_unknown_model_and_bad_requests_get_ollama_errors(router: Router) -> None:
+    with pytest.raises(ollama.ResponseError) as error:
+        ollama.Client(host=router.url).chat(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert error.value.status_code == 404 and error.value.error == "model 'nope' not found"
+    bad = router.client.post("/api/chat", content=b"{oops")
+    assert bad.status_code == 400 and "invalid JSON" in bad.json()["error"]
+    wrong = router.client.post("/api/chat", json={"model": "smol", "messages": "hi"})
+    assert wrong.status_code == 400 and "messages" in wrong.json()["error"]
+    ka = router.client.post("/api/generate", json={"model": "smol", "prompt": "x", "keep_alive": "soon"})
+    assert ka.status_code == 400 and "keep_alive" in ka.json()["error"]
+
+
+def test_embed_and_legacy_embeddings(tmp_path: Path, demo_models: dict[str, Path], start_router: Any) -> None:
+    preset = tmp_path / "models.ini"
+    preset.write_text(f"[embedder]\nmodel = {demo_models['gemma3-270m']}\nembeddings = true\npooling = mean\n")
+    router: Router = start_router("--models-preset", str(preset))
+    client = ollama.Client(host=router.url)
+    result = client.embed(model="embedder", input=["hello", "world"])
+    assert len(result.embeddings) == 2 and len(result.embeddings[0]) == 640
+    legacy = client.embeddings(model="embedder:latest", prompt="hello")
+    assert len(legacy.embedding) == 640

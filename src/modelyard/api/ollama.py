@@ -1,7 +1,8 @@
-"""Ollama's API on the same port (first part: the listing and version endpoints, which never wait on a load).
+"""Ollama's API on the same port: listings (which never wait on a load), chat, generate and embed, translated
+to and from llama-server's OpenAI endpoints.
 
 Names: `x`, `x:latest` and every alias name the same model; listings use the tagged form (`x:latest`), which
-Open WebUI and the ollama clients expect. Chat, generate, embed and show come next (issue #5).
+Open WebUI and the ollama clients expect.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from modelyard import __version__
 from modelyard.api.context import CONTEXT
 from modelyard.config.catalog import ModelConfig
+from modelyard.config.durations import parse_duration
+from modelyard.errors import ErrorKind, ModelError
 from modelyard.manager import ModelManager, ModelView
 from modelyard.memory import model_files, serving_context
 from modelyard.scheduler import Status
@@ -108,5 +112,350 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/version", version)
     app.router.add_get("/api/tags", tags)
     app.router.add_get("/api/ps", ps)
+    app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/generate", generate)
+    app.router.add_post("/api/embed", embed)
+    app.router.add_post("/api/embeddings", embeddings)
     for path, message in _UNSUPPORTED.items():
         app.router.add_route("*", path, _unsupported(message))
+
+
+# --- chat, generate, embed ---------------------------------------------------------------------------------
+
+_OPTION_MAP = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+               "num_predict": "max_tokens", "stop": "stop", "seed": "seed", "repeat_penalty": "repeat_penalty",
+               "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+               "typical_p": "typical_p", "repeat_last_n": "repeat_last_n"}
+# Allocation options would reload the model on every call (Aider changes num_ctx each time): presets decide them.
+_IGNORED_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "num_thread", "main_gpu", "use_mmap", "use_mlock",
+                              "numa", "low_vram", "num_keep"})
+
+
+class OllamaError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _now_iso() -> str:
+    return _iso(time.time())
+
+
+async def _read_request(request: web.Request) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise OllamaError(400, f"invalid JSON in the request body: {exc}") from None
+    if not isinstance(payload, dict):
+        raise OllamaError(400, "the request body must be a JSON object")
+    model = payload.get("model") or payload.get("name")
+    if not isinstance(model, str) or not model:
+        raise OllamaError(400, "model is required")
+    payload["model"] = model
+    return payload
+
+
+def _keep_alive(payload: dict[str, Any]) -> float | None:
+    if payload.get("keep_alive") is None:
+        return None
+    try:
+        return parse_duration(payload["keep_alive"])
+    except ValueError as exc:
+        raise OllamaError(400, str(exc)) from None
+
+
+def _sampling(payload: dict[str, Any]) -> dict[str, Any]:
+    options = payload.get("options") or {}
+    if not isinstance(options, dict):
+        raise OllamaError(400, "options must be a JSON object")
+    mapped = {_OPTION_MAP[k]: v for k, v in options.items() if k in _OPTION_MAP and k not in _IGNORED_OPTIONS}
+    fmt = payload.get("format")
+    if fmt == "json":
+        mapped["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        mapped["response_format"] = {"type": "json_schema", "json_schema": {"name": "response", "schema": fmt}}
+    if "think" in payload and isinstance(payload["think"], bool):
+        mapped["chat_template_kwargs"] = {"enable_thinking": payload["think"]}
+    return mapped
+
+
+def _openai_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    converted = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise OllamaError(400, "each message must be an object with a role and content")
+        out: dict[str, Any] = {"role": message["role"], "content": message.get("content") or ""}
+        images = message.get("images") or []
+        if images:
+            out["content"] = [{"type": "text", "text": out["content"]}] + [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}} for image in images]
+        if message.get("tool_calls"):
+            out["tool_calls"] = [_openai_tool_call(i, call) for i, call in enumerate(message["tool_calls"])]
+        if message.get("tool_name"):
+            out["name"] = message["tool_name"]
+        converted.append(out)
+    return converted
+
+
+def _openai_tool_call(index: int, call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function") or {}
+    arguments = function.get("arguments", {})
+    text = arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()
+    return {"type": "function", "id": f"call_{index}", "function": {"name": function.get("name", ""),
+                                                                   "arguments": text}}
+
+
+def _ollama_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    result = []
+    for call in calls:
+        function = call.get("function") or {}
+        arguments: Any = function.get("arguments") or "{}"
+        if isinstance(arguments, str):
+            try:
+                arguments = orjson.loads(arguments)
+            except orjson.JSONDecodeError:
+                arguments = {"raw": arguments}
+        result.append({"function": {"name": function.get("name", ""), "arguments": arguments}})
+    return result
+
+
+def _final_fields(started: float, load_ns: int, finish: str | None, timings: dict[str, Any],
+                  usage: dict[str, Any]) -> dict[str, Any]:
+    prompt_n = int(timings.get("prompt_n", usage.get("prompt_tokens", 0)) or 0)
+    predicted_n = int(timings.get("predicted_n", usage.get("completion_tokens", 0)) or 0)
+    return {"done": True, "done_reason": "length" if finish == "length" else "stop",
+            "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": load_ns,
+            "prompt_eval_count": prompt_n, "prompt_eval_duration": int(float(timings.get("prompt_ms", 0)) * 1e6),
+            "eval_count": predicted_n, "eval_duration": int(float(timings.get("predicted_ms", 0)) * 1e6)}
+
+
+async def _lifecycle(manager: ModelManager, model: str, keep_alive: float | None, kind: str) -> web.Response:
+    """A request with no prompt or messages loads the model, or with keep_alive 0 unloads it; one JSON object
+    either way, whatever `stream` says (Open WebUI reads it with resp.json())."""
+    name = manager.resolve(model).name
+    body: dict[str, Any] = {"model": model, "created_at": _now_iso(), "done": True}
+    if keep_alive == 0:
+        if manager.status_of(name) in (Status.LOADING, Status.LOADED):
+            manager.unload(name)
+        body["done_reason"] = "unload"
+    else:
+        manager.release(await manager.acquire(name, keep_alive=keep_alive))
+        body["done_reason"] = "load"
+    if kind == "chat":
+        body["message"] = {"role": "assistant", "content": ""}
+    else:
+        body["response"] = ""
+    return web.json_response(body)
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    return await _complete(request, "chat")
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    return await _complete(request, "generate")
+
+
+async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
+    started = time.perf_counter()
+    manager = request.app[CONTEXT].manager
+    try:
+        payload = await _read_request(request)
+        keep_alive = _keep_alive(payload)
+        model = payload["model"]
+        if kind == "chat":
+            empty = not payload.get("messages")
+        else:
+            empty = not payload.get("prompt") and not payload.get("suffix")
+        if empty:
+            return await _lifecycle(manager, model, keep_alive, kind)
+        path, upstream_body = _upstream_request(payload, kind)
+        acquired = time.perf_counter()
+        lease = await manager.acquire(model, keep_alive=keep_alive)
+    except OllamaError as exc:
+        return _error(exc.status, exc.message)
+    except ModelError as error:
+        return _error(404 if error.kind == ErrorKind.UNKNOWN_MODEL else error.kind.status, error.message)
+    load_ns = int((time.perf_counter() - acquired) * 1e9)
+    try:
+        return await _relay(request, lease, path, upstream_body, kind, payload, started, load_ns)
+    finally:
+        manager.release(lease)
+
+
+def _upstream_request(payload: dict[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
+    stream = payload.get("stream", True) is not False
+    body: dict[str, Any] = {**_sampling(payload), "stream": stream}
+    if kind == "chat":
+        messages = payload.get("messages")
+        if not isinstance(messages, list):
+            raise OllamaError(400, "messages must be a list")
+        body["messages"] = _openai_messages(messages)
+        if payload.get("tools"):
+            body["tools"] = payload["tools"]
+        return "/v1/chat/completions", body
+    prompt = payload.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise OllamaError(400, "prompt must be a string")
+    if payload.get("suffix"):
+        return "/infill", {**body, "input_prefix": prompt, "input_suffix": payload["suffix"],
+                           "n_predict": body.pop("max_tokens", -1)}
+    if payload.get("raw"):
+        return "/completion", {**body, "prompt": prompt, "n_predict": body.pop("max_tokens", -1)}
+    messages = [{"role": "system", "content": payload["system"]}] if payload.get("system") else []
+    images = payload.get("images") or []
+    messages.append({"role": "user", "content": prompt, "images": images})
+    body["messages"] = _openai_messages(messages)
+    return "/v1/chat/completions", body
+
+
+async def _relay(request: web.Request, lease: Any, path: str, body: dict[str, Any], kind: str,
+                 payload: dict[str, Any], started: float, load_ns: int) -> web.StreamResponse:
+    model = payload["model"]
+    async with lease.client.post(lease.base_url + path, data=orjson.dumps(body),
+                                 headers={"Content-Type": "application/json"}) as upstream:
+        if upstream.status != 200:
+            text = await upstream.text()
+            try:
+                message = orjson.loads(text)["error"]["message"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                message = text
+            return _error(upstream.status, message)
+        if not body["stream"]:
+            reply = orjson.loads(await upstream.read())
+            return web.json_response(_whole_answer(reply, path, kind, model, started, load_ns))
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        async for line in _ndjson_lines(upstream, path, kind, model, started, load_ns):
+            await response.write(line)
+        await response.write_eof()
+        return response
+
+
+def _whole_answer(reply: dict[str, Any], path: str, kind: str, model: str, started: float,
+                  load_ns: int) -> dict[str, Any]:
+    timings = reply.get("timings") or {}
+    if path == "/v1/chat/completions":
+        choice = (reply.get("choices") or [{}])[0]
+        message = choice.get("message") or {}
+        text, thinking = message.get("content") or "", message.get("reasoning_content")
+        finish = choice.get("finish_reason")
+        calls = _ollama_tool_calls(message.get("tool_calls") or [])
+    else:
+        text, thinking, calls = reply.get("content", ""), None, []
+        finish = "length" if reply.get("stop_type") == "limit" else "stop"
+    out: dict[str, Any] = {"model": model, "created_at": _now_iso()}
+    if kind == "chat":
+        out["message"] = {"role": "assistant", "content": text}
+        if thinking:
+            out["message"]["thinking"] = thinking
+        if calls:
+            out["message"]["tool_calls"] = calls
+    else:
+        out["response"] = text
+        if thinking:
+            out["thinking"] = thinking
+    return {**out, **_final_fields(started, load_ns, finish, timings, reply.get("usage") or {})}
+
+
+async def _ndjson_lines(upstream: Any, path: str, kind: str, model: str, started: float,
+                        load_ns: int) -> Any:
+    finish: str | None = None
+    timings: dict[str, Any] = {}
+    usage: dict[str, Any] = {}
+    calls: dict[int, dict[str, Any]] = {}
+    async for raw in upstream.content:
+        line = raw.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        chunk = orjson.loads(line[6:])
+        timings = chunk.get("timings") or timings
+        usage = chunk.get("usage") or usage
+        if path == "/v1/chat/completions":
+            choices = chunk.get("choices") or []
+            if not choices:
+                continue
+            delta = choices[0].get("delta") or {}
+            finish = choices[0].get("finish_reason") or finish
+            for call in delta.get("tool_calls") or []:
+                slot = calls.setdefault(int(call.get("index", 0)), {"function": {"name": "", "arguments": ""}})
+                function = call.get("function") or {}
+                slot["function"]["name"] += function.get("name") or ""
+                slot["function"]["arguments"] += function.get("arguments") or ""
+            text, thinking = delta.get("content") or "", delta.get("reasoning_content") or ""
+        else:
+            text, thinking = chunk.get("content", ""), ""
+            if chunk.get("stop"):
+                finish = "length" if chunk.get("stop_type") == "limit" else "stop"
+        if text or thinking:
+            yield _line(kind, model, text, thinking)
+    if calls:
+        tool_calls = _ollama_tool_calls([calls[i] for i in sorted(calls)])
+        yield orjson.dumps({"model": model, "created_at": _now_iso(), "done": False,
+                            "message": {"role": "assistant", "content": "", "tool_calls": tool_calls}}) + b"\n"
+    final: dict[str, Any] = {"model": model, "created_at": _now_iso()}
+    if kind == "chat":
+        final["message"] = {"role": "assistant", "content": ""}
+    else:
+        final["response"] = ""
+    yield orjson.dumps({**final, **_final_fields(started, load_ns, finish, timings, usage)}) + b"\n"
+
+
+def _line(kind: str, model: str, text: str, thinking: str) -> bytes:
+    out: dict[str, Any] = {"model": model, "created_at": _now_iso(), "done": False}
+    if kind == "chat":
+        out["message"] = {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}
+    else:
+        out["response"] = text
+        if thinking:
+            out["thinking"] = thinking
+    return orjson.dumps(out) + b"\n"
+
+
+async def embed(request: web.Request) -> web.Response:
+    return await _embed(request, legacy=False)
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    return await _embed(request, legacy=True)
+
+
+async def _embed(request: web.Request, legacy: bool) -> web.Response:
+    started = time.perf_counter()
+    manager = request.app[CONTEXT].manager
+    try:
+        payload = await _read_request(request)
+        keep_alive = _keep_alive(payload)
+        raw = payload.get("prompt") if legacy else payload.get("input")
+        inputs = [raw] if isinstance(raw, str) else raw
+        if inputs is None or (isinstance(inputs, list) and not inputs):
+            return await _lifecycle(manager, payload["model"], keep_alive, "embed")
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            raise OllamaError(400, "input must be a string or a list of strings")
+        acquired = time.perf_counter()
+        lease = await manager.acquire(payload["model"], keep_alive=keep_alive)
+    except OllamaError as exc:
+        return _error(exc.status, exc.message)
+    except ModelError as error:
+        return _error(404 if error.kind == ErrorKind.UNKNOWN_MODEL else error.kind.status, error.message)
+    load_ns = int((time.perf_counter() - acquired) * 1e9)
+    try:
+        async with lease.client.post(lease.base_url + "/v1/embeddings", data=orjson.dumps({"input": inputs}),
+                                     headers={"Content-Type": "application/json"}) as upstream:
+            reply = orjson.loads(await upstream.read())
+            if upstream.status != 200:
+                return _error(upstream.status, (reply.get("error") or {}).get("message", str(reply)))
+    finally:
+        manager.release(lease)
+    vectors = [item["embedding"] for item in sorted(reply["data"], key=lambda d: d["index"])]
+    if legacy:
+        return web.json_response({"embedding": vectors[0]})
+    return web.json_response({"model": payload["model"], "embeddings": vectors,
+                              "total_duration": int((time.perf_counter() - started) * 1e9),
+                              "load_duration": load_ns,
+                              "prompt_eval_count": int((reply.get("usage") or {}).get("prompt_tokens", 0))})
