@@ -170,3 +170,20 @@ def test_embed_and_legacy_embeddings(tmp_path: Path, demo_models: dict[str, Path
     assert len(result.embeddings) == 2 and len(result.embeddings[0]) == 640
     legacy = client.embeddings(model="embedder:latest", prompt="hello")
     assert len(legacy.embedding) == 640
+
+
+def test_show_reports_the_serving_context(tmp_path: Path, demo_models: dict[str, Path], start_router: Any) -> None:
+    preset = tmp_path / "models.ini"
+    preset.write_text(f"[chat]\nmodel = {demo_models['smollm2-135m-instruct']}\nc = 4096\n")
+    router: Router = start_router("--models-preset", str(preset))
+    client = ollama.Client(host=router.url)
+    wait_for_metadata(client)
+    shown = client.show("chat")
+    assert shown.modelinfo is not None and shown.modelinfo["general.architecture"] == "llama"
+    assert shown.modelinfo["llama.context_length"] == 4096  # what -c serves, not the trained 8192
+    assert shown.parameters == "num_ctx 4096"
+    assert shown.capabilities is not None and "completion" in shown.capabilities
+    legacy = router.client.post("/api/show", json={"name": "chat:latest"})  # Continue and LiteLLM send `name`
+    assert legacy.status_code == 200 and "model_info" in legacy.json()
+    missing = router.client.post("/api/show", json={"model": "nope"})
+    assert missing.status_code == 404 and missing.json()["error"] == "model 'nope' not found"

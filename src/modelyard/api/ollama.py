@@ -112,6 +112,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/version", version)
     app.router.add_get("/api/tags", tags)
     app.router.add_get("/api/ps", ps)
+    app.router.add_post("/api/show", show)
     app.router.add_post("/api/chat", chat)
     app.router.add_post("/api/generate", generate)
     app.router.add_post("/api/embed", embed)
@@ -415,6 +416,53 @@ def _line(kind: str, model: str, text: str, thinking: str) -> bytes:
         if thinking:
             out["thinking"] = thinking
     return orjson.dumps(out) + b"\n"
+
+
+async def show(request: web.Request) -> web.Response:
+    """Model details for Continue, Aider and the ollama clients: `model_info` is always there and reports the
+    context the instance really serves (-c), not the trained one, so clients do not overfill it."""
+    manager = request.app[CONTEXT].manager
+    try:
+        payload = await _read_request(request)
+        config = manager.resolve(payload["model"])
+    except OllamaError as exc:
+        return _error(exc.status, exc.message)
+    except ModelError as error:
+        return _error(404, error.message)
+    facts = manager.gguf_facts(config)
+    info: dict[str, Any] = {}
+    if facts:
+        main = facts[0]
+        arch = main.architecture
+        info = {"general.architecture": arch, "general.parameter_count": main.parameters,
+                "general.size_label": main.size_label, "general.file_type_name": main.quantization,
+                f"{arch}.context_length": serving_context(config.settings, main),
+                f"{arch}.block_count": main.block_count, f"{arch}.attention.head_count_kv": main.head_count_kv}
+    capabilities = _capabilities(config)
+    context = info.get(f"{facts[0].architecture}.context_length", 0) if facts else 0
+    # Clients search the template text: "Tools" tells them tool calling works.
+    tools = "{{ if .Tools }}{{ .Tools }}{{ end }}" if "tools" in capabilities else ""
+    template = "{{ .System }}{{ .Prompt }}" + tools
+    files = _files(config)
+    return web.json_response({
+        "modelfile": f"# served by modelyard from {config.model_path or config.command}\n",
+        "parameters": f"num_ctx {context}" if context else "",
+        "template": template, "details": details(manager, config), "model_info": info,
+        "capabilities": capabilities,
+        "modified_at": _iso(max((f.stat().st_mtime for f in files), default=time.time())),
+    })
+
+
+def _capabilities(config: ModelConfig) -> list[str]:
+    settings = config.settings
+    if settings.get("--embeddings", "false").lower() in ("true", "1", "on", "enabled"):
+        return ["embedding"]
+    capabilities = ["completion"]
+    if settings.get("--jinja", "true").lower() not in ("false", "0", "off", "disabled"):
+        capabilities.append("tools")
+    if "--mmproj" in settings:
+        capabilities.append("vision")
+    return capabilities
 
 
 async def embed(request: web.Request) -> web.Response:
