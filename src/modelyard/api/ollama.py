@@ -143,6 +143,13 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def _from_model_error(error: ModelError) -> web.Response:
+    """Ollama's shape: {"error": "..."}; an unknown model is 404 `model 'x' not found` as Ollama answers."""
+    status = 404 if error.kind == ErrorKind.UNKNOWN_MODEL else error.kind.status
+    headers = {"Retry-After": str(round(error.retry_after))} if error.retry_after else None
+    return web.json_response({"error": error.message}, status=status, headers=headers)
+
+
 def _now_iso() -> str:
     return _iso(time.time())
 
@@ -281,7 +288,7 @@ async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
     except OllamaError as exc:
         return _error(exc.status, exc.message)
     except ModelError as error:
-        return _error(404 if error.kind == ErrorKind.UNKNOWN_MODEL else error.kind.status, error.message)
+        return _from_model_error(error)
     load_ns = int((time.perf_counter() - acquired) * 1e9)
     try:
         return await _relay(request, lease, path, upstream_body, kind, payload, started, load_ns)
@@ -428,7 +435,7 @@ async def show(request: web.Request) -> web.Response:
     except OllamaError as exc:
         return _error(exc.status, exc.message)
     except ModelError as error:
-        return _error(404, error.message)
+        return _from_model_error(error)
     facts = manager.gguf_facts(config)
     info: dict[str, Any] = {}
     if facts:
@@ -490,7 +497,7 @@ async def _embed(request: web.Request, legacy: bool) -> web.Response:
     except OllamaError as exc:
         return _error(exc.status, exc.message)
     except ModelError as error:
-        return _error(404 if error.kind == ErrorKind.UNKNOWN_MODEL else error.kind.status, error.message)
+        return _from_model_error(error)
     load_ns = int((time.perf_counter() - acquired) * 1e9)
     try:
         async with lease.client.post(lease.base_url + "/v1/embeddings", data=orjson.dumps({"input": inputs}),
