@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 from pathlib import Path
+
+from modelyard.file_cache import FileCache
 
 log = logging.getLogger(__name__)
 
@@ -22,22 +23,11 @@ def _sha256(path: Path) -> str:
 
 class FileDigests:
     def __init__(self, directory: Path) -> None:
-        self.file = directory / "file-digests.json"
-        try:
-            self._entries: dict[str, str] = json.loads(self.file.read_text())
-        except (OSError, ValueError):
-            self._entries = {}
-
-    @staticmethod
-    def _key(path: Path) -> str:
-        stat = path.stat()
-        return f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
+        self._cache = FileCache(directory / "file-digests.json")
 
     def get(self, path: Path) -> str | None:
-        try:
-            return self._entries.get(self._key(path))
-        except OSError:
-            return None
+        digest = self._cache.get(path)
+        return digest if isinstance(digest, str) else None
 
     async def compute(self, paths: list[Path]) -> None:
         """Digest every file not digested yet, one at a time, off the event loop."""
@@ -45,13 +35,6 @@ class FileDigests:
             if self.get(path) is not None:
                 continue
             try:
-                key = self._key(path)
-                self._entries[key] = await asyncio.to_thread(_sha256, path)
+                self._cache.put(path, await asyncio.to_thread(_sha256, path))
             except OSError as exc:
                 log.warning("could not digest %s: %s", path, exc)
-                continue
-            try:
-                self.file.parent.mkdir(parents=True, exist_ok=True)
-                self.file.write_text(json.dumps(self._entries))
-            except OSError as exc:
-                log.debug("could not save %s: %s", self.file, exc)

@@ -6,8 +6,6 @@ measured figure (its resident memory, and GPU memory where nvidia-smi reports it
 
 from __future__ import annotations
 
-import json
-import logging
 import re
 import shutil
 import subprocess
@@ -16,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from modelyard.file_cache import FileCache
 
 # Bytes per element of the KV cache, per llama.cpp cache type (block formats include their scales).
 _CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
@@ -129,26 +127,13 @@ def read_gguf(path: Path) -> GgufFacts:
 
 
 class GgufCache:
-    """GGUF facts cached on disk by path, size and modification time: read once per file per machine."""
+    """GGUF facts cached on disk per file: read once per file per machine."""
 
     def __init__(self, directory: Path) -> None:
-        self.file = directory / "gguf-facts.json"
-        self._entries: dict[str, dict[str, Any]] = {}
-        try:
-            self._entries = json.loads(self.file.read_text())
-        except (OSError, ValueError):
-            self._entries = {}
-
-    @staticmethod
-    def _key(path: Path) -> str:
-        stat = path.stat()
-        return f"v2|{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
+        self._cache = FileCache(directory / "gguf-facts.json", version="2")
 
     def get(self, path: Path) -> GgufFacts | None:
-        try:
-            entry = self._entries.get(self._key(path))
-        except OSError:
-            return None
+        entry = self._cache.get(path)
         return GgufFacts(**entry) if entry else None
 
     def read(self, path: Path) -> GgufFacts:
@@ -156,12 +141,7 @@ class GgufCache:
         if cached is not None:
             return cached
         facts = read_gguf(path)
-        self._entries[self._key(path)] = asdict(facts)
-        try:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            self.file.write_text(json.dumps(self._entries))
-        except OSError as exc:
-            log.debug("could not save %s: %s", self.file, exc)
+        self._cache.put(path, asdict(facts))
         return facts
 
 
