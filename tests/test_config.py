@@ -39,6 +39,11 @@ def test_option_table_knows_long_short_env_and_negations(table: OptionTable) -> 
     jinja = table.lookup("no-jinja")
     assert jinja is not None and jinja.canonical == "--jinja" and table.is_negation("no-jinja")
     assert table.lookup("no-kvu") is table.lookup("kv-unified")
+    for positive, negations in (("kv-offload", ("-nkvo", "--no-kv-offload")), ("repack", ("-nr", "--no-repack")),
+                                ("cont-batching", ("-nocb", "--no-cont-batching"))):
+        option = table.lookup(positive)
+        assert option is not None and option.canonical == f"--{positive}" and option.negations == negations
+        assert all(table.is_negation(n) for n in negations)
     assert table.lookup("load-on-startup") is not None  # preset-only keys
     assert table.lookup("not-a-flag") is None
 

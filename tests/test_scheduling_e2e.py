@@ -143,3 +143,80 @@ def test_a_model_that_cannot_fit_is_refused_at_once_naming_the_sizes(models_dir:
     message = reply.json()["error"]["message"]
     assert "needs about" in message and "budget is 0.05 GiB" in message
     assert router.children() == [] and loads(router) == 0
+
+
+# A stand-in for nvidia-smi (this machine has no GPU): one 8 GiB GPU on which every llama-server child of a
+# modelyard uses 3000 MiB. It exercises the GPU budget of the whole stack: estimates, measurement, eviction.
+FAKE_NVIDIA_SMI = """#!{python}
+import sys
+from pathlib import Path
+if sys.argv[1] == "--query-gpu=memory.total":
+    print("8192")
+elif sys.argv[1] == "--query-compute-apps=pid,used_memory":
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"llama-server" in (proc / "cmdline").read_bytes() and b"MODELYARD_PARENT_PID" in (proc / "environ").read_bytes():
+                print(f"{{proc.name}}, 3000")
+        except OSError:
+            pass
+"""
+
+
+def gpu_path(tmp_path: Path) -> dict[str, str]:
+    import os
+    import sys
+
+    bin_dir = tmp_path / "gpu-bin"
+    bin_dir.mkdir()
+    script = bin_dir / "nvidia-smi"
+    script.write_text(FAKE_NVIDIA_SMI.format(python=sys.executable))
+    script.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def entries(router: Router) -> dict[str, dict[str, Any]]:
+    return {m["id"]: m for m in router.client.get("/models").json()["data"]}
+
+
+def test_gpu_memory_is_estimated_measured_and_budgeted(tmp_path: Path, models_dir: Path,
+                                                       start_router: Any) -> None:
+    router: Router = start_router("--models-dir", str(models_dir), "--gpu-memory-budget", "5GiB",
+                                  env=gpu_path(tmp_path))
+    listing = router.client.get("/models").json()
+    assert listing["memory"]["gpu_budget"] == 5 * 2**30
+    deadline = time.monotonic() + 60
+    while not all(e["memory"]["estimated_gpu"] for e in entries(router).values()):
+        assert time.monotonic() < deadline, "no GPU estimate"
+        time.sleep(0.1)
+    assert entries(router)["smol"]["memory"]["estimated_gpu"] > 98_000_000  # every layer offloaded
+
+    for model in ("smol", "smol-b"):  # 3000 MiB measured + the other's estimate fit in 5 GiB
+        reply = router.client.post("/v1/chat/completions", json={"model": model, "max_tokens": 1,
+                                                                 "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 200
+    assert entries(router)["smol"]["memory"]["measured_gpu"] == 3000 * 2**20
+    ps = router.client.get("/api/ps").json()["models"]
+    assert {m["name"]: m["size_vram"] for m in ps} == {"smol:latest": 3000 * 2**20, "smol-b:latest": 3000 * 2**20}
+    assert all(m["size"] > m["size_vram"] for m in ps)  # and the host memory they use
+
+    reply = router.client.post("/v1/chat/completions", json={"model": "gemma", "max_tokens": 1,
+                                                             "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 200
+    assert {name: e["status"]["value"] for name, e in entries(router).items()} == \
+        {"smol": "unloaded", "smol-b": "loaded", "gemma": "loaded"}  # the least recently used made room
+    assert "evicted (least recently used) to make room for 'gemma'" in router.log()
+
+
+def test_a_model_too_big_for_the_gpu_budget_is_refused_at_once(tmp_path: Path, models_dir: Path,
+                                                               start_router: Any) -> None:
+    router: Router = start_router("--models-dir", str(models_dir), "--gpu-memory-budget", "50MiB",
+                                  env=gpu_path(tmp_path))
+    deadline = time.monotonic() + 60
+    while not entries(router)["smol"]["memory"]["estimated_gpu"]:
+        assert time.monotonic() < deadline, "no GPU estimate"
+        time.sleep(0.1)
+    reply = router.client.post("/v1/chat/completions", json={"model": "smol", "messages": []})
+    assert reply.status_code == 507
+    message = reply.json()["error"]["message"]
+    assert "of GPU memory but the budget is 0.05 GiB" in message and "--gpu-memory-budget" in message
+    assert router.children() == [] and loads(router) == 0

@@ -23,7 +23,7 @@ from modelyard.engine.install import LLAMA_CPP_BUILD, install_engine
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
 from modelyard.errors import ModelError
 from modelyard.manager import ModelManager
-from modelyard.memory import parse_size, system_memory
+from modelyard.memory import gpu_total_memory, parse_size, system_memory
 from modelyard.scheduler import Limits
 
 log = logging.getLogger("modelyard")
@@ -64,6 +64,9 @@ def main() -> None:
               help="Most requests waiting for a model at once; more get 503 with Retry-After.")
 @click.option("--memory-budget", default="80%", envvar="MODELYARD_MEMORY_BUDGET",
               help="Memory the loaded models may use together: bytes, 16GiB, or a percentage of RAM; 0 = no limit.")
+@click.option("--gpu-memory-budget", default="90%", envvar="MODELYARD_GPU_MEMORY_BUDGET",
+              help="GPU memory the loaded models may use together (all NVIDIA GPUs, as nvidia-smi reports them): "
+                   "bytes, 16GiB, or a percentage; 0 = no limit. Without a GPU it does not apply.")
 @click.option("--keep-alive", "keep_alive", default="-1", envvar="MODELYARD_KEEP_ALIVE",
               help="Unload a model idle this long (seconds, 5m, 1h); -1 = never. Presets: keep-alive = ...")
 @click.option("--max-wait", default="30s",
@@ -74,7 +77,8 @@ def main() -> None:
 def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, models_autoload: bool,
           host: str, port: int, api_key: str | None, api_key_file: Path | None, cors_origins: str,
           ssl_key_file: str | None, ssl_cert_file: str | None, llama_server: str | None, max_queue: int,
-          memory_budget: str, keep_alive: str, max_wait: str, verbose: bool, engine_args: tuple[str, ...]) -> None:
+          memory_budget: str, gpu_memory_budget: str, keep_alive: str, max_wait: str, verbose: bool,
+          engine_args: tuple[str, ...]) -> None:
     """Serve every model in --models-dir / --models-preset behind one OpenAI-compatible endpoint.
 
     Any other llama-server flag (for example `-c 4096 --jinja`) is a default for every model instance:
@@ -90,6 +94,7 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
                                   f"models into {models_dir} with `modelyard demo install`")
         limits = Limits(max_models=models_max, max_queue=max_queue,
                         memory_budget=parse_size(memory_budget, system_memory()),
+                        gpu_memory_budget=parse_size(gpu_memory_budget, gpu_total_memory()),
                         keep_alive=parse_duration(keep_alive), max_wait=parse_duration(max_wait))
         manager = ModelManager.create(models_dir=models_dir, models_preset=models_preset,
                                       llama_server=llama_server, engine_args=engine_args, limits=limits,

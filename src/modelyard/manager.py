@@ -35,11 +35,13 @@ from modelyard.engine.locate import locate_llama_server
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.instance import Instance, free_port
 from modelyard.memory import (
+    Footprint,
     GgufCache,
     GgufFacts,
     describe,
     estimate_footprint,
     gpu_memory_by_pid,
+    gpu_total_memory,
     model_files,
     process_memory,
 )
@@ -115,9 +117,22 @@ class ModelView:
     pid: int | None = None
     estimated_memory: int = 0
     measured_memory: int = 0
+    estimated_gpu_memory: int = 0
+    measured_gpu_memory: int = 0
     keep_alive: float = -1.0
     expires_in: float | None = None  # seconds until an idle model's keep-alive ends
     idle_for: float | None = None  # seconds since its last request, if it ever had one
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """What the running models use (measured where measured, estimated otherwise) against the budgets
+    (0 = no budget)."""
+
+    used: int
+    budget: int
+    gpu_used: int
+    gpu_budget: int
 
 
 _MEASURE_EVERY_S = 5.0
@@ -126,14 +141,18 @@ _MEASURE_EVERY_S = 5.0
 class ModelManager:
     def __init__(self, source: CatalogSource, engine: Engine, *, limits: Limits | None = None,
                  max_models: int | None = None, max_queue: int | None = None,
-                 clock: Callable[[], float] = time.monotonic, gguf_cache: GgufCache | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, gguf_cache: GgufCache | None = None,
+                 gpus: bool | None = None) -> None:
+        """`gpus`: whether models are offloaded to GPUs, so that estimates count GPU memory (None = whether
+        nvidia-smi reports a GPU)."""
         self._source = source
+        self._gpus = gpu_total_memory() > 0 if gpus is None else gpus
         self._engine = engine
         self._clock = clock
         self._gguf = gguf_cache or GgufCache(cache_root())
         self.digests = FileDigests(cache_root())
         self.catalog = source.load()
-        self._footprints: dict[str, int] = {}
+        self._footprints: dict[str, Footprint] = {}
         self._scheduler = Scheduler([self._spec(c) for c in self.catalog.models.values()], limits,
                                     max_models=max_models, max_queue=max_queue)
         self._instances: dict[str, Instance] = {}
@@ -165,8 +184,9 @@ class ModelManager:
         if config.name not in self._footprints:
             facts = [self._gguf.get(path) for path in model_files(config.settings)]
             known = [f for f in facts if f is not None]
-            self._footprints[config.name] = estimate_footprint(config.settings, known) if known else 0
-        return ModelSpec(config.name, footprint=self._footprints[config.name], pinned=config.pinned,
+            self._footprints[config.name] = estimate_footprint(config.settings, known, self._gpus)
+        footprint = self._footprints[config.name]
+        return ModelSpec(config.name, footprint=footprint.memory, gpu_footprint=footprint.gpu, pinned=config.pinned,
                          priority=config.priority, keep_alive=config.keep_alive,
                          concurrency_limit=config.concurrency_limit)
 
@@ -174,14 +194,14 @@ class ModelManager:
         """Read the GGUF metadata of every model not estimated yet (off the event loop: the reader is slow),
         and hand the estimates to the scheduler."""
         for config in list(self.catalog.models.values()):
-            if self._footprints.get(config.name):
+            if self._footprints.get(config.name, Footprint()) != Footprint():
                 continue
             try:
                 facts = [await asyncio.to_thread(self._gguf.read, p) for p in model_files(config.settings)]
             except Exception as exc:
                 log.warning("could not read the GGUF metadata of %s: %s", config.name, exc)
                 continue
-            self._footprints[config.name] = estimate_footprint(config.settings, facts)
+            self._footprints[config.name] = estimate_footprint(config.settings, facts, self._gpus)
             if config.name in self._scheduler.models and self.catalog.models.get(config.name) is config:
                 self._dispatch(ModelChanged(self._spec(config), restart=False))
 
@@ -196,14 +216,18 @@ class ModelManager:
         if limits.max_models and len(pinned) > limits.max_models:
             raise ModelError(ErrorKind.BAD_REQUEST, f"{len(pinned)} models are pinned "
                              f"({', '.join(c.name for c in pinned)}) but --models-max is {limits.max_models}")
-        if not limits.memory_budget or not pinned:
+        if not pinned or not (limits.memory_budget or limits.gpu_memory_budget):
             return
-        sizes = {c.name: estimate_footprint(c.settings, [self._gguf.read(p) for p in model_files(c.settings)])
-                 for c in pinned}
-        if sum(sizes.values()) > limits.memory_budget:
-            detail = ", ".join(f"{name} {describe(size)}" for name, size in sizes.items())
-            raise ModelError(ErrorKind.BAD_REQUEST, f"pinned models need about {describe(sum(sizes.values()))} "
-                             f"({detail}) but --memory-budget is {describe(limits.memory_budget)}")
+        footprints = {c.name: estimate_footprint(c.settings, [self._gguf.read(p) for p in model_files(c.settings)],
+                                                 self._gpus) for c in pinned}
+        for kind, flag, budget, sizes in (
+                ("", "--memory-budget", limits.memory_budget, {n: f.memory for n, f in footprints.items()}),
+                ("GPU memory ", "--gpu-memory-budget", limits.gpu_memory_budget,
+                 {n: f.gpu for n, f in footprints.items()})):
+            if budget and sum(sizes.values()) > budget:
+                detail = ", ".join(f"{name} {describe(size)}" for name, size in sizes.items())
+                raise ModelError(ErrorKind.BAD_REQUEST, f"pinned models need about {kind}"
+                                 f"{describe(sum(sizes.values()))} ({detail}) but {flag} is {describe(budget)}")
 
     @property
     def engine(self) -> Engine:
@@ -338,14 +362,17 @@ class ModelManager:
                 info=instance.info if instance and state.status == Status.LOADED else {},
                 port=instance.port if instance else None, pid=instance.pid if instance else None,
                 estimated_memory=state.spec.footprint, measured_memory=state.measured,
+                estimated_gpu_memory=state.spec.gpu_footprint, measured_gpu_memory=state.measured_gpu,
                 keep_alive=self._scheduler.effective_keep_alive(state),
                 expires_in=max(0.0, state.expires_at - now) if state.expires_at is not None else None,
                 idle_for=now - state.last_used if state.last_used else None))
         return views
 
-    def memory(self) -> tuple[int, int]:
-        """(bytes the running models use, as measured or estimated; the memory budget, 0 = none)."""
-        return self._scheduler.memory_used(), self._scheduler.limits.memory_budget
+    def memory(self) -> MemoryUse:
+        """Bytes the running models use, in host and GPU memory, and the budgets."""
+        scheduler = self._scheduler
+        return MemoryUse(scheduler.memory_used(), scheduler.limits.memory_budget, scheduler.gpu_memory_used(),
+                         scheduler.limits.gpu_memory_budget)
 
     def status_of(self, name: str) -> Status:
         return self._scheduler.models[self.resolve(name).name].status
@@ -386,17 +413,17 @@ class ModelManager:
         """What each child really uses (resident memory, plus GPU memory where nvidia-smi reports it)."""
         while True:
             await asyncio.sleep(_MEASURE_EVERY_S)
-            self._measure()
+            await self._measure()
 
-    def _measure(self) -> None:
-        gpu = gpu_memory_by_pid() if self._instances else {}
+    async def _measure(self) -> None:
+        gpu = await gpu_memory_by_pid() if self._instances and self._gpus else {}
         for name, instance in list(self._instances.items()):
             state = self._scheduler.models.get(name)
             if instance.pid is None or state is None or state.status != Status.LOADED:
                 continue
-            used = process_memory(instance.pid) + gpu.get(instance.pid, 0)
-            if used > state.measured:
-                self._dispatch(MemoryMeasured(name, used))
+            used, gpu_used = process_memory(instance.pid), gpu.get(instance.pid, 0)
+            if used > state.measured or gpu_used > state.measured_gpu:
+                self._dispatch(MemoryMeasured(name, used, gpu_used))
 
     def _execute(self, action: Action) -> None:
         match action:
@@ -457,7 +484,7 @@ class ModelManager:
             log.info("%s ready in %.2f s (pid %s, port %d)", instance.model,
                      instance.ready_at - instance.started_at, instance.pid, instance.port)
             self._dispatch(LoadSucceeded(instance.model))
-            self._measure()
+            await self._measure()
         code = await instance.exited
         if self._instances.get(instance.model) is instance:
             del self._instances[instance.model]

@@ -1,11 +1,13 @@
 """Memory: estimates of a model's footprint from its GGUF metadata, what a child really uses, and budgets.
 
-The estimate (weights + KV cache + a compute margin) is only used until the child has loaded; then the
-measured figure (its resident memory, and GPU memory where nvidia-smi reports it) takes over.
+The estimate (weights + KV cache + a compute margin, split between host and GPU memory by the layers
+offloaded) is only used until the child has loaded; then the measured figures (its resident memory, and its
+GPU memory where nvidia-smi reports it) take over.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import subprocess
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from modelyard.config.options import TRUTHY
 from modelyard.file_cache import FileCache
 
 # Bytes per element of the KV cache, per llama.cpp cache type (block formats include their scales).
@@ -24,6 +27,14 @@ _SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mi": 2**20, "mib": 2**20, "g": 10**9, "gb": 10**9, "gi": 2**30, "gib": 2**30, "t": 10**12,
           "tb": 10**12, "ti": 2**40, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes a model takes in host memory and in GPU memory (all GPUs together)."""
+
+    memory: int = 0
+    gpu: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,21 +82,37 @@ def process_memory(pid: int) -> int:
     return 0
 
 
-def gpu_memory_by_pid() -> dict[int, int]:
-    """GPU memory per process from nvidia-smi, where there is one (empty otherwise)."""
+_GPU_PROCESSES = ("nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
+
+
+async def gpu_memory_by_pid() -> dict[int, int]:
+    """GPU memory per process (all GPUs together) from nvidia-smi, where there is one (empty otherwise).
+    Asynchronous: nvidia-smi takes tens of milliseconds, which the event loop must not wait for."""
     if shutil.which("nvidia-smi") is None:
         return {}
     try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=5, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
+        process = await asyncio.create_subprocess_exec(*_GPU_PROCESSES, stdout=asyncio.subprocess.PIPE,
+                                                       stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await asyncio.wait_for(process.communicate(), 5)
+    except (OSError, TimeoutError):
         return {}
     used: dict[int, int] = {}
-    for line in out.splitlines():
-        pid, _, mib = line.partition(",")
+    for pid, _, mib in (line.partition(",") for line in out.decode(errors="replace").splitlines()):
         if pid.strip().isdigit() and mib.strip().isdigit():
             used[int(pid)] = used.get(int(pid), 0) + int(mib) * 2**20
     return used
+
+
+def gpu_total_memory() -> int:
+    """Memory of every NVIDIA GPU together, in bytes (0 without nvidia-smi or a GPU); asked once at start."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(int(line.strip()) * 2**20 for line in out.splitlines() if line.strip().isdigit())
 
 
 def read_gguf(path: Path) -> GgufFacts:
@@ -161,12 +188,13 @@ def model_files(settings: Mapping[str, str]) -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
-def estimate_footprint(settings: Mapping[str, str], facts: list[GgufFacts]) -> int:
-    """Weights (every tensor, mmproj included) + KV cache for the configured context and cache type +
-    a compute-buffer margin. llama-server's -c is the total context over all slots; 0 means the model's
-    trained context for each of the parallel slots."""
+def estimate_footprint(settings: Mapping[str, str], facts: list[GgufFacts], gpu: bool = False) -> Footprint:
+    """Weights (every tensor, mmproj and draft model included) + KV cache for the configured context and cache
+    type + a compute-buffer margin. llama-server's -c is the total context over all slots; 0 means the model's
+    trained context for each of the parallel slots. With `gpu`, the share of the layers llama-server offloads
+    (--n-gpu-layers, default all) and their KV cache (unless --no-kv-offload) count as GPU memory."""
     if not facts:
-        return 0
+        return Footprint()
     main = facts[0]
     weights = sum(f.tensor_bytes for f in facts)
     ctx = serving_context(settings, main)
@@ -174,7 +202,24 @@ def estimate_footprint(settings: Mapping[str, str], facts: list[GgufFacts]) -> i
     key_bytes = _CACHE_TYPE_BYTES.get(settings.get("--cache-type-k", "f16").lower(), 2.0)
     value_bytes = _CACHE_TYPE_BYTES.get(settings.get("--cache-type-v", "f16").lower(), 2.0)
     kv = int(per_cell * ctx * (main.key_length * key_bytes + main.value_length * value_bytes))
-    return weights + kv + _COMPUTE_MARGIN + weights // 20
+    margin = _COMPUTE_MARGIN + weights // 20
+    share = offloaded_share(settings, main) if gpu else 0.0
+    if share == 0.0:
+        return Footprint(weights + kv + margin)
+    kv_on_gpu = kv if settings.get("--kv-offload", "true").lower() in TRUTHY else 0
+    offloaded = int((weights + kv_on_gpu) * share)
+    return Footprint(weights + kv - offloaded + _COMPUTE_MARGIN, offloaded + margin)
+
+
+def offloaded_share(settings: Mapping[str, str], facts: GgufFacts) -> float:
+    """The share of the model's layers (the repeating ones and the output layer) that go to GPUs."""
+    if settings.get("--device", "").strip().lower() == "none":
+        return 0.0
+    layers = facts.block_count + 1
+    wanted = settings.get("--n-gpu-layers", "auto").strip().lower()
+    if wanted in ("auto", "all", "-1"):
+        return 1.0
+    return min(max(_int(wanted, layers), 0), layers) / layers
 
 
 def serving_context(settings: Mapping[str, str], facts: GgufFacts) -> int:
@@ -189,11 +234,6 @@ def _int(value: str | None, default: int) -> int:
         return int(value) if value is not None else default
     except ValueError:
         return default
-
-
-def default_budget() -> int:
-    """80% of the machine's memory: room for the OS and modelyard itself."""
-    return int(system_memory() * 0.8)
 
 
 def describe(size: int) -> str:

@@ -7,7 +7,8 @@ handled at a given `now`; `next_deadline()` tells the shell when to send the nex
 
 Invariants kept here:
 - loading + loaded + stopping models never exceed `max_models` (0 = unlimited), and a load starts only if
-  the footprints of running models plus the new one fit in `memory_budget` (0 = unlimited);
+  the footprints of running models plus the new one fit in `memory_budget` and, for the part offloaded to
+  GPUs, in `gpu_memory_budget` (0 = unlimited);
 - a model with a lease out (a request granted, proxied or not) is never stopped; a loading model is never
   evicted; a pinned model is never evicted by pressure or keep-alive, only by an explicit unload;
 - requests for one model share one load; a freshly loaded model is leased to its waiters in the same step,
@@ -47,7 +48,8 @@ class ModelSpec:
     """What the scheduler needs to know of a model's configuration."""
 
     name: str
-    footprint: int = 0  # estimated bytes in memory; 0 = unknown
+    footprint: int = 0  # estimated bytes in host memory; 0 = unknown
+    gpu_footprint: int = 0  # estimated bytes in GPU memory (layers and KV cache offloaded)
     pinned: bool = False
     priority: int = 0
     keep_alive: float | None = None  # seconds idle before unloading; None = the scheduler's default; <0 never
@@ -59,6 +61,7 @@ class Limits:
     max_models: int = 4
     max_queue: int = 1024
     memory_budget: int = 0  # bytes; 0 = unlimited
+    gpu_memory_budget: int = 0  # bytes over all GPUs; 0 = unlimited (or no GPU)
     keep_alive: float = FOREVER
     max_wait: float = 30.0
 
@@ -102,10 +105,11 @@ class InstanceExited:
 
 @dataclass(frozen=True)
 class MemoryMeasured:
-    """What the model's child really uses (its peak so far); replaces the estimate."""
+    """What the model's child really uses (its peak so far, host and GPU bytes); replaces the estimate."""
 
     model: str
     used: int
+    gpu: int = 0
 
 
 @dataclass(frozen=True)
@@ -198,7 +202,8 @@ class ModelState:
     removed: bool = False
     exit_code: int | None = None
     failure: str = ""
-    measured: int = 0  # peak bytes measured for the current instance; 0 = not yet
+    measured: int = 0  # peak host bytes measured for the current instance; 0 = not yet
+    measured_gpu: int = 0  # peak GPU bytes measured alongside
     keep_alive: float | None = None  # set by the last request that asked; overrides the spec
     expires_at: float | None = None  # when an idle loaded model's keep-alive ends
 
@@ -213,6 +218,29 @@ class ModelState:
     @property
     def footprint(self) -> int:
         return self.measured or self.spec.footprint
+
+    @property
+    def gpu_footprint(self) -> int:
+        return self.measured_gpu if self.measured else self.spec.gpu_footprint
+
+    @property
+    def room(self) -> Room:
+        return Room(self.footprint, self.gpu_footprint, 1)
+
+
+@dataclass(frozen=True)
+class Room:
+    """Host memory, GPU memory (bytes) and model slots: what a model takes and what stopping ones give back."""
+
+    memory: int = 0
+    gpu_memory: int = 0
+    slots: int = 0
+
+    def __add__(self, other: Room) -> Room:
+        return Room(self.memory + other.memory, self.gpu_memory + other.gpu_memory, self.slots + other.slots)
+
+    def __sub__(self, other: Room) -> Room:
+        return Room(self.memory - other.memory, self.gpu_memory - other.gpu_memory, self.slots - other.slots)
 
 
 @dataclass(frozen=True)
@@ -231,8 +259,8 @@ class Scheduler:
         if max_models is not None or max_queue is not None:
             limits = Limits(max_models=limits.max_models if max_models is None else max_models,
                             max_queue=limits.max_queue if max_queue is None else max_queue,
-                            memory_budget=limits.memory_budget, keep_alive=limits.keep_alive,
-                            max_wait=limits.max_wait)
+                            memory_budget=limits.memory_budget, gpu_memory_budget=limits.gpu_memory_budget,
+                            keep_alive=limits.keep_alive, max_wait=limits.max_wait)
         self.limits = limits
         self.models: dict[str, ModelState] = {}
         for model in models:
@@ -261,6 +289,9 @@ class Scheduler:
 
     def memory_used(self) -> int:
         return sum(m.footprint for m in self.models.values() if m.status in RUNNING)
+
+    def gpu_memory_used(self) -> int:
+        return sum(m.gpu_footprint for m in self.models.values() if m.status in RUNNING)
 
     def queued_for(self, model: str) -> int:
         return sum(1 for w in self.queue if w.model == model)
@@ -293,9 +324,10 @@ class Scheduler:
                 self._loaded(name, actions)
             case InstanceExited():
                 self._exited(event, actions)
-            case MemoryMeasured(model=name, used=used):
+            case MemoryMeasured(model=name, used=used, gpu=gpu):
                 if name in self.models and self.models[name].status in RUNNING:
-                    self.models[name].measured = max(self.models[name].measured, used)
+                    model = self.models[name]
+                    model.measured, model.measured_gpu = max(model.measured, used), max(model.measured_gpu, gpu)
             case UnloadRequested(model=name, reason=reason):
                 self._unload(name, reason, actions)
             case ModelAdded(spec=spec):
@@ -349,13 +381,17 @@ class Scheduler:
         if self.max_models > 0 and len(pins) >= self.max_models:
             return (f"model '{model.name}' cannot be loaded: all {self.max_models} model slots (--models-max) "
                     f"are held by pinned models ({', '.join(m.name for m in pins)})")
-        budget = self.limits.memory_budget
-        pinned = sum(m.footprint for m in pins)
-        if not budget or model.footprint <= budget - pinned:
-            return ""
-        detail = f" ({_gib(pinned)} held by pinned models)" if pinned else ""
-        return (f"model '{model.name}' needs about {_gib(model.footprint)} of memory but the budget is "
-                f"{_gib(budget)}{detail}; raise --memory-budget or lower its ctx-size/parallel")
+        for kind, flag, budget, need, pinned in (
+                ("memory", "--memory-budget", self.limits.memory_budget, model.footprint,
+                 sum(m.footprint for m in pins)),
+                ("GPU memory", "--gpu-memory-budget", self.limits.gpu_memory_budget, model.gpu_footprint,
+                 sum(m.gpu_footprint for m in pins))):
+            if budget and need > budget - pinned:
+                detail = f" ({_gib(pinned)} held by pinned models)" if pinned else ""
+                return (f"model '{model.name}' needs about {_gib(need)} of {kind} but the budget is "
+                        f"{_gib(budget)}{detail}; raise {flag} or lower its ctx-size/parallel"
+                        + ("/gpu-layers" if kind == "GPU memory" else ""))
+        return ""
 
     def _release(self, request_id: int) -> None:
         name = self.lease_owner.pop(request_id, None)
@@ -437,7 +473,7 @@ class Scheduler:
         model = self.models[spec.name]
         model.spec = spec
         if restart:
-            model.measured = 0  # another configuration: the old measurement says nothing about it
+            model.measured = model.measured_gpu = 0  # another configuration: the old measurement says nothing
             if model.status in (Status.LOADING, Status.LOADED):
                 self._drain(spec.name, "configuration changed", actions)
         elif model.status == Status.LOADED and model.in_flight == 0:
@@ -514,7 +550,7 @@ class Scheduler:
                                       f"model '{waiter.model}' is not loaded and autoload is off"))
 
     def _start_loads(self, actions: list[Action]) -> None:
-        claimed = (0, 0)  # memory and slots of stopping children already promised to earlier waiting models
+        claimed = Room()  # what stopping children hand back that is already promised to earlier waiting models
         for name, overdue in self._models_needing_load():
             model = self.models[name]
             too_big = self._never_fits(model)
@@ -522,7 +558,7 @@ class Scheduler:
                 for waiter in self._take_waiters(name):
                     actions.append(Reject(waiter.request_id, ErrorKind.TOO_BIG, too_big))
                 continue
-            if claimed == (0, 0) and self._fits(model, freed=0, slots_freed=0):
+            if claimed == Room() and self._fits(model, freed=Room()):
                 self._set_status(model, Status.LOADING, actions)
                 actions.append(StartLoad(name, f"{self.queued_for(name)} request(s) waiting"))
                 continue
@@ -541,27 +577,25 @@ class Scheduler:
         order = sorted(oldest, key=lambda n: (oldest[n] > deadline, -self.models[n].spec.priority, oldest[n]))
         return [(name, oldest[name] <= deadline) for name in order]
 
-    def _fits(self, model: ModelState, freed: int, slots_freed: int) -> bool:
-        slots_ok = self.max_models <= 0 or self.running_count() - slots_freed < self.max_models
-        budget = self.limits.memory_budget
-        memory_ok = not budget or self.memory_used() - freed + model.footprint <= budget
-        return slots_ok and memory_ok
+    def _fits(self, model: ModelState, freed: Room) -> bool:
+        slots_ok = self.max_models <= 0 or self.running_count() - freed.slots < self.max_models
+        budget, gpu_budget = self.limits.memory_budget, self.limits.gpu_memory_budget
+        memory_ok = not budget or self.memory_used() - freed.memory + model.footprint <= budget
+        gpu_ok = not gpu_budget or self.gpu_memory_used() - freed.gpu_memory + model.gpu_footprint <= gpu_budget
+        return slots_ok and memory_ok and gpu_ok
 
-    def _make_room(self, model: ModelState, overdue: bool, claimed: tuple[int, int],
-                   actions: list[Action]) -> tuple[int, int] | None:
+    def _make_room(self, model: ModelState, overdue: bool, claimed: Room, actions: list[Action]) -> Room | None:
         """Stop idle models (least recently used first), and busy ones too if `model` has waited past
         max_wait, but only if that is enough to make it fit. Returns the room now promised, or None."""
-        freed, slots = self._pending_room()
-        freed, slots = freed - claimed[0], slots - claimed[1]
-        promised = (claimed[0] + model.footprint, claimed[1] + 1)
-        if self._fits(model, freed, slots):
+        freed = self._pending_room() - claimed
+        promised = claimed + model.room
+        if self._fits(model, freed):
             return promised  # children already stopping will make room: wait for them
         victims: list[ModelState] = []
         for victim in self._victims(busy_too=overdue):
             victims.append(victim)
-            freed += victim.footprint
-            slots += 1
-            if self._fits(model, freed, slots):
+            freed += victim.room
+            if self._fits(model, freed):
                 reason = (f"evicted (least recently used) to make room for '{model.name}'" if not overdue else
                           f"evicted: a request for '{model.name}' waited {self.limits.max_wait:g} s (max-wait)")
                 for chosen in victims:
@@ -572,12 +606,12 @@ class Scheduler:
                 return promised
         return None
 
-    def _pending_room(self) -> tuple[int, int]:
+    def _pending_room(self) -> Room:
         """Memory and slots that children being stopped will hand back (draining ones count: they are
         committed to stop), unless their model is wanted again."""
         leaving = [m for m in self.models.values() if m.status == Status.STOPPING
                    and (m.removed or self.queued_for(m.name) == 0)]
-        return sum(m.footprint for m in leaving), len(leaving)
+        return sum((m.room for m in leaving), Room())
 
     def _victims(self, busy_too: bool) -> list[ModelState]:
         candidates = [m for m in self.models.values()

@@ -74,8 +74,11 @@ def _ps_entry(manager: ModelManager, view: ModelView) -> dict[str, Any]:
     entry = _tag_entry(manager, config)
     facts = manager.gguf_facts(config)
     expires = _FOREVER if view.expires_in is None else _iso(time.time() + view.expires_in)
-    return {"name": entry["name"], "model": entry["model"], "size": view.measured_memory or view.estimated_memory,
-            "digest": entry["digest"], "details": entry["details"], "expires_at": expires, "size_vram": 0,
+    measured = view.measured_memory > 0
+    gpu = view.measured_gpu_memory if measured else view.estimated_gpu_memory
+    size = (view.measured_memory if measured else view.estimated_memory) + gpu
+    return {"name": entry["name"], "model": entry["model"], "size": size,
+            "digest": entry["digest"], "details": entry["details"], "expires_at": expires, "size_vram": gpu,
             "context_length": serving_context(config.settings, facts[0]) if facts else 0}
 
 

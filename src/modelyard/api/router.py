@@ -37,7 +37,9 @@ def model_entry(view: ModelView, created: int) -> dict[str, Any]:
         "aliases": list(config.aliases), "tags": list(config.tags), "path": config.model_path,
         "source": config.source, "status": status, "architecture": _architecture(config),
         "in_flight": view.in_flight, "queued": view.queued,
-        "memory": {"estimated": view.estimated_memory or None, "measured": view.measured_memory or None},
+        "memory": {"estimated": view.estimated_memory or None, "measured": view.measured_memory or None,
+                   "estimated_gpu": view.estimated_gpu_memory or None,
+                   "measured_gpu": view.measured_gpu_memory or None},
         "keep_alive": view.keep_alive, "expires_in": _round(view.expires_in), "idle_for": _round(view.idle_for),
         "pinned": config.pinned, "priority": config.priority,
     }
@@ -65,9 +67,10 @@ async def list_models(request: web.Request) -> web.Response:
             return error_response(ErrorKind.BAD_REQUEST, f"reload failed, keeping the current models: {exc}")
     created = int(context.settings.started_at)
     data = [model_entry(view, created) for view in context.manager.models()]
-    used, budget = context.manager.memory()
+    memory = context.manager.memory()
     return web.json_response({"object": "list", "data": data,
-                              "memory": {"used": used, "budget": budget or None}})
+                              "memory": {"used": memory.used, "budget": memory.budget or None,
+                                         "gpu_used": memory.gpu_used, "gpu_budget": memory.gpu_budget or None}})
 
 
 async def get_model(request: web.Request) -> web.Response:

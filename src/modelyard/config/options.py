@@ -105,17 +105,24 @@ def _parse_block(block: list[str]) -> EngineOption | None:
             hints.append(token)
     if not flags:
         return None
-    # llama.cpp prints the positive spellings first, then the negated ones (`-kvu, --kv-unified, -no-kvu, ...`).
+    # llama.cpp prints the positive spellings first, then the negated ones (`-kvu, --kv-unified, -no-kvu, ...`);
+    # a short negation need not start with no- (`-kvo, --kv-offload, -nkvo, --no-kv-offload`, `--repack, -nr`).
     split = next((i for i, f in enumerate(flags) if i > 0 and f.lstrip("-").startswith("no-")), len(flags))
+    if split < len(flags):
+        while split > 1 and not flags[split - 1].startswith("--") and flags[split - 2].startswith("--"):
+            split -= 1
     positives, negations = tuple(flags[:split]), tuple(flags[split:])
     env = tuple(_ENV_RE.findall(" ".join(block)))
     return EngineOption(flags=positives, negations=negations, env=env, takes_value=bool(hints))
 
 
+_PARSER_VERSION = 2  # bump when parse_help changes, so cached tables are parsed again
+
+
 def load_option_table(binary: Path, cache_dir: Path) -> OptionTable:
     """Run `binary --help` once per binary version and cache the parsed table next to the engine cache."""
     stat = binary.stat()
-    cache_file = cache_dir / f"options-{stat.st_size}-{int(stat.st_mtime)}-{binary.name}.json"
+    cache_file = cache_dir / f"options-v{_PARSER_VERSION}-{stat.st_size}-{int(stat.st_mtime)}-{binary.name}.json"
     try:
         raw = json.loads(cache_file.read_text())
         return OptionTable(_option_from_json(item) for item in raw)
