@@ -155,7 +155,8 @@ if sys.argv[1] == "--query-gpu=memory.total":
 elif sys.argv[1] == "--query-compute-apps=pid,used_memory":
     for proc in Path("/proc").iterdir():
         try:
-            if b"llama-server" in (proc / "cmdline").read_bytes() and b"MODELYARD_PARENT_PID" in (proc / "environ").read_bytes():
+            child = b"MODELYARD_PARENT_PID" in (proc / "environ").read_bytes()
+            if child and b"llama-server" in (proc / "cmdline").read_bytes():
                 print(f"{{proc.name}}, 3000")
         except OSError:
             pass
