@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from modelyard.api.cors import CorsPolicy
 from tests.conftest import Router, fake_cmd
 
 
@@ -48,9 +49,10 @@ def test_aliases_route_to_the_model(router: Router) -> None:
 
 
 def test_listings_answer_at_once_while_a_model_loads(router: Router) -> None:
+    """clients.md 7.8: Open WebUI gives listings 10 s, then counts the server as down."""
     router.client.post("/models/load", json={"model": "slow"}).raise_for_status()
     router.wait_status("slow", "loading", timeout=5)
-    for path in ("/v1/models", "/models", "/health", "/props"):
+    for path in ("/v1/models", "/models", "/health", "/props", "/api/tags", "/api/ps", "/api/version"):
         started = time.monotonic()
         assert router.client.get(path).status_code == 200
         assert time.monotonic() - started < 0.5, path
@@ -61,6 +63,48 @@ def test_router_props(router: Router) -> None:
     props = router.client.get("/props").json()
     assert props["role"] == "router" and props["max_instances"] == 4 and props["models_autoload"] is True
     assert "build_info" in props and props["default_generation_settings"]["n_ctx"] == 0
+
+
+def test_paths_with_doubled_or_trailing_slashes_are_served(router: Router) -> None:
+    """clients.md 7.9: Open WebUI builds f"{url}/api/tags", so a base URL ending in / gives //api/tags."""
+    for path in ("//api/tags", "/api/tags/", "/v1/models/", "//v1//models", "/models/"):
+        reply = router.client.get(router.url + path)  # a full URL: httpx reads a leading // as a host
+        assert reply.status_code == 200 and "application/json" in reply.headers["content-type"], path
+    for path in ("//v1/chat/completions", "/v1/chat/completions/", "//v1//chat/completions/"):
+        reply = router.client.post(router.url + path, json={"model": "a", "messages": []})
+        assert reply.status_code == 200 and reply.json()["served_by"] == "a", path
+    assert router.client.get(router.url + "//v1/models/first/").json()["id"] == "a"
+    assert_error(router.client.get(router.url + "//v1/nothing-here/"), 404, "not_found", "unknown endpoint")
+
+
+@pytest.mark.parametrize(("setting", "ollama_origins", "allowed", "refused"), [
+    (None, "", ["http://localhost", "http://localhost:5173", "https://127.0.0.1:8443", "http://0.0.0.0:3000",
+                "app://obsidian.md", "tauri://localhost", "vscode-webview://abc", "file://"],
+     ["https://evil.example", "http://localhost.evil.example", "http://192.168.1.5:3000"]),
+    (None, "https://chat.example,http://*.lan:*", ["http://localhost:3000", "https://chat.example", "http://box.lan:80"],
+     ["https://chat.example.evil", "http://box.lan"]),
+    ("*", "", ["https://anything.example", "http://localhost"], []),
+    ("localhost", "", ["http://localhost:3000", "http://[::1]:80", "http://app.localhost"], ["http://0.0.0.0:3000"]),
+    ("https://a.example, https://b.example", "", ["https://b.example"], ["http://localhost:3000"]),
+])
+def test_cors_policy(setting: str | None, ollama_origins: str, allowed: list[str], refused: list[str]) -> None:
+    policy = CorsPolicy.from_settings(setting, ollama_origins)
+    assert all(policy.allows(origin) for origin in allowed)
+    assert not any(policy.allows(origin) for origin in refused)
+
+
+def test_cors_defaults_are_ollama_s_and_ollama_origins_adds(tmp_path: Path, start_router: Any) -> None:
+    preset = tmp_path / "fleet.ini"
+    preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\n")
+    router: Router = start_router("--models-preset", str(preset), env={"OLLAMA_ORIGINS": "https://chat.example"})
+    for origin, allowed in (("http://localhost:8080", True), ("https://chat.example", True),
+                            ("https://evil.example", False)):
+        reply = router.client.get("/api/tags", headers={"Origin": origin})
+        assert reply.status_code == 200
+        assert reply.headers.get("access-control-allow-origin") == (origin if allowed else None), origin
+    everyone: Router = start_router("--models-preset", str(preset), "--cors-origins", "*")
+    reply = everyone.client.get("/v1/models", headers={"Origin": "https://evil.example"})
+    assert reply.headers["access-control-allow-origin"] == "https://evil.example"  # router mode's default
 
 
 def test_cors_preflight_and_headers(router: Router) -> None:

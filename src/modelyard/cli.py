@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -16,6 +17,7 @@ import click
 from modelyard import __version__
 from modelyard.api.app import build_app
 from modelyard.api.context import AppContext, ServerSettings
+from modelyard.api.cors import CorsPolicy
 from modelyard.config.durations import parse_duration
 from modelyard.config.presets import ConfigError
 from modelyard.demo import default_models_dir, install_demo_models
@@ -52,8 +54,10 @@ def main() -> None:
 @click.option("--api-key", envvar="LLAMA_API_KEY", help="Require this key (comma-separated list allowed).")
 @click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               envvar="LLAMA_ARG_API_KEY_FILE", help="File of API keys, one per line; `#` lines are comments.")
-@click.option("--cors-origins", default="*", envvar="LLAMA_ARG_CORS_ORIGINS",
-              help="Allowed CORS origins: `*` (echo any Origin), `localhost`, or a comma-separated list.")
+@click.option("--cors-origins", envvar="LLAMA_ARG_CORS_ORIGINS",
+              help="Browser origins allowed by CORS: `*` (echo any Origin, router mode's default), `localhost`, or "
+                   "a comma-separated list (`*` wildcards). Default: Ollama's local and app origins; "
+                   "OLLAMA_ORIGINS adds to them.")
 @click.option("--ssl-key-file", type=click.Path(exists=True, dir_okay=False), envvar="LLAMA_ARG_SSL_KEY_FILE",
               help="PEM private key: serve HTTPS.")
 @click.option("--ssl-cert-file", type=click.Path(exists=True, dir_okay=False), envvar="LLAMA_ARG_SSL_CERT_FILE",
@@ -75,7 +79,7 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log child output and every request decision.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, models_autoload: bool,
-          host: str, port: int, api_key: str | None, api_key_file: Path | None, cors_origins: str,
+          host: str, port: int, api_key: str | None, api_key_file: Path | None, cors_origins: str | None,
           ssl_key_file: str | None, ssl_cert_file: str | None, llama_server: str | None, max_queue: int,
           memory_budget: str, gpu_memory_budget: str, keep_alive: str, max_wait: str, verbose: bool,
           engine_args: tuple[str, ...]) -> None:
@@ -108,7 +112,7 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
     if bool(ssl_key_file) != bool(ssl_cert_file):
         raise click.ClickException("--ssl-key-file and --ssl-cert-file go together")
     settings = ServerSettings(autoload=models_autoload, api_keys=_api_keys(api_key, api_key_file),
-                              cors_origins=cors_origins,
+                              cors=CorsPolicy.from_settings(cors_origins, os.environ.get("OLLAMA_ORIGINS", "")),
                               build_info=f"modelyard {__version__}, llama.cpp {LLAMA_CPP_BUILD} "
                                          f"({manager.engine.binary})")
     names = ", ".join(manager.catalog.models) or "none"

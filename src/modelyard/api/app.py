@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hmac
 import logging
-from urllib.parse import urlsplit
+import re
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from modelyard.api import ollama, openai, router
+from modelyard.api import cors, ollama, openai, router
 from modelyard.api.context import CONTEXT, AppContext
 from modelyard.api.errors import error_response
 from modelyard.errors import ErrorKind
@@ -17,17 +17,7 @@ from modelyard.errors import ErrorKind
 log = logging.getLogger(__name__)
 
 _OPEN_PATHS = frozenset({"/health", "/v1/health"})
-_CORS_METHODS = "GET, POST, DELETE, OPTIONS"
-
-
-def allowed_origin(origin: str, setting: str) -> bool:
-    """llama-server's `--cors-origins`: `*` allows any origin, `localhost` only local ones, else a list."""
-    if setting == "*":
-        return True
-    if setting == "localhost":
-        host = urlsplit(origin).hostname or ""
-        return host in ("localhost", "127.0.0.1", "::1") or host.endswith(".localhost")
-    return origin in {o.strip() for o in setting.split(",")}
+_SLASHES = re.compile(r"//+")
 
 
 @web.middleware
@@ -35,20 +25,32 @@ async def preflight_middleware(request: web.Request, handler: Handler) -> web.St
     """Answer every CORS preflight, on any path, before authentication (browsers send no key with it)."""
     if request.method != "OPTIONS":
         return await handler(request)
-    response = web.Response(status=204)
-    response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
-    response.headers["Access-Control-Allow-Headers"] = request.headers.get("Access-Control-Request-Headers", "*")
-    response.headers["Access-Control-Max-Age"] = "600"
-    return response
+    return cors.preflight(request)
 
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Runs as each response is prepared, so streamed answers (SSE) carry the headers too."""
-    origin = request.headers.get("Origin")
-    if origin and allowed_origin(origin, request.app[CONTEXT].settings.cors_origins):
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Allow-Credentials"] = "true"
-        response.headers["Vary"] = "Origin"
+    cors.add_origin_headers(request, response, request.app[CONTEXT].settings.cors)
+
+
+@web.middleware
+async def tolerant_path_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Serve `//api/tags` (a base URL ending in / plus `/api/tags`) and `/v1/models/` as their plain paths,
+    without a redirect: not every client follows one, and a redirected POST may lose its body."""
+    if not isinstance(request.match_info.http_exception, web.HTTPNotFound):
+        return await handler(request)
+    path = _SLASHES.sub("/", request.path)
+    path = path.rstrip("/") or "/"
+    if path == request.path:
+        return await handler(request)
+    retry = request.clone(rel_url=request.rel_url.with_path(path))
+    match = await request.app.router.resolve(retry)
+    if match.http_exception is not None:
+        return await handler(request)
+    match.add_app(request.app)
+    match.freeze()
+    retry._match_info = match  # what aiohttp's own dispatch does with a resolved route
+    return await match.handler(retry)
 
 
 def _authorised(request: web.Request, keys: tuple[str, ...]) -> bool:
@@ -81,7 +83,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def build_app(context: AppContext) -> web.Application:
-    app = web.Application(middlewares=[preflight_middleware, error_middleware, api_key_middleware],
+    app = web.Application(middlewares=[preflight_middleware, error_middleware, api_key_middleware,
+                                       tolerant_path_middleware],
                           client_max_size=context.settings.max_body_bytes)
     app.on_response_prepare.append(add_cors_headers)
     app[CONTEXT] = context

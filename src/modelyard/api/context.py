@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from modelyard.api.cors import CorsPolicy
 from modelyard.manager import ModelManager
 
 
@@ -14,7 +15,7 @@ from modelyard.manager import ModelManager
 class ServerSettings:
     autoload: bool = True
     api_keys: tuple[str, ...] = ()
-    cors_origins: str = "*"  # "*" echoes any Origin (router mode's default), "localhost", or a list
+    cors: CorsPolicy = field(default_factory=CorsPolicy.from_settings)
     max_body_bytes: int = 256 * 2**20
     build_info: str = ""
     started_at: float = field(default_factory=time.time)
