@@ -51,6 +51,9 @@ class GgufFacts:
     size_label: str = ""  # general.size_label, such as 270M
     quantization: str = ""  # from general.file_type, such as Q4_K_M
     parameters: int = 0  # number of weights
+    tools: bool = False  # the chat template renders tools
+    thinking: bool = False  # the chat template has a reasoning switch or <think> blocks
+    fill_in_middle: bool = False  # the vocabulary has FIM tokens, so /infill (Ollama's `suffix`) works
 
 
 def parse_size(text: str, total: int) -> int:
@@ -136,6 +139,7 @@ def read_gguf(path: Path) -> GgufFacts:
         quantization = LlamaFileType(int(value("general.file_type", -1))).name.removeprefix("MOSTLY_")
     except ValueError:
         quantization = ""
+    template = str(value("tokenizer.chat_template", ""))
     heads = int(value(f"{arch}.attention.head_count", 0) or 0)
     embedding = int(value(f"{arch}.embedding_length", 0) or 0)
     head_size = embedding // heads if heads else 0
@@ -150,6 +154,9 @@ def read_gguf(path: Path) -> GgufFacts:
         size_label=str(value("general.size_label", "")),
         quantization=quantization,
         parameters=sum(int(t.n_elements) for t in reader.tensors),
+        tools="tools" in template,
+        thinking="enable_thinking" in template or "<think>" in template,
+        fill_in_middle=any(f"tokenizer.ggml.{key}_token_id" in reader.fields for key in ("fim_pre", "prefix")),
     )
 
 
@@ -157,7 +164,7 @@ class GgufCache:
     """GGUF facts cached on disk per file: read once per file per machine."""
 
     def __init__(self, directory: Path) -> None:
-        self._cache = FileCache(directory / "gguf-facts.json", version="2")
+        self._cache = FileCache(directory / "gguf-facts.json", version="3")
 
     def get(self, path: Path) -> GgufFacts | None:
         entry = self._cache.get(path)

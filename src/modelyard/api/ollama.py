@@ -20,9 +20,10 @@ from modelyard import __version__
 from modelyard.api.context import CONTEXT
 from modelyard.config.catalog import ModelConfig
 from modelyard.config.durations import parse_duration
+from modelyard.config.options import TRUTHY
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.manager import ModelManager, ModelView
-from modelyard.memory import model_files, serving_context
+from modelyard.memory import GgufFacts, model_files, serving_context
 from modelyard.scheduler import Status
 
 _FOREVER = "9999-12-31T23:59:59Z"  # what a model kept loaded for ever expires at, as Ollama reports it
@@ -448,11 +449,12 @@ async def show(request: web.Request) -> web.Response:
                 "general.size_label": main.size_label, "general.file_type_name": main.quantization,
                 f"{arch}.context_length": serving_context(config.settings, main),
                 f"{arch}.block_count": main.block_count, f"{arch}.attention.head_count_kv": main.head_count_kv}
-    capabilities = _capabilities(config)
+    capabilities = _capabilities(config, facts[0] if facts else None)
     context = info.get(f"{facts[0].architecture}.context_length", 0) if facts else 0
-    # Clients search the template text: "Tools" tells them tool calling works.
-    tools = "{{ if .Tools }}{{ .Tools }}{{ end }}" if "tools" in capabilities else ""
-    template = "{{ .System }}{{ .Prompt }}" + tools
+    # Clients search the template text: "Tools" tells them tool calling works, ".Suffix" that FIM does.
+    template = "{{ .System }}{{ .Prompt }}"
+    template += "{{ if .Tools }}{{ .Tools }}{{ end }}" if "tools" in capabilities else ""
+    template += "{{ if .Suffix }}{{ .Suffix }}{{ end }}" if "insert" in capabilities else ""
     files = _files(config)
     return web.json_response({
         "modelfile": f"# served by modelyard from {config.model_path or config.command}\n",
@@ -463,13 +465,20 @@ async def show(request: web.Request) -> web.Response:
     })
 
 
-def _capabilities(config: ModelConfig) -> list[str]:
+def _capabilities(config: ModelConfig, facts: GgufFacts | None) -> list[str]:
+    """What Ollama's capabilities would say: from the preset (embeddings, a projector, jinja templates) and
+    the GGUF (does its chat template take tools or thinking; does its vocabulary have FIM tokens)."""
     settings = config.settings
-    if settings.get("--embeddings", "false").lower() in ("true", "1", "on", "enabled"):
+    if settings.get("--embeddings", "false").lower() in TRUTHY:
         return ["embedding"]
     capabilities = ["completion"]
-    if settings.get("--jinja", "true").lower() not in ("false", "0", "off", "disabled"):
+    jinja = settings.get("--jinja", "true").lower() in TRUTHY
+    if jinja and facts is not None and facts.tools:
         capabilities.append("tools")
+    if jinja and facts is not None and facts.thinking:
+        capabilities.append("thinking")
+    if facts is not None and facts.fill_in_middle:
+        capabilities.append("insert")
     if "--mmproj" in settings:
         capabilities.append("vision")
     return capabilities
