@@ -204,7 +204,7 @@ def test_7_3_show_serves_continue_and_litellm(router: Router) -> None:
     shown = router.client.post("/api/show", json={"name": "tools"}).json()
     first_context = next(v for k, v in shown["model_info"].items() if "context_length" in k)  # LiteLLM's rule
     assert first_context == 2048  # the served -c, not the trained 8192
-    params = dict(re.match(r"^(\S+)\s+((?:\".*\")|\S+)$", line).groups() for line in  # type: ignore[union-attr]
+    params = dict(re.match(r"^(\S+)\s+((?:\".*\")|\S+)$", line).groups() for line in
                   shown["parameters"].splitlines())  # Continue's parser
     assert params["num_ctx"] == "2048"
     assert "tools" in shown["template"].lower() and ".Suffix" in shown["template"]
@@ -234,10 +234,10 @@ def test_7_3_tool_calls_come_back_with_object_arguments(router: Router) -> None:
     openai_messages = [{**m, "tool_calls": [{"id": f"c{i}", "type": "function", "function": {
         "name": "get_weather", "arguments": json.dumps(m["tool_calls"][0]["function"]["arguments"])}}]}
         if "tool_calls" in m else m for i, m in enumerate(messages)]
-    completion = api.chat.completions.create(model="tools", messages=openai_messages,  # type: ignore[arg-type]
-                                             tools=[WEATHER_TOOL], temperature=0, max_tokens=40)  # type: ignore[list-item]
+    completion = api.chat.completions.create(model="tools", messages=openai_messages,
+                                             tools=[WEATHER_TOOL], temperature=0, max_tokens=40)
     tool_call = (completion.choices[0].message.tool_calls or [])[0]
-    assert json.loads(tool_call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+    assert json.loads(tool_call.function.arguments) == {"city": "Paris"}
 
 
 def test_7_3_suffix_fills_in_the_middle(router: Router) -> None:
@@ -301,7 +301,7 @@ def test_7_9_clients_with_a_trailing_slash_or_without_v1(router: Router) -> None
     assert {m.model for m in ollama.Client(host=router.url + "/").list().models} >= {"smol:latest"}
     bare = openai.OpenAI(base_url=router.url, api_key="unused", max_retries=0)  # no /v1
     assert {m.id for m in bare.models.list().data} >= {"smol"}
-    reply = bare.chat.completions.create(model="smol", messages=HI, max_tokens=2)  # type: ignore[arg-type]
+    reply = bare.chat.completions.create(model="smol", messages=HI, max_tokens=2)
     assert reply.choices[0].message.content is not None
 
 
