@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -187,3 +189,19 @@ def test_show_reports_the_serving_context(tmp_path: Path, demo_models: dict[str,
     assert legacy.status_code == 200 and "model_info" in legacy.json()
     missing = router.client.post("/api/show", json={"model": "nope"})
     assert missing.status_code == 404 and missing.json()["error"] == "model 'nope' not found"
+
+
+def test_a_child_dying_mid_stream_ends_the_ndjson_with_an_error_line(router: Router) -> None:
+    from tests.test_real_engine_e2e import _child_pid
+
+    client = ollama.Client(host=router.url)
+    client.generate(model="smol", prompt="warm", options={"num_predict": 1})
+    pid = _child_pid(router, "smol")
+    stream = client.chat(model="smol", messages=[{"role": "user", "content": "Tell me a long story."}],
+                         options={"num_predict": 400}, stream=True)
+    with pytest.raises(ollama.ResponseError, match="failed mid-stream"):
+        for n, _ in enumerate(stream):
+            if n == 2:
+                os.kill(pid, signal.SIGKILL)
+    router.wait_status("smol", "failed")
+    assert client.generate(model="smol", prompt="again", options={"num_predict": 1}).done  # reloaded

@@ -7,11 +7,13 @@ Open WebUI and the ollama clients expect.
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -25,6 +27,8 @@ from modelyard.errors import ErrorKind, ModelError
 from modelyard.manager import ModelManager, ModelView
 from modelyard.memory import GgufFacts, model_files, serving_context
 from modelyard.scheduler import Status
+
+log = logging.getLogger(__name__)
 
 _FOREVER = "9999-12-31T23:59:59Z"  # what a model kept loaded for ever expires at, as Ollama reports it
 _UNSUPPORTED = {
@@ -141,6 +145,10 @@ class OllamaError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class UpstreamError(Exception):
+    """An error event in the child's stream."""
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -329,24 +337,39 @@ def _upstream_request(payload: dict[str, Any], kind: str) -> tuple[str, dict[str
 async def _relay(request: web.Request, lease: Any, path: str, body: dict[str, Any], kind: str,
                  payload: dict[str, Any], started: float, load_ns: int) -> web.StreamResponse:
     model = payload["model"]
-    async with lease.client.post(lease.base_url + path, data=orjson.dumps(body),
-                                 headers={"Content-Type": "application/json"}) as upstream:
-        if upstream.status != 200:
-            text = await upstream.text()
-            try:
-                message = orjson.loads(text)["error"]["message"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                message = text
-            return _error(upstream.status, message)
-        if not body["stream"]:
-            reply = orjson.loads(await upstream.read())
-            return web.json_response(_whole_answer(reply, path, kind, model, started, load_ns))
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
+    try:
+        async with lease.client.post(lease.base_url + path, data=orjson.dumps(body),
+                                     headers={"Content-Type": "application/json"}) as upstream:
+            if upstream.status != 200:
+                return _error(upstream.status, _upstream_message(await upstream.text()))
+            if not body["stream"]:
+                reply = orjson.loads(await upstream.read())
+                return web.json_response(_whole_answer(reply, path, kind, model, started, load_ns))
+            return await _stream(request, upstream, path, kind, model, started, load_ns)
+    except aiohttp.ClientError as exc:  # before anything was sent: an ordinary error reply
+        return _error(502, f"the model's server failed: {exc}")
+
+
+async def _stream(request: web.Request, upstream: aiohttp.ClientResponse, path: str, kind: str, model: str,
+                  started: float, load_ns: int) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    try:
         async for line in _ndjson_lines(upstream, path, kind, model, started, load_ns):
             await response.write(line)
-        await response.write_eof()
-        return response
+    except (aiohttp.ClientError, UpstreamError) as exc:
+        # Ollama's in-band error: clients raise it (ollama-python, Continue) instead of a cut stream.
+        log.warning("%s %s: the model's server failed mid-stream: %s", request.method, request.path, exc)
+        await response.write(orjson.dumps({"error": f"the model's server failed mid-stream: {exc}"}) + b"\n")
+    await response.write_eof()
+    return response
+
+
+def _upstream_message(text: str) -> str:
+    try:
+        return str(orjson.loads(text)["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return text
 
 
 def _whole_answer(reply: dict[str, Any], path: str, kind: str, model: str, started: float,
@@ -386,6 +409,9 @@ async def _ndjson_lines(upstream: Any, path: str, kind: str, model: str, started
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
         chunk = orjson.loads(line[6:])
+        if chunk.get("error"):
+            error = chunk["error"]
+            raise UpstreamError(error.get("message", str(error)) if isinstance(error, dict) else str(error))
         timings = chunk.get("timings") or timings
         usage = chunk.get("usage") or usage
         if path == "/v1/chat/completions":
