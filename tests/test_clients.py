@@ -316,6 +316,7 @@ def test_7_11_max_completion_tokens_is_honoured(router: Router) -> None:
     reply = router.client.post("/v1/chat/completions", json={
         "model": "smol", "messages": [{"role": "user", "content": "Tell me a long story."}],
         "max_completion_tokens": 3}).json()
+    assert "usage" in reply, reply
     assert reply["usage"]["completion_tokens"] == 3 and reply["choices"][0]["finish_reason"] == "length"
 
 

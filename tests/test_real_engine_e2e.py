@@ -208,3 +208,19 @@ def test_a_model_that_cannot_load_fails_with_the_engine_s_own_words(tmp_path: Pa
     assert "gguf" in message.lower()
     status = router.client.get("/models").json()["data"][0]["status"]
     assert status["value"] == "failed" and status["exit_code"] == 1
+
+
+def test_requests_right_after_a_stream_are_not_sent_on_a_closed_connection(models_dir: Path,
+                                                                            start_router: Any) -> None:
+    """llama-server closes the connection after a streamed answer without saying so; a request sent on it
+    would fail with "Server disconnected"."""
+    router: Router = start_router("--models-dir", str(models_dir))
+    body = {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    with httpx.Client(base_url=router.url, timeout=60) as http:
+        for _ in range(15):
+            with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+                assert streamed.status_code == 200 and b"[DONE]" in streamed.read()
+            plain = http.post("/v1/chat/completions", json=body)
+            assert plain.status_code == 200, plain.text
+            ollama_plain = http.post("/api/chat", json={**body, "stream": False})
+            assert ollama_plain.status_code == 200, ollama_plain.text

@@ -49,7 +49,16 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, base_url
         return error_response(ErrorKind.UPSTREAM, f"could not reach the model's server: {exc}")
 
 
+def no_reuse_after_chunked(upstream: aiohttp.ClientResponse) -> None:
+    """llama-server closes a connection after a chunked (streamed) response without a `Connection: close`
+    header; reused, it fails the next request ("Server disconnected"). So such a connection is not pooled."""
+    protocol = upstream.connection.protocol if upstream.connection is not None else None
+    if upstream.content_length is None and protocol is not None:
+        protocol.force_close()
+
+
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    no_reuse_after_chunked(upstream)
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP)
     is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     length = upstream.content_length
