@@ -103,6 +103,9 @@ def test_chat_stream_and_not(router: Router) -> None:
         value = getattr(reply, field)
         assert isinstance(value, int) and value >= 0, field
     assert reply.eval_count and reply.eval_count > 0 and reply.total_duration and reply.total_duration > 0
+    again = client.chat(model="smol", messages=[{"role": "user", "content": "Say hello."}],
+                        options={"num_predict": 8, "temperature": 0}, stream=False)
+    assert again.prompt_eval_count == reply.prompt_eval_count  # the whole prompt, even from llama-server's cache
 
     chunks = list(client.chat(model="smol:latest", messages=[{"role": "user", "content": "Count to three."}],
                               options={"num_predict": 8}, stream=True))
@@ -110,6 +113,7 @@ def test_chat_stream_and_not(router: Router) -> None:
     assert "".join(c.message.content or "" for c in chunks)
     assert chunks[-1].done and not any(c.done for c in chunks[:-1])
     assert chunks[-1].eval_count and chunks[-1].eval_count > 0
+    assert chunks[-1].prompt_eval_count and chunks[-1].prompt_eval_count > 10  # the system prompt is counted
 
 
 def test_ndjson_framing(router: Router) -> None:

@@ -247,7 +247,8 @@ def _ollama_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _final_fields(started: float, load_ns: int, finish: str | None, timings: dict[str, Any],
                   usage: dict[str, Any]) -> dict[str, Any]:
-    prompt_n = int(timings.get("prompt_n", usage.get("prompt_tokens", 0)) or 0)
+    # Ollama counts every prompt token; llama-server's prompt_n leaves out those its prompt cache already had.
+    prompt_n = int(usage.get("prompt_tokens") or (timings.get("cache_n", 0) or 0) + (timings.get("prompt_n", 0) or 0))
     predicted_n = int(timings.get("predicted_n", usage.get("completion_tokens", 0)) or 0)
     return {"done": True, "done_reason": "length" if finish == "length" else "stop",
             "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": load_ns,
@@ -319,7 +320,7 @@ def _upstream_request(payload: dict[str, Any], kind: str) -> tuple[str, dict[str
         body["messages"] = _openai_messages(messages)
         if payload.get("tools"):
             body["tools"] = payload["tools"]
-        return "/v1/chat/completions", body
+        return "/v1/chat/completions", _with_usage(body)
     prompt = payload.get("prompt") or ""
     if not isinstance(prompt, str):
         raise OllamaError(400, "prompt must be a string")
@@ -332,7 +333,12 @@ def _upstream_request(payload: dict[str, Any], kind: str) -> tuple[str, dict[str
     images = payload.get("images") or []
     messages.append({"role": "user", "content": prompt, "images": images})
     body["messages"] = _openai_messages(messages)
-    return "/v1/chat/completions", body
+    return "/v1/chat/completions", _with_usage(body)
+
+
+def _with_usage(body: dict[str, Any]) -> dict[str, Any]:
+    """A streamed chat answer ends with a usage chunk: the prompt token count, cached tokens included."""
+    return {**body, "stream_options": {"include_usage": True}} if body["stream"] else body
 
 
 async def _relay(request: web.Request, lease: Any, path: str, body: dict[str, Any], kind: str,
