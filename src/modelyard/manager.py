@@ -246,7 +246,10 @@ class ModelManager:
                 self.load_in_background(config.name)
         self._spawn(self.estimate_memory())
         self._spawn(self._measure_forever())
-        self._spawn(self.digests.compute([p for c in self.catalog.models.values() for p in model_files(c.settings)]))
+        self._spawn(self._digest_files())
+
+    async def _digest_files(self) -> None:
+        await self.digests.compute([p for c in self.catalog.models.values() for p in model_files(c.settings)])
 
     def end_subscriptions(self) -> None:
         for queue in self._subscribers:
@@ -345,6 +348,7 @@ class ModelManager:
             self._dispatch(ModelChanged(self._spec(fresh.models[name]), restart=restart))
         self._publish(StatusEvent("*", Status.UNLOADED, reason="models_reload"))
         self._spawn(self.estimate_memory())
+        self._spawn(self._digest_files())
 
     def models(self) -> list[ModelView]:
         now = self._clock()
