@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import Router, fake_cmd
 
-TEMPLATE = Path(__file__).parent / "data" / "tools-chat-template.jinja"
+TEMPLATE = Path(__file__).parent / "data" / "tools-thinking-chat-template.jinja"
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|[+-]\d\d:\d\d)$")
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the weather for a city",
@@ -33,8 +33,9 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def tools_model(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path]) -> Path:
-    """SmolLM2 with a Hermes-style chat template that renders tools, and FIM token ids: the same weights, so
-    the tool-call and fill-in-the-middle paths run on the real engine (the demo models have neither)."""
+    """SmolLM2 with a Hermes-style chat template that renders tools and opens a <think> block when asked to,
+    and with FIM token ids: the same weights, so the tool-call, thinking and fill-in-the-middle paths run on
+    the real engine (the demo models have none of them)."""
     path = tmp_path_factory.mktemp("tools") / "smol-tools.gguf"
     subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--force",
                     "--chat-template-file", str(TEMPLATE), "--special-token-by-id", "fim_pre", "3",
@@ -208,7 +209,7 @@ def test_7_3_show_serves_continue_and_litellm(router: Router) -> None:
                   shown["parameters"].splitlines())  # Continue's parser
     assert params["num_ctx"] == "2048"
     assert "tools" in shown["template"].lower() and ".Suffix" in shown["template"]
-    assert {"completion", "tools", "insert"} <= set(shown["capabilities"])
+    assert {"completion", "tools", "thinking", "insert"} <= set(shown["capabilities"])
     plain = router.client.post("/api/show", json={"name": "smol"}).json()  # no tools in its chat template
     assert "tools" not in plain["template"].lower() and ".Suffix" not in plain["template"]
     assert plain["capabilities"] == ["completion"]
@@ -222,22 +223,38 @@ def test_7_3_tool_calls_come_back_with_object_arguments(router: Router) -> None:
                      "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": city}}}]}]
     messages = [*history, {"role": "user", "content": "Weather in Paris?"}]
     client = ollama.Client(host=router.url)
-    reply = client.chat(model="tools", messages=messages, tools=[WEATHER_TOOL],
-                        options={"temperature": 0, "num_predict": 40})
+    reply = client.chat(model="tools", messages=messages, tools=[WEATHER_TOOL], think=False,  # llama-server
+                        options={"temperature": 0, "num_predict": 40})  # thinks by default, as Ollama does
     assert reply.message.tool_calls, reply
     call = reply.message.tool_calls[0].function
     assert call.name == "get_weather" and call.arguments == {"city": "Paris"}
     streamed = [c for c in client.chat(model="tools", messages=messages, tools=[WEATHER_TOOL], stream=True,
-                                       options={"temperature": 0, "num_predict": 40}) if c.message.tool_calls]
+                                       think=False, options={"temperature": 0, "num_predict": 40})
+                if c.message.tool_calls]
     assert streamed and dict(streamed[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
     api = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
     openai_messages = [{**m, "tool_calls": [{"id": f"c{i}", "type": "function", "function": {
         "name": "get_weather", "arguments": json.dumps(m["tool_calls"][0]["function"]["arguments"])}}]}
         if "tool_calls" in m else m for i, m in enumerate(messages)]
     completion = api.chat.completions.create(model="tools", messages=openai_messages,
-                                             tools=[WEATHER_TOOL], temperature=0, max_tokens=40)
+                                             tools=[WEATHER_TOOL], temperature=0, max_tokens=40,
+                                             extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     tool_call = (completion.choices[0].message.tool_calls or [])[0]
     assert json.loads(tool_call.function.arguments) == {"city": "Paris"}
+
+
+def test_think_puts_the_reasoning_in_thinking(router: Router) -> None:
+    client = ollama.Client(host=router.url)
+    question = [{"role": "user", "content": "What is 2+2?"}]
+    options = {"num_predict": 12, "temperature": 0}
+    thought = client.chat(model="tools", messages=question, think=True, options=options)
+    assert thought.message.thinking and not thought.message.content
+    plain = client.chat(model="tools", messages=question, think=False, options=options)
+    assert plain.message.content and not plain.message.thinking
+    streamed = list(client.chat(model="tools", messages=question, think=True, options=options, stream=True))
+    assert "".join(c.message.thinking or "" for c in streamed) == thought.message.thinking
+    generated = client.generate(model="tools", prompt="What is 2+2?", think=True, options=options)
+    assert generated.thinking and not generated.response
 
 
 def test_7_3_suffix_fills_in_the_middle(router: Router) -> None:
