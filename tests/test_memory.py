@@ -4,6 +4,7 @@ machine has no GPU)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from modelyard.memory import (
     estimate_footprint,
     gpu_memory_by_pid,
     gpu_total_memory,
+    kv_cache_bytes,
     offloaded_share,
     parse_size,
+    read_gguf,
 )
 
 MiB = 2**20
@@ -100,3 +103,34 @@ def test_without_nvidia_smi_there_is_no_gpu(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("PATH", str(tmp_path))
     assert gpu_total_memory() == 0
     assert asyncio.run(gpu_memory_by_pid()) == {}
+
+
+@functools.cache
+def _facts(path: Path) -> GgufFacts:
+    return read_gguf(path)  # seconds for a big vocabulary: once per file
+
+
+@pytest.mark.parametrize(("model", "settings", "mib"), [
+    # llama-server b11434's own "llama_kv_cache: size = ..." lines for the demo models (-v)
+    ("smollm2-135m-instruct", {}, 180.0),
+    ("smollm2-135m-instruct", {"--ctx-size": "4096", "--parallel": "2", "--cache-type-k": "q8_0",
+                               "--cache-type-v": "q8_0"}, 47.81),
+    ("gemma3-270m", {}, 96.0 + 37.5),  # 3 full layers x 32768 cells + 15 sliding ones x (512 x 4 slots + 512)
+    ("gemma3-270m", {"--ctx-size": "4096", "--parallel": "2"}, 12.0 + 30.0),
+    ("gemma3-270m", {"--swa-full": "true"}, 96.0 + 480.0),
+    ("gemma3-270m", {"--parallel": "1", "--ubatch-size": "256"}, 96.0 + 11.25),
+])
+def test_kv_cache_matches_llama_server(demo_models: dict[str, Path], model: str, settings: dict[str, str],
+                                       mib: float) -> None:
+    facts = _facts(demo_models[model])
+    assert kv_cache_bytes(settings, facts) / MiB == pytest.approx(mib, abs=0.01)
+
+
+def test_sliding_window_layers_follow_the_gguf_or_llama_cpp_s_pattern() -> None:
+    from modelyard.memory import _sliding_layers
+
+    assert _sliding_layers("gemma3", 18, None) == 15  # every 6th layer is full
+    assert _sliding_layers("gemma2", 26, None) == 13
+    assert _sliding_layers("any", 4, [True, False, True, True]) == 3  # per-layer flags in the GGUF
+    assert _sliding_layers("any", 8, 4) == 6  # a period in the GGUF
+    assert _sliding_layers("unknown-arch", 10, None) == 0  # unknown: all full, the estimate errs large

@@ -23,6 +23,10 @@ from modelyard.file_cache import FileCache
 _CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
                      "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
 _COMPUTE_MARGIN = 64 * 2**20
+# Architectures whose layers alternate sliding-window and full attention, as llama.cpp sets them when the GGUF
+# has no sliding_window_pattern key: every Nth layer is full, the others keep only the window in their cache.
+_SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2}
+_AUTO_PARALLEL = 4  # llama-server's slots with --parallel -1 (auto)
 _SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mi": 2**20, "mib": 2**20, "g": 10**9, "gb": 10**9, "gi": 2**30, "gib": 2**30, "t": 10**12,
@@ -48,6 +52,8 @@ class GgufFacts:
     head_count_kv: int = 0
     key_length: int = 0
     value_length: int = 0
+    sliding_window: int = 0  # tokens a sliding-window layer attends to (0 = none)
+    sliding_layers: int = 0  # layers with sliding-window attention (their KV cache holds only the window)
     size_label: str = ""  # general.size_label, such as 270M
     quantization: str = ""  # from general.file_type, such as Q4_K_M
     parameters: int = 0  # number of weights
@@ -143,11 +149,16 @@ def read_gguf(path: Path) -> GgufFacts:
     heads = int(value(f"{arch}.attention.head_count", 0) or 0)
     embedding = int(value(f"{arch}.embedding_length", 0) or 0)
     head_size = embedding // heads if heads else 0
+    blocks = int(value(f"{arch}.block_count", 0) or 0)
+    window = int(value(f"{arch}.attention.sliding_window", 0) or 0)
+    pattern = reader.fields.get(f"{arch}.attention.sliding_window_pattern")
     return GgufFacts(
         tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
         architecture=arch,
         context_length=int(value(f"{arch}.context_length", 0) or 0),
-        block_count=int(value(f"{arch}.block_count", 0) or 0),
+        block_count=blocks,
+        sliding_window=window,
+        sliding_layers=_sliding_layers(arch, blocks, pattern.contents() if pattern else None) if window else 0,
         head_count_kv=int(value(f"{arch}.attention.head_count_kv", heads) or heads),
         key_length=int(value(f"{arch}.attention.key_length", head_size) or head_size),
         value_length=int(value(f"{arch}.attention.value_length", head_size) or head_size),
@@ -164,7 +175,7 @@ class GgufCache:
     """GGUF facts cached on disk per file: read once per file per machine."""
 
     def __init__(self, directory: Path) -> None:
-        self._cache = FileCache(directory / "gguf-facts.json", version="3")
+        self._cache = FileCache(directory / "gguf-facts.json", version="4")
 
     def get(self, path: Path) -> GgufFacts | None:
         entry = self._cache.get(path)
@@ -195,6 +206,43 @@ def model_files(settings: Mapping[str, str]) -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
+def _sliding_layers(arch: str, blocks: int, pattern: Any) -> int:
+    """How many layers use the sliding window: from the GGUF's per-layer flags or period, else from what
+    llama.cpp hard-codes for the architecture; unknown = none (the estimate then errs on the large side)."""
+    if isinstance(pattern, list):
+        return sum(1 for flag in pattern[:blocks] if flag)
+    period = int(pattern) if isinstance(pattern, int) else _SWA_PATTERNS.get(arch, 0)
+    return sum(1 for layer in range(blocks) if layer % period < period - 1) if period > 1 else 0
+
+
+def kv_cache_bytes(settings: Mapping[str, str], facts: GgufFacts) -> int:
+    """KV cache as llama-server allocates it (checked against its own log): every layer x KV heads x (key +
+    value head size) x bytes for the cache type, for the whole context; a sliding-window layer (unless
+    --swa-full) only for the window of each slot plus one micro-batch."""
+    key_bytes = _CACHE_TYPE_BYTES.get(settings.get("--cache-type-k", "f16").lower(), 2.0)
+    value_bytes = _CACHE_TYPE_BYTES.get(settings.get("--cache-type-v", "f16").lower(), 2.0)
+    per_cell = facts.head_count_kv * (facts.key_length * key_bytes + facts.value_length * value_bytes)
+    ctx = serving_context(settings, facts)
+    sliding = 0 if settings.get("--swa-full", "false").lower() in TRUTHY else facts.sliding_layers
+    return int(per_cell * ((facts.block_count - sliding) * ctx + sliding * _window_cells(settings, facts, ctx)))
+
+
+def _window_cells(settings: Mapping[str, str], facts: GgufFacts, ctx: int) -> int:
+    """Cells of one sliding-window layer: auto slots share one unified cache (window x slots + micro-batch);
+    explicit --parallel N gives each slot its own (window + micro-batch); padded to 256 cells."""
+    explicit = _int(settings.get("--parallel"), -1)
+    slots = explicit if explicit > 0 else _AUTO_PARALLEL
+    unified = settings.get("--kv-unified", "false" if explicit > 0 else "true").lower() in TRUTHY
+    ubatch = _int(settings.get("--ubatch-size"), 512)
+    if unified:
+        return min(ctx, _pad(facts.sliding_window * slots + ubatch))
+    return slots * min(ctx // slots, _pad(facts.sliding_window + ubatch))
+
+
+def _pad(cells: int, to: int = 256) -> int:
+    return -(-cells // to) * to
+
+
 def estimate_footprint(settings: Mapping[str, str], facts: list[GgufFacts], gpu: bool = False) -> Footprint:
     """Weights (every tensor, mmproj and draft model included) + KV cache for the configured context and cache
     type + a compute-buffer margin. llama-server's -c is the total context over all slots; 0 means the model's
@@ -204,11 +252,7 @@ def estimate_footprint(settings: Mapping[str, str], facts: list[GgufFacts], gpu:
         return Footprint()
     main = facts[0]
     weights = sum(f.tensor_bytes for f in facts)
-    ctx = serving_context(settings, main)
-    per_cell = main.block_count * main.head_count_kv
-    key_bytes = _CACHE_TYPE_BYTES.get(settings.get("--cache-type-k", "f16").lower(), 2.0)
-    value_bytes = _CACHE_TYPE_BYTES.get(settings.get("--cache-type-v", "f16").lower(), 2.0)
-    kv = int(per_cell * ctx * (main.key_length * key_bytes + main.value_length * value_bytes))
+    kv = kv_cache_bytes(settings, main)
     margin = _COMPUTE_MARGIN + weights // 20
     share = offloaded_share(settings, main) if gpu else 0.0
     if share == 0.0:
