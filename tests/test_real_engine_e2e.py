@@ -222,5 +222,6 @@ def test_requests_right_after_a_stream_are_not_sent_on_a_closed_connection(model
                 assert streamed.status_code == 200 and b"[DONE]" in streamed.read()
             plain = http.post("/v1/chat/completions", json=body)
             assert plain.status_code == 200, plain.text
-            ollama_plain = http.post("/api/chat", json={**body, "stream": False})
+            ollama_plain = http.post("/api/chat", json={"model": "smol", "messages": body["messages"],
+                                                        "stream": False, "options": {"num_predict": 2}})
             assert ollama_plain.status_code == 200, ollama_plain.text
