@@ -34,7 +34,9 @@ def test_alternating_requests_over_three_models_with_room_for_one_need_fewer_loa
 
     codes = asyncio.run(scenario())
     assert all(code == 200 for row in codes for code in row)
-    assert loads(router) < 24 / 2, router.log()  # grouped by model: far fewer loads than requests
+    # Grouped by model: far fewer loads than requests. With 4 clients over 3 models about 2 requests wait per
+    # model at a load, so 8 to 13 loads were seen on 2 cores; served one by one it would be about 24.
+    assert loads(router) <= 16, router.log()
 
 
 def test_a_request_for_another_model_is_served_within_max_wait_while_a_stays_busy(
@@ -64,7 +66,7 @@ def test_a_request_for_another_model_is_served_within_max_wait_while_a_stays_bus
 
     waited = asyncio.run(scenario())
     # max-wait (2 s) + a's in-flight requests finishing (0.3 s) + one load (0.2 s) + slack for this machine
-    assert 1.9 < waited < 4.5, waited
+    assert 1.9 < waited < 4.5, (waited, router.log())
     assert "max-wait" in router.log()
 
 
