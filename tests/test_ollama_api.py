@@ -167,6 +167,27 @@ def test_unknown_model_and_bad_requests_get_ollama_errors(router: Router) -> Non
     assert ka.status_code == 400 and "keep_alive" in ka.json()["error"]
 
 
+
+@pytest.mark.parametrize(("path", "extra", "message"), [
+    ("/api/chat", {"tools": "x"}, "tools must be a list"),
+    ("/api/chat", {"format": 5}, "format must be"),
+    ("/api/chat", {"think": "very"}, "think must be"),
+    ("/api/chat", {"options": [1]}, "options must be a JSON object"),
+    ("/api/chat", {"messages": [{"role": "user", "content": "hi", "images": "abc"}]}, "images must be a list"),
+    ("/api/chat", {"messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, "cannot read images"),
+    ("/api/generate", {"prompt": "x", "images": ["aGk="]}, "no projector"),
+    ("/api/generate", {"prompt": "x", "suffix": 5}, "suffix must be a string"),
+    ("/api/generate", {"prompt": 5}, "prompt must be a string"),
+    ("/api/embed", {"input": [1, 2]}, "input must be a string or a list of strings"),
+])
+def test_wrong_types_are_400_saying_what_to_send(router: Router, path: str, extra: dict[str, Any],
+                                                 message: str) -> None:
+    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "stream": False, **extra}
+    reply = router.client.post(path, json=body)
+    assert reply.status_code == 400 and message in reply.json()["error"], reply.text
+    assert router.children() == []  # refused before any load
+
+
 def test_embed_and_legacy_embeddings(tmp_path: Path, demo_models: dict[str, Path], start_router: Any) -> None:
     preset = tmp_path / "models.ini"
     preset.write_text(f"[embedder]\nmodel = {demo_models['gemma3-270m']}\nembeddings = true\npooling = mean\n")

@@ -137,6 +137,7 @@ _OPTION_MAP = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
                "typical_p": "typical_p", "repeat_last_n": "repeat_last_n"}
 # Allocation options would reload the model on every call (Aider changes num_ctx each time): presets decide them.
+_THINK_LEVELS = ("low", "medium", "high")
 _IGNORED_OPTIONS = frozenset({"num_ctx", "num_batch", "num_gpu", "num_thread", "main_gpu", "use_mmap", "use_mlock",
                               "numa", "low_vram", "num_keep"})
 
@@ -200,8 +201,19 @@ def _sampling(payload: dict[str, Any]) -> dict[str, Any]:
         mapped["response_format"] = {"type": "json_object"}
     elif isinstance(fmt, dict):
         mapped["response_format"] = {"type": "json_schema", "json_schema": {"name": "response", "schema": fmt}}
-    if "think" in payload and isinstance(payload["think"], bool):
-        mapped["chat_template_kwargs"] = {"enable_thinking": payload["think"]}
+    elif fmt not in (None, ""):
+        raise OllamaError(400, 'format must be "json" or a JSON schema object')
+    think = payload.get("think")
+    if isinstance(think, bool):
+        mapped["chat_template_kwargs"] = {"enable_thinking": think}
+    elif think in _THINK_LEVELS:  # gpt-oss style levels
+        mapped["chat_template_kwargs"] = {"enable_thinking": True, "reasoning_effort": think}
+        mapped["reasoning_effort"] = think
+    elif think is not None:
+        raise OllamaError(400, 'think must be true, false, "low", "medium" or "high"')
+    tools = payload.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise OllamaError(400, "tools must be a list of tool objects")
     return mapped
 
 
@@ -212,6 +224,8 @@ def _openai_messages(messages: list[Any]) -> list[dict[str, Any]]:
             raise OllamaError(400, "each message must be an object with a role and content")
         out: dict[str, Any] = {"role": message["role"], "content": message.get("content") or ""}
         images = message.get("images") or []
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise OllamaError(400, "images must be a list of base64-encoded images")
         if images:
             out["content"] = [{"type": "text", "text": out["content"]}] + [
                 {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}} for image in images]
@@ -297,6 +311,7 @@ async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
         if empty:
             return await _lifecycle(manager, model, keep_alive, kind)
         path, upstream_body = _upstream_request(payload, kind)
+        _check_images(manager.resolve(model), payload, kind)
         acquired = time.perf_counter()
         lease = await manager.acquire(model, keep_alive=keep_alive)
     except OllamaError as exc:
@@ -308,6 +323,15 @@ async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
         return await _relay(request, lease, path, upstream_body, kind, payload, started, load_ns)
     finally:
         manager.release(lease)
+
+
+def _check_images(config: ModelConfig, payload: dict[str, Any], kind: str) -> None:
+    """llama-server answers 500 to an image for a model without a projector: say what to change instead."""
+    carriers = payload["messages"] if kind == "chat" else [payload]
+    has_images = any(isinstance(m, dict) and m.get("images") for m in carriers)
+    if has_images and config.command is None and "--mmproj" not in config.settings:
+        raise OllamaError(400, f"model '{config.name}' cannot read images: it has no projector "
+                               "(put its mmproj file beside it in --models-dir, or `mmproj = ...` in its preset)")
 
 
 def _upstream_request(payload: dict[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
@@ -324,6 +348,8 @@ def _upstream_request(payload: dict[str, Any], kind: str) -> tuple[str, dict[str
     prompt = payload.get("prompt") or ""
     if not isinstance(prompt, str):
         raise OllamaError(400, "prompt must be a string")
+    if not isinstance(payload.get("suffix") or "", str):
+        raise OllamaError(400, "suffix must be a string")
     if payload.get("suffix"):
         return "/infill", {**body, "input_prefix": prompt, "input_suffix": payload["suffix"],
                            "n_predict": body.pop("max_tokens", -1)}
