@@ -14,6 +14,7 @@ from modelyard.memory import (
     Footprint,
     GgufFacts,
     estimate_footprint,
+    fitted_footprint,
     gpu_memory_by_pid,
     gpu_total_memory,
     kv_cache_bytes,
@@ -134,3 +135,18 @@ def test_sliding_window_layers_follow_the_gguf_or_llama_cpp_s_pattern() -> None:
     assert _sliding_layers("any", 4, [True, False, True, True]) == 3  # per-layer flags in the GGUF
     assert _sliding_layers("any", 8, 4) == 6  # a period in the GGUF
     assert _sliding_layers("unknown-arch", 10, None) == 0  # unknown: all full, the estimate errs large
+
+
+def test_a_model_that_sizes_its_own_context_takes_at_most_the_budget() -> None:
+    """Without -c, llama-server's --fit shrinks the context (down to --fit-ctx) until the model fits."""
+    full = estimate_footprint({}, [FACTS])  # the trained 8192 tokens
+    smallest = estimate_footprint({"--ctx-size": "4096"}, [FACTS])
+    between = (full.memory + smallest.memory) // 2
+    assert fitted_footprint({}, [FACTS], False, Footprint(between)) == Footprint(between)
+    assert fitted_footprint({}, [FACTS], False, Footprint(10 * full.memory)) == full
+    assert fitted_footprint({}, [FACTS], False, Footprint()) == full  # no budget
+    assert fitted_footprint({}, [FACTS], False, Footprint(MiB)) == smallest  # too big even at its smallest
+    for fixed in ({"--ctx-size": "8192"}, {"--fit": "off"}):  # a set context, or fit off: no shrinking
+        assert fitted_footprint(fixed, [FACTS], False, Footprint(between)) == estimate_footprint(fixed, [FACTS])
+    on_gpu = fitted_footprint({}, [FACTS], True, Footprint(10 * full.memory, between))
+    assert on_gpu.gpu == between

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -39,11 +40,13 @@ from modelyard.memory import (
     GgufCache,
     GgufFacts,
     describe,
-    estimate_footprint,
+    fitted_footprint,
+    fitted_settings,
     gpu_memory_by_pid,
     gpu_total_memory,
     model_files,
     process_memory,
+    serving_context,
 )
 from modelyard.scheduler import (
     Acquire,
@@ -153,6 +156,8 @@ class ModelManager:
         self.digests = FileDigests(cache_root())
         self.catalog = source.load()
         self._footprints: dict[str, Footprint] = {}
+        limits = limits or Limits()
+        self._budget = Footprint(limits.memory_budget, limits.gpu_memory_budget)
         self._scheduler = Scheduler([self._spec(c) for c in self.catalog.models.values()], limits,
                                     max_models=max_models, max_queue=max_queue)
         self._instances: dict[str, Instance] = {}
@@ -161,6 +166,7 @@ class ModelManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscribers: set[asyncio.Queue[StatusEvent | None]] = set()
         self._configs_in_use: dict[str, ModelConfig] = {}
+        self._launched_with: dict[str, Mapping[str, str]] = {}  # the settings each running child got
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
@@ -184,7 +190,7 @@ class ModelManager:
         if config.name not in self._footprints:
             facts = [self._gguf.get(path) for path in model_files(config.settings)]
             known = [f for f in facts if f is not None]
-            self._footprints[config.name] = estimate_footprint(config.settings, known, self._gpus)
+            self._footprints[config.name] = self._estimate(config, known) if known else Footprint()
         footprint = self._footprints[config.name]
         return ModelSpec(config.name, footprint=footprint.memory, gpu_footprint=footprint.gpu, pinned=config.pinned,
                          priority=config.priority, keep_alive=config.keep_alive,
@@ -201,9 +207,25 @@ class ModelManager:
             except Exception as exc:
                 log.warning("could not read the GGUF metadata of %s: %s", config.name, exc)
                 continue
-            self._footprints[config.name] = estimate_footprint(config.settings, facts, self._gpus)
+            self._footprints[config.name] = self._estimate(config, facts)
             if config.name in self._scheduler.models and self.catalog.models.get(config.name) is config:
                 self._dispatch(ModelChanged(self._spec(config), restart=False))
+
+    def _estimate(self, config: ModelConfig, facts: list[GgufFacts]) -> Footprint:
+        return fitted_footprint(config.settings, facts, self._gpus, self._budget)
+
+    def launch_settings(self, config: ModelConfig) -> Mapping[str, str]:
+        """The settings a child is started with: the model's, plus the context chosen to fit the memory
+        budget when llama-server would size it itself (see memory.fitted_settings)."""
+        return fitted_settings(config.settings, self.gguf_facts(config), self._gpus, self._budget)
+
+    def served_context(self, config: ModelConfig) -> int:
+        """The context (tokens, all slots) the model's instance serves, or would serve if loaded now; 0 if
+        its GGUF has not been read yet."""
+        facts = self.gguf_facts(config)
+        running = config.name in self._instances and self._configs_in_use.get(config.name) is config
+        settings = self._launched_with[config.name] if running else self.launch_settings(config)
+        return serving_context(settings, facts[0]) if facts else 0
 
     def gguf_facts(self, config: ModelConfig) -> list[GgufFacts]:
         """What is known of the model's GGUF files so far (never waits: the reader runs in the background)."""
@@ -218,8 +240,8 @@ class ModelManager:
                              f"({', '.join(c.name for c in pinned)}) but --models-max is {limits.max_models}")
         if not pinned or not (limits.memory_budget or limits.gpu_memory_budget):
             return
-        footprints = {c.name: estimate_footprint(c.settings, [self._gguf.read(p) for p in model_files(c.settings)],
-                                                 self._gpus) for c in pinned}
+        footprints = {c.name: self._estimate(c, [self._gguf.read(p) for p in model_files(c.settings)])
+                      for c in pinned}
         for kind, flag, budget, sizes in (
                 ("", "--memory-budget", limits.memory_budget, {n: f.memory for n, f in footprints.items()}),
                 ("GPU memory ", "--gpu-memory-budget", limits.gpu_memory_budget,
@@ -466,7 +488,8 @@ class ModelManager:
         config = self.catalog.models[model]
         port = free_port()
         try:
-            plan = launch_plan(config, self._engine, port)
+            settings = self.launch_settings(config)
+            plan = launch_plan(dataclasses.replace(config, settings=settings), self._engine, port)
             instance = Instance(model, plan, port, on_progress=lambda p: self._publish(
                 StatusEvent(model, Status.LOADING, progress=p)))
         except Exception as exc:
@@ -474,6 +497,7 @@ class ModelManager:
             return
         self._instances[model] = instance
         self._configs_in_use[model] = config
+        self._launched_with[model] = settings
         try:
             await instance.start()
         except Exception as exc:
@@ -493,6 +517,7 @@ class ModelManager:
         if self._instances.get(instance.model) is instance:
             del self._instances[instance.model]
             self._configs_in_use.pop(instance.model, None)
+            self._launched_with.pop(instance.model, None)
         self._dispatch(InstanceExited(instance.model, code, instance.failure_summary(code)))
 
     async def _stop_instance(self, model: str) -> None:

@@ -27,6 +27,7 @@ _COMPUTE_MARGIN = 64 * 2**20
 # has no sliding_window_pattern key: every Nth layer is full, the others keep only the window in their cache.
 _SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2}
 _AUTO_PARALLEL = 4  # llama-server's slots with --parallel -1 (auto)
+_OFF = ("off", "false", "0", "disabled")
 _SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mi": 2**20, "mib": 2**20, "g": 10**9, "gb": 10**9, "gi": 2**30, "gib": 2**30, "t": 10**12,
@@ -260,6 +261,37 @@ def estimate_footprint(settings: Mapping[str, str], facts: list[GgufFacts], gpu:
     kv_on_gpu = kv if settings.get("--kv-offload", "true").lower() in TRUTHY else 0
     offloaded = int((weights + kv_on_gpu) * share)
     return Footprint(weights + kv - offloaded + _COMPUTE_MARGIN, offloaded + margin)
+
+
+def fitted_settings(settings: Mapping[str, str], facts: list[GgufFacts], gpu: bool,
+                    budget: Footprint) -> Mapping[str, str]:
+    """Where llama-server would size the context itself (no -c, --fit on: its defaults) and the trained
+    context does not fit the budget, the settings with the largest -c that does, as --fit would choose it
+    from the memory it finds free, but from the budget (not below --fit-ctx). Otherwise `settings` as is."""
+    if not facts or _int(settings.get("--ctx-size"), 0) or settings.get("--fit", "on").lower() in _OFF:
+        return settings
+    if _within(estimate_footprint(settings, facts, gpu), budget):
+        return settings
+    slots = _int(settings.get("--parallel"), -1)
+    low = _int(settings.get("--fit-ctx"), 4096) * (slots if slots > 0 else 1) // 256
+    high = serving_context(settings, facts[0]) // 256
+    if low >= high:
+        return settings  # the trained context is already the smallest --fit would choose
+    while low < high:  # the largest multiple of 256 cells that fits
+        middle = (low + high + 1) // 2
+        if _within(estimate_footprint({**settings, "--ctx-size": str(middle * 256)}, facts, gpu), budget):
+            low = middle
+        else:
+            high = middle - 1
+    return {**settings, "--ctx-size": str(low * 256)}
+
+
+def _within(footprint: Footprint, budget: Footprint) -> bool:
+    return (not budget.memory or footprint.memory <= budget.memory) and (not budget.gpu or footprint.gpu <= budget.gpu)
+
+
+def fitted_footprint(settings: Mapping[str, str], facts: list[GgufFacts], gpu: bool, budget: Footprint) -> Footprint:
+    return estimate_footprint(fitted_settings(settings, facts, gpu, budget), facts, gpu)
 
 
 def offloaded_share(settings: Mapping[str, str], facts: GgufFacts) -> float:

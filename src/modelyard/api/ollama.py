@@ -25,7 +25,7 @@ from modelyard.config.durations import parse_duration
 from modelyard.config.options import TRUTHY
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.manager import ModelManager, ModelView
-from modelyard.memory import GgufFacts, model_files, serving_context
+from modelyard.memory import GgufFacts, model_files
 from modelyard.proxy import no_reuse_after_chunked
 from modelyard.scheduler import Status
 
@@ -78,14 +78,13 @@ def _tag_entry(manager: ModelManager, config: ModelConfig) -> dict[str, Any]:
 def _ps_entry(manager: ModelManager, view: ModelView) -> dict[str, Any]:
     config = view.config
     entry = _tag_entry(manager, config)
-    facts = manager.gguf_facts(config)
     expires = _FOREVER if view.expires_in is None else _iso(time.time() + view.expires_in)
     measured = view.measured_memory > 0
     gpu = view.measured_gpu_memory if measured else view.estimated_gpu_memory
     size = (view.measured_memory if measured else view.estimated_memory) + gpu
     return {"name": entry["name"], "model": entry["model"], "size": size,
             "digest": entry["digest"], "details": entry["details"], "expires_at": expires, "size_vram": gpu,
-            "context_length": serving_context(config.settings, facts[0]) if facts else 0}
+            "context_length": manager.served_context(config)}
 
 
 async def version(request: web.Request) -> web.Response:
@@ -507,7 +506,7 @@ async def show(request: web.Request) -> web.Response:
         arch = main.architecture
         info = {"general.architecture": arch, "general.parameter_count": main.parameters,
                 "general.size_label": main.size_label, "general.file_type_name": main.quantization,
-                f"{arch}.context_length": serving_context(config.settings, main),
+                f"{arch}.context_length": manager.served_context(config),
                 f"{arch}.block_count": main.block_count, f"{arch}.attention.head_count_kv": main.head_count_kv}
     capabilities = _capabilities(config, facts[0] if facts else None)
     context = info.get(f"{facts[0].architecture}.context_length", 0) if facts else 0
