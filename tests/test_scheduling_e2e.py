@@ -231,3 +231,23 @@ def test_a_model_too_big_for_the_gpu_budget_is_refused_at_once(tmp_path: Path, m
     message = reply.json()["error"]["message"]
     assert "of GPU memory but the budget is 0.05 GiB" in message and "--gpu-memory-budget" in message
     assert router.children() == [] and loads(router) == 0
+
+
+def test_a_model_without_ctx_size_gets_the_context_that_fits_the_budget(models_dir: Path,
+                                                                        start_router: Any) -> None:
+    """gemma3-270m needs about 445 MiB at its trained 32768 tokens and 361 MiB at 4096 (--fit-ctx): with a
+    400 MiB budget it is started with the largest -c that fits, as llama-server's --fit would do."""
+    router: Router = start_router("--models-dir", str(models_dir), "--memory-budget", "400MiB")
+    deadline = time.monotonic() + 60
+    while not entries(router)["gemma"]["memory"]["estimated"]:
+        assert time.monotonic() < deadline, "no memory estimate"
+        time.sleep(0.1)
+    assert entries(router)["gemma"]["memory"]["estimated"] <= 400 * 2**20
+    shown = router.client.post("/api/show", json={"model": "gemma"}).json()["model_info"]["gemma3.context_length"]
+    assert 4096 < shown < 32768 and shown % 256 == 0
+    reply = router.client.post("/v1/completions", json={"model": "gemma", "prompt": "Hi", "max_tokens": 1})
+    assert reply.status_code == 200
+    args = entries(router)["gemma"]["status"]["args"]
+    assert args[args.index("--ctx-size") + 1] == str(shown)
+    assert router.client.get("/props", params={"model": "gemma"}).json()["default_generation_settings"]["n_ctx"] \
+        <= shown
