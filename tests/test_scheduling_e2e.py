@@ -251,3 +251,19 @@ def test_a_model_without_ctx_size_gets_the_context_that_fits_the_budget(models_d
     assert args[args.index("--ctx-size") + 1] == str(shown)
     assert router.client.get("/props", params={"model": "gemma"}).json()["default_generation_settings"]["n_ctx"] \
         <= shown
+
+
+def test_pinned_models_beyond_the_gpu_budget_are_refused_at_start(tmp_path: Path,
+                                                                  demo_models: dict[str, Path]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    preset = tmp_path / "fleet.ini"
+    preset.write_text(f"[x]\nmodel = {demo_models['smollm2-135m-instruct']}\npin = true\n"
+                      f"[y]\nmodel = {demo_models['gemma3-270m']}\npin = true\n")
+    result = subprocess.run([sys.executable, "-m", "modelyard.cli", "serve", "--port", "0", "--models-preset",
+                             str(preset), "--gpu-memory-budget", "300MiB"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, **gpu_path(tmp_path)})
+    assert result.returncode != 0
+    assert "of GPU memory (x " in result.stderr and "but --gpu-memory-budget is 300 MiB" in result.stderr

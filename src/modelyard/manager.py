@@ -243,13 +243,13 @@ class ModelManager:
         footprints = {c.name: self._estimate(c, [self._gguf.read(p) for p in model_files(c.settings)])
                       for c in pinned}
         for kind, flag, budget, sizes in (
-                ("", "--memory-budget", limits.memory_budget, {n: f.memory for n, f in footprints.items()}),
-                ("GPU memory ", "--gpu-memory-budget", limits.gpu_memory_budget,
+                ("memory", "--memory-budget", limits.memory_budget, {n: f.memory for n, f in footprints.items()}),
+                ("GPU memory", "--gpu-memory-budget", limits.gpu_memory_budget,
                  {n: f.gpu for n, f in footprints.items()})):
             if budget and sum(sizes.values()) > budget:
                 detail = ", ".join(f"{name} {describe(size)}" for name, size in sizes.items())
-                raise ModelError(ErrorKind.BAD_REQUEST, f"pinned models need about {kind}"
-                                 f"{describe(sum(sizes.values()))} ({detail}) but {flag} is {describe(budget)}")
+                raise ModelError(ErrorKind.BAD_REQUEST, f"pinned models need about {describe(sum(sizes.values()))}"
+                                 f" of {kind} ({detail}) but {flag} is {describe(budget)}")
 
     @property
     def engine(self) -> Engine:
