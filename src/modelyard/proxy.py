@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
+from aiohttp.connector import Connection
 from multidict import CIMultiDict
 
 from modelyard.api.errors import error_body, error_response
@@ -27,6 +28,17 @@ _RESPONSE_DROP = frozenset({"server", "date", "transfer-encoding", "connection",
                             "access-control-allow-headers"})
 
 
+class _ChildResponse(aiohttp.ClientResponse):
+    """llama-server closes a connection after a chunked (streamed) answer without a `Connection: close`
+    header; reused, it fails the next request ("Server disconnected"). So such a connection is never pooled."""
+
+    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+        response = await super().start(connection)
+        if self.content_length is None and connection.protocol is not None:
+            connection.protocol.force_close()
+        return response
+
+
 def new_upstream_session(max_connections: int = 0) -> aiohttp.ClientSession:
     """The pooled client of one child: keep-alive connections, at most `max_connections` (0 = no limit), no
     timeout on long generations. Idle connections are dropped before the child's own 5 s keep-alive timeout,
@@ -34,7 +46,8 @@ def new_upstream_session(max_connections: int = 0) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=4)
     timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"))
+                                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                                 response_class=_ChildResponse)
 
 
 async def forward(request: web.Request, session: aiohttp.ClientSession, base_url: str, body: bytes,
@@ -49,16 +62,7 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, base_url
         return error_response(ErrorKind.UPSTREAM, f"could not reach the model's server: {exc}")
 
 
-def no_reuse_after_chunked(upstream: aiohttp.ClientResponse) -> None:
-    """llama-server closes a connection after a chunked (streamed) response without a `Connection: close`
-    header; reused, it fails the next request ("Server disconnected"). So such a connection is not pooled."""
-    protocol = upstream.connection.protocol if upstream.connection is not None else None
-    if upstream.content_length is None and protocol is not None:
-        protocol.force_close()
-
-
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    no_reuse_after_chunked(upstream)
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP)
     is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     length = upstream.content_length

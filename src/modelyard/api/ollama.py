@@ -26,7 +26,6 @@ from modelyard.config.options import TRUTHY
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.manager import ModelManager, ModelView
 from modelyard.memory import GgufFacts, model_files
-from modelyard.proxy import no_reuse_after_chunked
 from modelyard.scheduler import Status
 
 log = logging.getLogger(__name__)
@@ -384,7 +383,6 @@ async def _relay(request: web.Request, lease: Any, path: str, body: dict[str, An
 
 async def _stream(request: web.Request, upstream: aiohttp.ClientResponse, path: str, kind: str, model: str,
                   started: float, load_ns: int) -> web.StreamResponse:
-    no_reuse_after_chunked(upstream)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     try:
