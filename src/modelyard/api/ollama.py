@@ -7,8 +7,10 @@ Open WebUI and the ollama clients expect.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from modelyard.config.catalog import ModelConfig
 from modelyard.config.durations import parse_duration
 from modelyard.config.options import TRUTHY
 from modelyard.errors import ErrorKind, ModelError
-from modelyard.manager import ModelManager, ModelView
+from modelyard.manager import Lease, ModelManager, ModelView
 from modelyard.memory import GgufFacts, model_files
 from modelyard.scheduler import Status
 
@@ -149,6 +151,19 @@ class OllamaError(Exception):
 
 class UpstreamError(Exception):
     """An error event in the child's stream."""
+
+
+def _ollama_errors(handler: Handler) -> Handler:
+    """Answer a refused request in Ollama's shape, whichever step refused it."""
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except OllamaError as exc:
+            return _error(exc.status, exc.message)
+        except ModelError as error:
+            return _from_model_error(error)
+
+    return answer
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -287,10 +302,12 @@ async def _lifecycle(manager: ModelManager, model: str, keep_alive: float | None
     return web.json_response(body)
 
 
+@_ollama_errors
 async def chat(request: web.Request) -> web.StreamResponse:
     return await _complete(request, "chat")
 
 
+@_ollama_errors
 async def generate(request: web.Request) -> web.StreamResponse:
     return await _complete(request, "generate")
 
@@ -298,24 +315,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
     started = time.perf_counter()
     manager = request.app[CONTEXT].manager
-    try:
-        payload = await _read_request(request)
-        keep_alive = _keep_alive(payload)
-        model = payload["model"]
-        if kind == "chat":
-            empty = not payload.get("messages")
-        else:
-            empty = not payload.get("prompt") and not payload.get("suffix")
-        if empty:
-            return await _lifecycle(manager, model, keep_alive, kind)
-        path, upstream_body = _upstream_request(payload, kind)
-        _check_images(manager.resolve(model), payload, kind)
-        acquired = time.perf_counter()
-        lease = await manager.acquire(model, keep_alive=keep_alive)
-    except OllamaError as exc:
-        return _error(exc.status, exc.message)
-    except ModelError as error:
-        return _from_model_error(error)
+    payload = await _read_request(request)
+    keep_alive = _keep_alive(payload)
+    model = payload["model"]
+    asked = payload.get("messages") if kind == "chat" else payload.get("prompt") or payload.get("suffix")
+    if not asked:
+        return await _lifecycle(manager, model, keep_alive, kind)
+    path, upstream_body = _upstream_request(payload, kind)
+    _check_images(manager.resolve(model), payload, kind)
+    acquired = time.perf_counter()
+    lease = await manager.acquire(model, keep_alive=keep_alive)
     load_ns = int((time.perf_counter() - acquired) * 1e9)
     try:
         return await _relay(request, lease, path, upstream_body, kind, payload, started, load_ns)
@@ -365,20 +374,28 @@ def _with_usage(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "stream_options": {"include_usage": True}} if body["stream"] else body
 
 
-async def _relay(request: web.Request, lease: Any, path: str, body: dict[str, Any], kind: str,
+async def _relay(request: web.Request, lease: Lease, path: str, body: dict[str, Any], kind: str,
                  payload: dict[str, Any], started: float, load_ns: int) -> web.StreamResponse:
     model = payload["model"]
+    async with _upstream(lease, path, body) as upstream:
+        if not body["stream"]:
+            reply = orjson.loads(await upstream.read())
+            return web.json_response(_whole_answer(reply, path, kind, model, started, load_ns))
+        return await _stream(request, upstream, path, kind, model, started, load_ns)
+
+
+@contextlib.asynccontextmanager
+async def _upstream(lease: Lease, path: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+    """POST `body` to the child; a refusal becomes an OllamaError with the child's own words, a failure before
+    anything was sent to the client a 502 (once a stream has started, `_stream` reports failures in-band)."""
     try:
         async with lease.client.post(lease.base_url + path, data=orjson.dumps(body),
                                      headers={"Content-Type": "application/json"}) as upstream:
             if upstream.status != 200:
-                return _error(upstream.status, _upstream_message(await upstream.text()))
-            if not body["stream"]:
-                reply = orjson.loads(await upstream.read())
-                return web.json_response(_whole_answer(reply, path, kind, model, started, load_ns))
-            return await _stream(request, upstream, path, kind, model, started, load_ns)
-    except aiohttp.ClientError as exc:  # before anything was sent: an ordinary error reply
-        return _error(502, f"the model's server failed: {exc}")
+                raise OllamaError(upstream.status, _upstream_message(await upstream.text()))
+            yield upstream
+    except aiohttp.ClientError as exc:
+        raise OllamaError(502, f"the model's server failed: {exc}") from None
 
 
 async def _stream(request: web.Request, upstream: aiohttp.ClientResponse, path: str, kind: str, model: str,
@@ -486,17 +503,13 @@ def _line(kind: str, model: str, text: str, thinking: str) -> bytes:
     return orjson.dumps(out) + b"\n"
 
 
+@_ollama_errors
 async def show(request: web.Request) -> web.Response:
     """Model details for Continue, Aider and the ollama clients: `model_info` is always there and reports the
     context the instance really serves (-c), not the trained one, so clients do not overfill it."""
     manager = request.app[CONTEXT].manager
-    try:
-        payload = await _read_request(request)
-        config = manager.resolve(payload["model"])
-    except OllamaError as exc:
-        return _error(exc.status, exc.message)
-    except ModelError as error:
-        return _from_model_error(error)
+    payload = await _read_request(request)
+    config = manager.resolve(payload["model"])
     facts = manager.gguf_facts(config)
     info: dict[str, Any] = {}
     if facts:
@@ -541,10 +554,12 @@ def _capabilities(config: ModelConfig, facts: GgufFacts | None) -> list[str]:
     return capabilities
 
 
+@_ollama_errors
 async def embed(request: web.Request) -> web.Response:
     return await _embed(request, legacy=False)
 
 
+@_ollama_errors
 async def embeddings(request: web.Request) -> web.Response:
     return await _embed(request, legacy=True)
 
@@ -552,28 +567,20 @@ async def embeddings(request: web.Request) -> web.Response:
 async def _embed(request: web.Request, legacy: bool) -> web.Response:
     started = time.perf_counter()
     manager = request.app[CONTEXT].manager
-    try:
-        payload = await _read_request(request)
-        keep_alive = _keep_alive(payload)
-        raw = payload.get("prompt") if legacy else payload.get("input")
-        inputs = [raw] if isinstance(raw, str) else raw
-        if inputs is None or (isinstance(inputs, list) and not inputs):
-            return await _lifecycle(manager, payload["model"], keep_alive, "embed")
-        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
-            raise OllamaError(400, "input must be a string or a list of strings")
-        acquired = time.perf_counter()
-        lease = await manager.acquire(payload["model"], keep_alive=keep_alive)
-    except OllamaError as exc:
-        return _error(exc.status, exc.message)
-    except ModelError as error:
-        return _from_model_error(error)
+    payload = await _read_request(request)
+    keep_alive = _keep_alive(payload)
+    raw = payload.get("prompt") if legacy else payload.get("input")
+    inputs = [raw] if isinstance(raw, str) else raw
+    if inputs is None or (isinstance(inputs, list) and not inputs):
+        return await _lifecycle(manager, payload["model"], keep_alive, "embed")
+    if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+        raise OllamaError(400, "input must be a string or a list of strings")
+    acquired = time.perf_counter()
+    lease = await manager.acquire(payload["model"], keep_alive=keep_alive)
     load_ns = int((time.perf_counter() - acquired) * 1e9)
     try:
-        async with lease.client.post(lease.base_url + "/v1/embeddings", data=orjson.dumps({"input": inputs}),
-                                     headers={"Content-Type": "application/json"}) as upstream:
+        async with _upstream(lease, "/v1/embeddings", {"input": inputs}) as upstream:
             reply = orjson.loads(await upstream.read())
-            if upstream.status != 200:
-                return _error(upstream.status, (reply.get("error") or {}).get("message", str(reply)))
     finally:
         manager.release(lease)
     vectors = [item["embedding"] for item in sorted(reply["data"], key=lambda d: d["index"])]
