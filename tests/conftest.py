@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from modelyard.bench.processes import stop_gracefully
 from modelyard.demo import GEMMA3, SMOLLM2, default_models_dir
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
 
@@ -120,13 +121,7 @@ class Router:
         return children_of(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_gracefully(self.proc)
         self.client.close()
         self._log.close()
         leftovers = self.children()

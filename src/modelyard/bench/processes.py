@@ -76,13 +76,18 @@ class RouterProcess:
         return 0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_gracefully(self.proc)
+
+
+def stop_gracefully(proc: subprocess.Popen[bytes], grace: float = 30) -> None:
+    """SIGTERM (a router stops its children), then SIGKILL if it is still there after `grace` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def start_router(kind: str, binary: Path, source_args: list[str], max_models: int, workdir: Path,
