@@ -232,7 +232,7 @@ class ModelManager:
         return [f for f in (self._gguf.get(p) for p in model_files(config.settings)) if f is not None]
 
     def check_pinned(self) -> None:
-        """Refuse a configuration whose pinned models alone exceed --models-max or the memory budget."""
+        """Refuse a configuration whose pinned models alone exceed --models-max or a memory budget (host or GPU)."""
         pinned = [c for c in self.catalog.models.values() if c.pinned]
         limits = self._scheduler.limits
         if limits.max_models and len(pinned) > limits.max_models:
