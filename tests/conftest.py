@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from modelyard.bench.processes import stop_gracefully
+from modelyard.bench.processes import children_of, stop_gracefully
 from modelyard.demo import GEMMA3, SMOLLM2, default_models_dir
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
 
@@ -55,23 +55,6 @@ def models_dir(tmp_path: Path, demo_models: dict[str, Path]) -> Path:
     (directory / "smol-b.gguf").symlink_to(demo_models[SMOLLM2])
     (directory / "gemma.gguf").symlink_to(demo_models[GEMMA3])
     return directory
-
-
-def children_of(router_pid: int) -> list[int]:
-    """Every live process started by the router with that pid (it marks them with MODELYARD_PARENT_PID)."""
-    marker = f"MODELYARD_PARENT_PID={router_pid}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 class Router:

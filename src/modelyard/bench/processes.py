@@ -69,14 +69,47 @@ class RouterProcess:
         return (int(fields[11]) + int(fields[12])) / _TICKS
 
     def rss_bytes(self, peak: bool = True) -> int:
-        key = "VmHWM:" if peak else "VmRSS:"
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-        return 0
+        return rss_bytes(self.pid, peak)
+
+    def descriptors(self) -> int:
+        return open_descriptors(self.pid)
+
+    def children(self) -> list[int]:
+        return children_of(self.pid)
 
     def stop(self) -> None:
         stop_gracefully(self.proc)
+
+
+def rss_bytes(pid: int, peak: bool = False) -> int:
+    """Resident memory of a process now (VmRSS) or at its peak so far (VmHWM), from /proc/<pid>/status."""
+    key = "VmHWM:" if peak else "VmRSS:"
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def open_descriptors(pid: int) -> int:
+    """How many file descriptors a process holds open (sockets, pipes, files), from /proc/<pid>/fd."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def children_of(router_pid: int) -> list[int]:
+    """Every live process started by the router with that pid (it marks them with MODELYARD_PARENT_PID)."""
+    marker = f"MODELYARD_PARENT_PID={router_pid}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return sorted(found)
 
 
 def stop_gracefully(proc: subprocess.Popen[bytes], grace: float = 30) -> None:
@@ -91,7 +124,8 @@ def stop_gracefully(proc: subprocess.Popen[bytes], grace: float = 30) -> None:
 
 
 def start_router(kind: str, binary: Path, source_args: list[str], max_models: int, workdir: Path,
-                 engine_args: list[str], modelyard_args: tuple[str, ...] = ()) -> RouterProcess:
+                 engine_args: list[str], modelyard_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> RouterProcess:
     port = free_port()
     common = [*source_args, "--models-max", str(max_models), "--port", str(port), *engine_args]
     if kind == MODELYARD:
@@ -101,5 +135,6 @@ def start_router(kind: str, binary: Path, source_args: list[str], max_models: in
         command = [str(binary), *common]
     log = workdir / f"{kind.replace(' ', '-')}-{port}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env)
     return RouterProcess(kind, proc, f"http://127.0.0.1:{port}", log, time.monotonic())
