@@ -53,6 +53,23 @@ class ModelConfig:
     def model_path(self) -> str | None:
         return self.settings.get("--model")
 
+    @property
+    def has_projector(self) -> bool:
+        """Whether the model reads images: it is started with an mmproj file (from --models-dir or the preset)."""
+        return "--mmproj" in self.settings
+
+    def serves_embeddings(self, environ: Mapping[str, str]) -> bool:
+        """Whether its child answers the embedding endpoints. llama-server answers 501 "start it with
+        `--embeddings`" otherwise, which a modelyard user cannot do; so modelyard refuses before loading.
+        `--reranking` turns embeddings on in llama-server too, and children inherit the router's environment
+        (`environ`), so LLAMA_ARG_EMBEDDINGS there counts. Another engine (`cmd`) may serve them: we cannot
+        know, so it is not refused."""
+        if self.command is not None:
+            return True
+        flags = (self.settings.get("--embeddings"), self.settings.get("--reranking"),
+                 environ.get("LLAMA_ARG_EMBEDDINGS"), environ.get("LLAMA_ARG_RERANKING"))
+        return any(value is not None and value.lower() in TRUTHY for value in flags)
+
     def launch_signature(self) -> tuple[object, ...]:
         """What decides how the child is started: a change means a running instance must be restarted."""
         return (tuple(sorted(self.settings.items())), self.command)
@@ -170,7 +187,7 @@ def _scheduling(full: Mapping[str, Setting], name: str) -> dict[str, Any]:
             continue
         try:
             if key == "keep-alive":
-                out["keep_alive"] = parse_duration(setting.value)
+                out["keep_alive"] = parse_duration(setting.value, "keep-alive")
             elif key == "pin":
                 if setting.value.lower() not in TRUTHY | FALSEY:
                     raise ValueError("expected true or false")
