@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 
+POOL_IDLE_S = 5.5  # longer than both modelyard's (4 s) and llama-server's (5 s) keep-alive timeouts
+
 
 def new_session(concurrency: int) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import platform
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from modelyard import __version__
+from modelyard.bench import soak
+from modelyard.bench.fresh import AFTER_HEALTH_S
 from modelyard.bench.processes import MODELYARD, ROUTER_MODE
 from modelyard.bench.scenarios import KINDS, SCALE_START_LIMIT_S, Plan, Results
+from modelyard.demo import GEMMA3, SMOLLM2
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -45,8 +48,16 @@ def render(results: Results, plan: Plan, model: str, build: str, command: str) -
              f"- machine: {machine()}", f"- model: {model} (as models a, b, c)", f"- llama.cpp: {build}",
              f"- modelyard: {__version__}, Python {platform.python_version()}", f"- command: `{command}`",
              "- ratio = modelyard / router mode: below 1 means modelyard is faster or smaller.", ""]
-    lines += _overhead(results) + _streaming(results) + _cold(results) + _mixed(results)
-    lines += _cost(results) + _scale(results) + _busy(results, plan)
+    # A run restricted with --only has only some sections: each is written when its figures exist.
+    sections: list[tuple[object, Callable[[], list[str]]]] = [
+        (results.overhead, lambda: _overhead(results)), (results.streams, lambda: _streaming(results)),
+        (results.cold, lambda: _cold(results)), (results.mixed, lambda: _mixed(results)),
+        (results.rate, lambda: _cost(results)), (results.scale, lambda: _scale(results)),
+        (results.starved_wait, lambda: _busy(results, plan)), (results.fresh, lambda: _fresh(results)),
+        (results.soak, lambda: _soak(results.soak))]
+    for figures, section in sections:
+        if figures:
+            lines += section()
     return "\n".join(lines) + "\n"
 
 
@@ -146,13 +157,83 @@ def _busy(results: Results, plan: Plan) -> list[str]:
             f"| modelyard | {ours:.2f} s | {ratio(ours, theirs)} |", f"| llama-server router | {theirs:.2f} s | |", ""]
 
 
+def _fresh(results: Results) -> list[str]:
+    out = ["## 8. Swap right after start-up, over files never seen before", "",
+           f"Each router starts over fresh copies of {SMOLLM2} (model A) and {GEMMA3} (model B), with an empty "
+           f"cache directory and HOME; {AFTER_HEALTH_S:g} s after /health answers, a streamed request for A "
+           "(a cold load), then one for B (a swap, --models-max 1). Median of the rounds "
+           "(each round on new copies).", "",
+           "| router | rounds | /health after | A: first token | B (the swap): first token | total, A's request "
+           "to B's last token |", "|---|---|---|---|---|---|"]
+    medians: dict[str, tuple[float, float]] = {}
+    for kind in KINDS:
+        runs = results.fresh.get(kind, [])
+        if not runs:
+            continue
+        b_first = statistics.median(r.b_first_token for r in runs)
+        total = statistics.median(r.total for r in runs)
+        medians[kind] = (b_first, total)
+        each = " / ".join(f"{r.b_first_token:.2f}" for r in runs)
+        out.append(f"| {kind} | {len(runs)} | {statistics.median(r.health_after for r in runs):.2f} s | "
+                   f"{statistics.median(r.a_first_token for r in runs):.2f} s | {b_first:.2f} s ({each}) | "
+                   f"{total:.2f} s |")
+    if len(medians) == len(KINDS):
+        (ours_b, ours_total), (theirs_b, theirs_total) = medians[MODELYARD], medians[ROUTER_MODE]
+        held = "held" if ours_b <= theirs_b * 1.1 else "not met"
+        out += ["", f"Ratio modelyard / router mode: swap first token {ratio(ours_b, theirs_b)}, total "
+                    f"{ratio(ours_total, theirs_total)}. Bar (the swap no slower than router mode's, 10% for "
+                    f"noise): {held}."]
+    return [*out, ""]
+
+
+def _soak(result: soak.SoakResult | None) -> list[str]:
+    assert result is not None
+    totals = result.totals()
+    failures = soak.verdict(result)
+    outcomes = sorted(totals, key=lambda o: (not o.startswith("2"), o))
+    out = ["## 9. Soak (modelyard only)", "",
+           f"{result.requests} requests over 4 model names ({SMOLLM2} and {GEMMA3} under two names each, one with "
+           f"embeddings on), one route each, at concurrency {soak.CONCURRENCY} with --models-max "
+           f"{soak.MODELS_MAX}; {len(result.kills)} children SIGKILLed at seeded random moments (requests "
+           f"{', '.join(str(k[0]) for k in result.kills) or 'none'}). A request with no answer within "
+           f"{soak.REQUEST_TIMEOUT_S:.0f} s is a hang. Wall time {result.wall:.0f} s, "
+           f"p50 / p99 of the 2xx answers {pct(result.latencies, .5):.2f} / {pct(result.latencies, .99):.2f} s.",
+           "", "| route | " + " | ".join(outcomes) + " |", "|---" * (len(outcomes) + 1) + "|"]
+    for route, counts in [*result.outcomes.items(), ("all", totals)]:
+        out.append(f"| {route} | " + " | ".join(str(counts[o]) for o in outcomes) + " |")
+    mib = 2**20
+    out += ["", "| router | before | peak | after |", "|---|---|---|---|",
+            f"| RSS | {result.before.rss / mib:.1f} MiB | {result.peak.rss / mib:.1f} MiB | "
+            f"{result.after.rss / mib:.1f} MiB |",
+            f"| open descriptors | {result.before.descriptors} | {result.peak.descriptors} | "
+            f"{result.after.descriptors} |", "",
+            f"After: measured once idle ({result.settled_after:.1f} s after the last answer); "
+            f"{result.children_after} children left (--models-max {soak.MODELS_MAX}).", "",
+            "Bar: 0 hangs, 0 resets without a status, 0 truncated answers, RSS back within "
+            f"max({soak.RSS_SLACK_FRACTION:.0%}, {soak.RSS_SLACK_BYTES // mib} MiB) of the baseline, descriptors "
+            f"within {soak.FD_SLACK}, no more children than --models-max: "
+            + ("**held**." if not failures else f"**not met**: {'; '.join(failures)}.")]
+    if result.samples:
+        out += ["", "One answer of each kind that was not a 2xx:", ""]
+        out += [f"- {sample}" for sample in result.samples]
+    return [*out, ""]
+
+
 def plot(results: Results, directory: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    paths: list[Path] = []
+    if results.overhead:  # a run restricted with --only may have measured neither plot's figures
+        paths.append(_latency_cdf(plt, results, directory))
+    if all(("--models-max 1", kind) in results.mixed for kind in KINDS):
+        paths.append(_mixed_timeline(plt, results, directory))
+    return paths
+
+
+def _latency_cdf(plt: Any, results: Results, directory: Path) -> Path:
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for axis, endpoint in zip(axes, ("tokenize", "chat, 1 token"), strict=True):
         for (name, conc, kind, route), values in sorted(results.overhead.items()):
@@ -165,10 +246,13 @@ def plot(results: Results, directory: Path) -> list[Path]:
         axis.set_title(f"{endpoint}, concurrency 1")
         axis.legend(fontsize=8)
     figure.tight_layout()
-    paths.append(directory / "latency-cdf.png")
-    figure.savefig(paths[-1], dpi=110)
+    path = directory / "latency-cdf.png"
+    figure.savefig(path, dpi=110)
     plt.close(figure)
+    return path
 
+
+def _mixed_timeline(plt: Any, results: Results, directory: Path) -> Path:
     runs = {kind: results.mixed[("--models-max 1", kind)][0] for kind in KINDS}
     figure, axes = plt.subplots(len(runs), 1, figsize=(12, 2.2 * len(runs)), sharex=True)
     for axis, (kind, run) in zip(axes, runs.items(), strict=True):
@@ -176,10 +260,10 @@ def plot(results: Results, directory: Path) -> list[Path]:
         axis.set_title(f"{kind}: makespan {run['makespan']:.1f} s, {run['loads']} loads")
     axes[-1].set_xlabel("seconds since the workload started")
     figure.tight_layout()
-    paths.append(directory / "mixed-timeline.png")
-    figure.savefig(paths[-1], dpi=110)
+    path = directory / "mixed-timeline.png"
+    figure.savefig(path, dpi=110)
     plt.close(figure)
-    return paths
+    return path
 
 
 def _timeline(axis: Any, run: dict[str, Any]) -> None:

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from modelyard.bench.report import plot, render
-from modelyard.bench.scenarios import PLANS, Setup, run_all
-from modelyard.demo import GEMMA3, default_models_dir
+from modelyard.bench.scenarios import PLANS, SCENARIOS, Setup, run_all
+from modelyard.bench.soak import verdict
+from modelyard.demo import GEMMA3, SMOLLM2, default_models_dir
 from modelyard.engine.install import LLAMA_CPP_BUILD
 
 # Given to both routers, so every child runs with the same flags (modelyard would add --threads-http 64 itself).
@@ -20,11 +21,23 @@ from modelyard.engine.install import LLAMA_CPP_BUILD
 ENGINE_ARGS = ["-c", "2048", "--threads-http", "64", "--threads", "1"]
 
 
-def run_benchmark(mode: str, out: Path, binary: Path, log: Callable[[str], None]) -> Path:
+class SoakBarNotMet(RuntimeError):
+    """The soak's bar did not hold (a hang, a reset, a truncated answer, memory or descriptors not back)."""
+
+
+def run_benchmark(mode: str, out: Path, binary: Path, log: Callable[[str], None],
+                  only: frozenset[str] = frozenset(SCENARIOS)) -> Path:
+    """Run the scenarios in `only` and write the report; its path. Raises SoakBarNotMet, once the report is
+    written, when the soak ran and its bar did not hold, so that the exit status says so."""
+    unknown = sorted(only - set(SCENARIOS))
+    if unknown:
+        raise RuntimeError(f"unknown scenario {', '.join(unknown)}: choose from {', '.join(SCENARIOS)}")
     plan = PLANS[mode]
     model = default_models_dir() / f"{GEMMA3}.gguf"
-    if not model.is_file():
-        raise RuntimeError(f"{model} is missing: run `modelyard demo install`")
+    smollm2 = default_models_dir() / f"{SMOLLM2}.gguf"
+    for path in (model, smollm2):
+        if not path.is_file():
+            raise RuntimeError(f"{path} is missing: run `modelyard demo install`")
     directory = out / mode
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="modelyard-bench-") as tmp:
@@ -32,9 +45,9 @@ def run_benchmark(mode: str, out: Path, binary: Path, log: Callable[[str], None]
         models_dir.mkdir()
         for name in ("a", "b", "c"):
             (models_dir / f"{name}.gguf").symlink_to(model)
-        setup = Setup(binary, models_dir, Path(tmp), ENGINE_ARGS)
+        setup = Setup(binary, models_dir, Path(tmp), ENGINE_ARGS, smollm2, model)
         started = time.monotonic()
-        results = run_all(setup, plan, log)
+        results = run_all(setup, plan, log, only)
         log(f"measured in {time.monotonic() - started:.0f} s")
     command = shlex.join(["modelyard", "bench", "--mode", mode, *sys.argv[sys.argv.index(mode) + 1:]]
                          if mode in sys.argv else ["modelyard", "bench", "--mode", mode])
@@ -43,4 +56,7 @@ def run_benchmark(mode: str, out: Path, binary: Path, log: Callable[[str], None]
                              f"{LLAMA_CPP_BUILD} ({binary})", command))
     for path in plot(results, directory):
         log(f"plot: {path}")
+    failures = verdict(results.soak) if results.soak is not None else []
+    if failures:
+        raise SoakBarNotMet(f"the soak's bar did not hold: {'; '.join(failures)} (report: {report})")
     return report

@@ -15,8 +15,10 @@ from typing import Any
 
 import httpx
 
-from modelyard.bench.load import StatusRecorder, Stream, Timed, new_session, streamed_chat, timed_requests
+from modelyard.bench.fresh import FreshSwap, fresh_swap
+from modelyard.bench.load import POOL_IDLE_S, StatusRecorder, Stream, Timed, new_session, streamed_chat, timed_requests
 from modelyard.bench.processes import MODELYARD, ROUTER_MODE, RouterProcess, start_router
+from modelyard.bench.soak import MODELS_MAX, SoakResult, run_soak, write_sources
 
 KINDS = (MODELYARD, ROUTER_MODE)
 
@@ -35,13 +37,19 @@ class Plan:
     rate_requests: int
     scale_sizes: tuple[int, ...]
     busy_seconds: float
+    fresh_rounds: int
+    soak_requests: int
+    soak_kills: int
 
 
 PLANS = {
-    "smoke": Plan("smoke", 4, 1, 4, 1, 2, 2, 3, 1, 64, (50,), 4.0),
-    "quick": Plan("quick", 40, 2, 32, 6, 4, 4, 6, 1, 600, (1000,), 12.0),
-    "full": Plan("full", 300, 3, 64, 20, 6, 4, 6, 3, 4000, (1000, 10000), 20.0),
+    "smoke": Plan("smoke", 4, 1, 4, 1, 2, 2, 3, 1, 64, (50,), 4.0, 1, 50, 1),
+    "quick": Plan("quick", 40, 2, 32, 6, 4, 4, 6, 1, 600, (1000,), 12.0, 2, 1000, 5),
+    "full": Plan("full", 300, 3, 64, 20, 6, 4, 6, 3, 4000, (1000, 10000), 20.0, 3, 10000, 5),
 }
+
+# What `--only` can name, in the order a whole run measures them.
+SCENARIOS = ("hot-path", "swaps", "busy", "resident", "scale", "fresh-swap", "soak")
 
 
 @dataclass
@@ -50,6 +58,8 @@ class Setup:
     models_dir: Path
     workdir: Path
     engine_args: list[str]
+    smollm2: Path
+    gemma3: Path
     models: tuple[str, ...] = ("a", "b", "c")
 
 
@@ -65,9 +75,10 @@ class Results:
     cost: dict[str, dict[str, float]] = field(default_factory=dict)
     scale: dict[tuple[int, str], dict[str, float]] = field(default_factory=dict)
     starved_wait: dict[str, float] = field(default_factory=dict)
+    fresh: dict[str, list[FreshSwap]] = field(default_factory=dict)
+    soak: SoakResult | None = None
 
 
-_POOL_IDLE_S = 5.5  # longer than both modelyard's (4 s) and llama-server's (5 s) keep-alive timeouts
 MAX_WAIT_S = 3.0  # modelyard's --max-wait in the busy-model scenario (router mode has no such bound)
 SCALE_START_LIMIT_S = 600.0  # a router not answering /v1/models by then is reported as "did not start"
 
@@ -150,7 +161,7 @@ async def request_rate(running: dict[str, RouterProcess], targets: list[tuple[st
 
     for kind, route, base in targets:
         router = running[kind]
-        await asyncio.sleep(_POOL_IDLE_S)  # every idle connection of the previous target has been closed
+        await asyncio.sleep(POOL_IDLE_S)  # every idle connection of the previous target has been closed
         cpu_before = router.cpu_seconds()
         async with new_session(64) as session:
             timed: Timed = await timed_requests(session, base + "/tokenize", body, plan.rate_requests, 64)
@@ -269,25 +280,61 @@ def scale(setup: Setup, sizes: tuple[int, ...], results: Results) -> None:
 
 # -- everything, in one run ---------------------------------------------------------------------------------
 
-def run_all(setup: Setup, plan: Plan, log: Any) -> Results:
+# -- 8. a swap right after start-up over never-seen files -------------------------------------------------
+
+def fresh_swaps(setup: Setup, plan: Plan, results: Results) -> None:
+    """Rounds alternate which router goes first; each measurement starts a router over its own copies."""
+    for round_no in range(plan.fresh_rounds):
+        for kind in KINDS if round_no % 2 == 0 else tuple(reversed(KINDS)):
+            results.fresh.setdefault(kind, []).append(
+                fresh_swap(kind, setup.binary, setup.workdir, setup.smollm2, setup.gemma3, setup.engine_args))
+
+
+# -- 9. soak (modelyard only) ----------------------------------------------------------------------------------
+
+def soak(setup: Setup, plan: Plan, results: Results, log: Any) -> None:
+    sources = write_sources(setup.workdir, setup.smollm2, setup.gemma3)
+    router = start_router(MODELYARD, setup.binary, sources, MODELS_MAX, setup.workdir, setup.engine_args)
+    try:
+        router.wait_ready(120)
+        results.soak = asyncio.run(run_soak(router, plan.soak_requests, plan.soak_kills, log))
+    finally:
+        router.stop()
+
+
+# -- everything, in one run ---------------------------------------------------------------------------------
+
+def run_all(setup: Setup, plan: Plan, log: Any, only: frozenset[str] = frozenset(SCENARIOS)) -> Results:
+    """Every scenario named in `only` (all by default), in SCENARIOS' order."""
     results = Results()
-    log("1-2, 5: hot path, streaming and request rate (all models resident)")
-    with routers(setup, 4) as running:
-        asyncio.run(hot_path(running, plan, results))
-        for kind, router in running.items():
-            results.cost.setdefault(kind, {})["peak_rss"] = float(router.rss_bytes())
-    log("3-4: cold load, swaps and mixed workload with --models-max 1")
-    with routers(setup, 1) as running:
-        asyncio.run(cold_and_swaps(running, plan, results))
-        asyncio.run(mixed(running, plan, "--models-max 1", setup.models, results, preload=False))
-        for kind, router in running.items():
-            results.cost[kind]["cpu_seconds_models_max_1"] = router.cpu_seconds()
-    log(f"7: a request for b while a is kept busy (--models-max 1, modelyard --max-wait {MAX_WAIT_S:g})")
-    with routers(setup, 1, modelyard_args=("--max-wait", str(MAX_WAIT_S))) as running:
-        asyncio.run(busy_model(running, plan, results))
-    log("4: mixed workload with all three models resident")
-    with routers(setup, len(setup.models)) as running:
-        asyncio.run(mixed(running, plan, "all resident", setup.models, results, preload=True))
-    log(f"6: scale ({', '.join(str(s) for s in plan.scale_sizes)} registered models)")
-    scale(setup, plan.scale_sizes, results)
+    if "hot-path" in only:
+        log("1-2, 5: hot path, streaming and request rate (all models resident)")
+        with routers(setup, 4) as running:
+            asyncio.run(hot_path(running, plan, results))
+            for kind, router in running.items():
+                results.cost.setdefault(kind, {})["peak_rss"] = float(router.rss_bytes())
+    if "swaps" in only:
+        log("3-4: cold load, swaps and mixed workload with --models-max 1")
+        with routers(setup, 1) as running:
+            asyncio.run(cold_and_swaps(running, plan, results))
+            asyncio.run(mixed(running, plan, "--models-max 1", setup.models, results, preload=False))
+            for kind, router in running.items():
+                results.cost.setdefault(kind, {})["cpu_seconds_models_max_1"] = router.cpu_seconds()
+    if "busy" in only:
+        log(f"7: a request for b while a is kept busy (--models-max 1, modelyard --max-wait {MAX_WAIT_S:g})")
+        with routers(setup, 1, modelyard_args=("--max-wait", str(MAX_WAIT_S))) as running:
+            asyncio.run(busy_model(running, plan, results))
+    if "resident" in only:
+        log("4: mixed workload with all three models resident")
+        with routers(setup, len(setup.models)) as running:
+            asyncio.run(mixed(running, plan, "all resident", setup.models, results, preload=True))
+    if "scale" in only:
+        log(f"6: scale ({', '.join(str(s) for s in plan.scale_sizes)} registered models)")
+        scale(setup, plan.scale_sizes, results)
+    if "fresh-swap" in only:
+        log(f"8: a swap one second after start-up over never-seen copies ({plan.fresh_rounds} rounds)")
+        fresh_swaps(setup, plan, results)
+    if "soak" in only:
+        log(f"9: soak, modelyard only ({plan.soak_requests} requests, {plan.soak_kills} children killed)")
+        soak(setup, plan, results, log)
     return results

@@ -1,0 +1,41 @@
+"""`python -m modelyard.bench`: `modelyard bench` with a scenario filter (`--only soak --only fresh-swap`) and
+an exit status that tells the soak's bar apart from a broken harness: 0 when every scenario ran (and the soak's
+bar held, if it ran), 3 when the report was written but the soak's bar did not hold, 1 for anything else."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from modelyard.bench.run import SoakBarNotMet, run_benchmark
+from modelyard.bench.scenarios import SCENARIOS
+from modelyard.engine.locate import EngineNotFound, locate_llama_server
+
+BAR_NOT_MET = 3
+
+
+@click.command()
+@click.option("--mode", type=click.Choice(["smoke", "quick", "full"]), default="quick", show_default=True,
+              help="smoke: seconds, checks the harness; quick: a few minutes; full: the figures for the README.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True,
+              help="Where the report (<mode>/report.md) and plots go.")
+@click.option("--llama-server", "llama_server", envvar="LLAMA_SERVER", help="The binary both routers use.")
+@click.option("--only", multiple=True, type=click.Choice(SCENARIOS),
+              help="Run only this scenario (repeatable); default: all of them.")
+def main(mode: str, out: Path, llama_server: str | None, only: tuple[str, ...]) -> None:
+    """Benchmark modelyard against llama-server router mode, side by side in one run."""
+    try:
+        report = run_benchmark(mode, out, locate_llama_server(llama_server), lambda line: click.echo(line, err=True),
+                               frozenset(only or SCENARIOS))
+    except SoakBarNotMet as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(BAR_NOT_MET)
+    except (EngineNotFound, RuntimeError, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(report)
+
+
+if __name__ == "__main__":
+    main()

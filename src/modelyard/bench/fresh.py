@@ -1,0 +1,78 @@
+"""A swap right after start-up over files the router has never seen (issue 9, point 7's bar). Each router
+starts over fresh copies of the two demo models (real copies: new inodes, new mtimes) with an empty cache
+directory and HOME, so modelyard's GGUF and digest caches are empty and its background work (sha256 digests,
+GGUF parsing) runs exactly when the first requests do. One second after /health answers, a request for model
+A (a cold load), then one for B (a swap, `--models-max 1`): B's time to first token and the total. Router mode
+runs on its own fresh copies of the same files; the bar is that modelyard is no slower."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelyard.bench.load import new_session, streamed_chat
+from modelyard.bench.processes import RouterProcess, start_router
+
+A, B = "fresh-a", "fresh-b"
+AFTER_HEALTH_S = 1.0  # the scenario itself: the requests come one second after the router says it is up
+_TOKENS = 4
+
+# Variables that would point modelyard at an existing cache instead of the fresh one.
+_CACHE_ENV = ("MODELYARD_ENGINE_CACHE", "XDG_CACHE_HOME", "HOME")
+
+
+@dataclass(frozen=True)
+class FreshSwap:
+    health_after: float  # launch to /health answering
+    a_first_token: float  # A's request to its first token (a cold load)
+    b_first_token: float  # B's request to its first token (a swap)
+    total: float  # A's request to B's last token
+
+
+def fresh_env(home: Path, base: dict[str, str]) -> dict[str, str]:
+    """The environment of a router that has never run on this machine: its own HOME and cache directory
+    (install.cache_root reads MODELYARD_ENGINE_CACHE, then XDG_CACHE_HOME, then HOME); the engine binary is
+    given by path, so it is still shared."""
+    env = {k: v for k, v in base.items() if k not in _CACHE_ENV}
+    env["HOME"] = str(home)
+    env["XDG_CACHE_HOME"] = str(home / ".cache")
+    return env
+
+
+def fresh_copies(directory: Path, a_source: Path, b_source: Path) -> Path:
+    """A models dir holding real copies (not links) of the two files, as models A and B."""
+    models = directory / "models"
+    models.mkdir(parents=True)
+    shutil.copyfile(a_source.resolve(), models / f"{A}.gguf")
+    shutil.copyfile(b_source.resolve(), models / f"{B}.gguf")
+    return models
+
+
+async def _a_then_b(router: RouterProcess) -> tuple[float, float, float]:
+    async with new_session(2) as session:
+        started = time.perf_counter()
+        first = await streamed_chat(session, router.url, A, _TOKENS)
+        asked_b = time.perf_counter()
+        second = await streamed_chat(session, router.url, B, _TOKENS)
+        return first.first_token, second.first_token, asked_b - started + second.total
+
+
+def fresh_swap(kind: str, binary: Path, workdir: Path, a_source: Path, b_source: Path,
+               engine_args: list[str]) -> FreshSwap:
+    """One measurement: copies, a router over them, the two requests; the router and copies are removed."""
+    home = workdir / f"home-{kind.replace(' ', '-')}-{time.monotonic_ns()}"
+    models = fresh_copies(home, a_source, b_source)
+    router = start_router(kind, binary, ["--models-dir", str(models)], 1, workdir, engine_args,
+                          env=fresh_env(home, dict(os.environ)))
+    try:
+        health = router.wait_ready(120, "/health")
+        time.sleep(AFTER_HEALTH_S)
+        a_first, b_first, total = asyncio.run(_a_then_b(router))
+        return FreshSwap(health, a_first, b_first, total)
+    finally:
+        router.stop()
+        shutil.rmtree(home)  # the copies take disk space; the next round makes its own
