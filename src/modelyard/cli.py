@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from modelyard import __version__
 from modelyard.api.app import build_app
+from modelyard.api.auth import ApiKey, keys_from_list, read_keys_file
 from modelyard.api.context import AppContext, ServerSettings
-from modelyard.api.cors import CorsPolicy
+from modelyard.api.cors import CorsPolicy, exposure_warning, parse_allowed_hosts
 from modelyard.config.durations import parse_duration
 from modelyard.config.presets import ConfigError
 from modelyard.demo import default_models_dir, install_demo_models
@@ -51,9 +53,17 @@ def main() -> None:
 @click.option("--host", default="127.0.0.1", envvar="LLAMA_ARG_HOST", help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, envvar="LLAMA_ARG_PORT",
               help="Port to listen on.")
-@click.option("--api-key", envvar="LLAMA_API_KEY", help="Require this key (comma-separated list allowed).")
+@click.option("--api-key", envvar="LLAMA_API_KEY",
+              help="Require this key (comma-separated list allowed), with full access. Prefer LLAMA_API_KEY or "
+                   "--api-key-file: a command line is visible to every local user.")
 @click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              envvar="LLAMA_ARG_API_KEY_FILE", help="File of API keys, one per line; `#` lines are comments.")
+              envvar="LLAMA_ARG_API_KEY_FILE",
+              help="File of API keys: one per line (`#` comments, full access), or, named *.toml, [[key]] tables "
+                   "with key or key_env, scopes (admin, inference, read) and models (patterns).")
+@click.option("--allowed-hosts", envvar="MODELYARD_ALLOWED_HOSTS",
+              help="Host names served besides loopback ones (comma-separated, `*` wildcards; `*` = any). Bound to "
+                   "loopback, other Host values get 403 (DNS rebinding); bound elsewhere, Host is checked only "
+                   "when this is given.")
 @click.option("--cors-origins", envvar="LLAMA_ARG_CORS_ORIGINS",
               help="Browser origins allowed by CORS: `*` (echo any Origin, router mode's default), `localhost`, or "
                    "a comma-separated list (`*` wildcards). Default: Ollama's local and app origins; "
@@ -79,7 +89,8 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log child output and every request decision.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, models_autoload: bool,
-          host: str, port: int, api_key: str | None, api_key_file: Path | None, cors_origins: str | None,
+          host: str, port: int, api_key: str | None, api_key_file: Path | None, allowed_hosts: str | None,
+          cors_origins: str | None,
           ssl_key_file: str | None, ssl_cert_file: str | None, llama_server: str | None, max_queue: int,
           memory_budget: str, gpu_memory_budget: str, keep_alive: str, max_wait: str, verbose: bool,
           engine_args: tuple[str, ...]) -> None:
@@ -111,8 +122,12 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
         raise click.ClickException(exc.message) from None
     if bool(ssl_key_file) != bool(ssl_cert_file):
         raise click.ClickException("--ssl-key-file and --ssl-cert-file go together")
-    settings = ServerSettings(autoload=models_autoload, api_keys=_api_keys(api_key, api_key_file),
+    keys = _api_keys(api_key, api_key_file)
+    for warning in _exposure_warnings(host, keys, click.get_current_context().get_parameter_source("api_key")):
+        log.warning("%s", warning)
+    settings = ServerSettings(autoload=models_autoload, api_keys=keys,
                               cors=CorsPolicy.from_settings(cors_origins, os.environ.get("OLLAMA_ORIGINS", "")),
+                              bind_host=host, allowed_hosts=parse_allowed_hosts(allowed_hosts),
                               build_info=f"modelyard {__version__}, llama.cpp {LLAMA_CPP_BUILD} "
                                          f"({manager.engine.binary})")
     names = ", ".join(manager.catalog.models) or "none"
@@ -131,12 +146,22 @@ def _check_startup_models(manager: ModelManager, models_max: int) -> None:
                           f"--models-max is {models_max}")
 
 
-def _api_keys(api_key: str | None, api_key_file: Path | None) -> tuple[str, ...]:
-    keys = [k.strip() for k in (api_key or "").split(",") if k.strip()]
+def _api_keys(api_key: str | None, api_key_file: Path | None) -> tuple[ApiKey, ...]:
+    keys = keys_from_list(api_key, "--api-key")
     if api_key_file is not None:
-        lines = api_key_file.read_text().splitlines()
-        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    return tuple(keys)
+        try:
+            keys += read_keys_file(api_key_file)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+    return keys
+
+
+def _exposure_warnings(host: str, keys: tuple[ApiKey, ...], key_source: ParameterSource | None) -> list[str]:
+    warnings = [w for w in (exposure_warning(host, bool(keys)),) if w]
+    if key_source == ParameterSource.COMMANDLINE:  # not LLAMA_API_KEY, which only the same user can read
+        warnings.append("--api-key on the command line can be read by every local user in the process "
+                        "list (ps); pass it as LLAMA_API_KEY or in --api-key-file instead")
+    return warnings
 
 
 def _tls_context(cert: str, key: str) -> ssl.SSLContext:

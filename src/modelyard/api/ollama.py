@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from modelyard import __version__
+from modelyard.api import auth
 from modelyard.api.context import CONTEXT
 from modelyard.config.catalog import ModelConfig
 from modelyard.config.durations import parse_duration
@@ -98,14 +99,15 @@ async def root(request: web.Request) -> web.Response:
 
 async def tags(request: web.Request) -> web.Response:
     manager = request.app[CONTEXT].manager
-    models = [_tag_entry(manager, config) for config in manager.catalog.models.values()]
+    models = [_tag_entry(manager, config) for config in manager.catalog.models.values()
+              if auth.may_use(request, config)]
     return web.json_response({"models": models})
 
 
 async def ps(request: web.Request) -> web.Response:
     manager = request.app[CONTEXT].manager
     running = [_ps_entry(manager, view) for view in manager.models()
-               if view.status in (Status.LOADING, Status.LOADED)]
+               if view.status in (Status.LOADING, Status.LOADED) and auth.may_use(request, view.config)]
     return web.json_response({"models": running})
 
 
@@ -318,6 +320,7 @@ async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
     payload = await _read_request(request)
     keep_alive = _keep_alive(payload)
     model = payload["model"]
+    auth.require_named(request, model, manager.resolve)
     asked = payload.get("messages") if kind == "chat" else payload.get("prompt") or payload.get("suffix")
     if not asked:
         return await _lifecycle(manager, model, keep_alive, kind)
@@ -510,6 +513,7 @@ async def show(request: web.Request) -> web.Response:
     manager = request.app[CONTEXT].manager
     payload = await _read_request(request)
     config = manager.resolve(payload["model"])
+    auth.require_model(request, config)
     facts = manager.gguf_facts(config)
     info: dict[str, Any] = {}
     if facts:
@@ -568,6 +572,7 @@ async def _embed(request: web.Request, legacy: bool) -> web.Response:
     started = time.perf_counter()
     manager = request.app[CONTEXT].manager
     payload = await _read_request(request)
+    auth.require_named(request, payload["model"], manager.resolve)
     keep_alive = _keep_alive(payload)
     raw = payload.get("prompt") if legacy else payload.get("input")
     inputs = [raw] if isinstance(raw, str) else raw

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from modelyard.api import auth
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_response, from_model_error
 from modelyard.config.durations import parse_duration
@@ -39,6 +40,7 @@ async def _proxy(request: web.Request, model: str, body: bytes, keep_alive: floa
     context = request.app[CONTEXT]
     manager = context.manager
     try:
+        auth.require_named(request, model, manager.resolve)
         lease = await manager.acquire(model, autoload_flag(request, context.settings.autoload), keep_alive)
     except ModelError as error:
         return from_model_error(error)

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from modelyard import __version__
+from modelyard.api import auth
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_response, from_model_error
 from modelyard.api.openai import get_by_query_model
@@ -66,7 +67,7 @@ async def list_models(request: web.Request) -> web.Response:
         except ConfigError as exc:
             return error_response(ErrorKind.BAD_REQUEST, f"reload failed, keeping the current models: {exc}")
     created = int(context.settings.started_at)
-    data = [model_entry(view, created) for view in context.manager.models()]
+    data = [model_entry(view, created) for view in context.manager.models() if auth.may_use(request, view.config)]
     memory = context.manager.memory()
     return web.json_response({"object": "list", "data": data,
                               "memory": {"used": memory.used, "budget": memory.budget or None,
@@ -77,7 +78,9 @@ async def get_model(request: web.Request) -> web.Response:
     """GET /v1/models/{id}: one model, by id, alias or `id:latest`."""
     context = request.app[CONTEXT]
     try:
-        name = context.manager.resolve(request.match_info["model"]).name
+        config = context.manager.resolve(request.match_info["model"])
+        auth.require_model(request, config)
+        name = config.name
     except ModelError as error:
         return from_model_error(error)
     view = next(v for v in context.manager.models() if v.config.name == name)
@@ -92,6 +95,7 @@ async def _model_from_body(request: web.Request) -> str:
     model = payload.get("model") if isinstance(payload, dict) else None
     if not isinstance(model, str) or not model:
         raise ModelError(ErrorKind.MISSING_MODEL, "model name is missing from the request")
+    auth.require_named(request, model, request.app[CONTEXT].manager.resolve)
     return model
 
 
@@ -145,6 +149,8 @@ async def models_sse(request: web.Request) -> web.StreamResponse:
             else:
                 if event is None:
                     break
+                if event.model != "*" and not auth.may_use_named(request, manager.catalog, event.model):
+                    continue
                 frame = _sse_frame(event)
             try:
                 await response.write(frame)
