@@ -28,9 +28,11 @@ from modelyard.scheduler import (
     Acquire,
     Action,
     Cancel,
+    ChildUnhealthy,
     Event,
     Grant,
     InstanceExited,
+    KillInstance,
     Limits,
     LoadSucceeded,
     MemoryMeasured,
@@ -48,6 +50,7 @@ from modelyard.scheduler import (
     StopInstance,
     Tick,
     UnloadRequested,
+    unload_refusal,
 )
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -64,6 +67,8 @@ def summarize(actions: list[Action]) -> list[Summary]:
                 out.append(("start", model))
             case StopInstance(model=model):
                 out.append(("stop", model))
+            case KillInstance(model=model):
+                out.append(("kill", model))
             case Grant(request_id=rid, model=model):
                 out.append(("grant", rid, model))
             case Reject(request_id=rid, kind=kind):
@@ -783,7 +788,8 @@ def test_stale_leases_of_a_crashed_instance() -> None:
 
 # --- property test: random event sequences ----------------------------------------------------------------
 
-OPS = ("acquire", "acquire", "acquire", "release", "cancel", "load_ok", "exit", "unload", "change", "tick")
+OPS = ("acquire", "acquire", "acquire", "release", "cancel", "load_ok", "exit", "unload", "change", "tick",
+       "unhealthy", "killed")
 
 
 @dataclass
@@ -803,6 +809,7 @@ class Sim:
     # With max-wait in play, a model may be drained in the very step it leases its waiters (it has served
     # them, its minimum residency): then a Grant is checked against the status at the time of the grant only.
     drain_after_grant: bool = False
+    killed: set[str] = field(default_factory=set)  # models whose child the scheduler asked to kill
 
     def feed(self, event: Event) -> list[Action]:
         before = {name: (m.status, m.in_flight) for name, m in self.sched.models.items()}
@@ -831,6 +838,10 @@ class Sim:
                     assert status[model] == Status.STOPPING, where
                 case StartLoad(model=model):
                     assert status[model] == Status.LOADING, where
+                    self.killed.discard(model)
+                case KillInstance(model=model):
+                    assert status[model] in RUNNING, f"kill of {model} that is {status[model]}\n{where}"
+                    self.killed.add(model)
                 case Grant(request_id=rid, model=model):
                     assert rid in self.waiting, f"grant for a request not waiting: {rid}\n{where}"
                     assert status[model] == Status.LOADED, f"grant on a model not loaded then\n{where}"
@@ -877,6 +888,10 @@ class Sim:
             self.feed(Cancel(rid))
         elif op == "load_ok" and (loading := self.models_in(Status.LOADING)):
             self.feed(LoadSucceeded(loading[pick % len(loading)]))
+        elif op == "unhealthy" and (running := self.models_in(*RUNNING)):
+            self.feed(ChildUnhealthy(running[pick % len(running)], "wedged"))
+        elif op == "killed" and (dying := self.dying()):
+            self.crash(dying[pick % len(dying)])
         elif op == "exit" and (running := self.models_in(*RUNNING)):
             name = running[pick % len(running)]
             if self.sched.models[name].status == Status.STOPPING:
@@ -907,6 +922,8 @@ class Sim:
                 rid = min(self.leases)
                 del self.leases[rid]
                 self.feed(Release(rid))
+            elif dying := self.dying():
+                self.crash(dying[0])
             elif stopping := self.models_in(Status.STOPPING):
                 self.feed(InstanceExited(stopping[0], 0))
             elif loading := self.models_in(Status.LOADING):
@@ -914,6 +931,10 @@ class Sim:
             else:
                 return
         raise AssertionError("no quiescence after 1000 steps\n" + "\n".join(self.log))
+
+    def dying(self) -> list[str]:
+        """Models whose child was killed and has not exited yet."""
+        return sorted(m for m in self.killed if m in self.sched.models and self.sched.models[m].status in RUNNING)
 
 
 op_strategy = st.tuples(st.sampled_from(OPS), st.integers(0, 11), st.booleans())
@@ -983,7 +1004,7 @@ SCHEDULING_SCENARIOS = [
         "keep-alive-timer-starts-when-the-last-request-ends-not-at-grant",
         limits=KA,
         steps=[
-            At(0, Acquire(1, "A"), [start("A")], 1000.0),  # only the waiter's max-wait
+            At(0, Acquire(1, "A"), [start("A")], 600.0),  # the load's load-timeout, before the max-wait
             At(1, loaded("A"), [grant(1, "A")], None),  # leased at once: no timer
             At(2, Acquire(2, "A"), [grant(2, "A")], None),
             At(20, Tick(), [], None),  # long past grant + 10 s, but busy
@@ -994,6 +1015,45 @@ SCHEDULING_SCENARIOS = [
             At(41, exited("A"), [], None),
         ],
         final={"A": Status.UNLOADED},
+    ),
+    Scenario(
+        "load-timeout-kills-a-load-that-never-becomes-ready-and-fails-its-waiters",
+        limits=Limits(max_models=1, load_timeout=60.0, max_wait=1000.0),
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")], 60.0),
+            At(10, Acquire(2, "A"), [], 60.0),
+            At(59, Tick(), [], 60.0),
+            At(60, Tick(), [("kill", "A")], 1000.0),  # only the max-wait of the waiters is left
+            At(60.5, loaded("A"), [], 1000.0),  # ready just too late: a child being killed serves no one
+            At(61, exited("A", -9, "llama-server was killed by a signal: loading tensors"),
+               {reject(1, ErrorKind.LOAD_FAILED), reject(2, ErrorKind.LOAD_FAILED)}, None),
+            At(62, Acquire(3, "A"), [start("A")], 122.0),  # the next request loads it again, with a new timeout
+        ],
+        final={"A": Status.LOADING},
+    ),
+    Scenario(
+        "load-timeout-zero-waits-for-ever",
+        limits=Limits(max_models=1, load_timeout=0.0, max_wait=1000.0),
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")], 1000.0),
+            At(5000, Tick(), [], None),
+            At(5001, loaded("A"), [grant(1, "A")], None),
+        ],
+        final={"A": Status.LOADED},
+    ),
+    Scenario(
+        "an-unhealthy-loaded-child-is-killed-takes-no-new-requests-and-reloads-for-the-next",
+        limits=Limits(max_models=1, max_wait=1000.0),
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, ChildUnhealthy("A", "no byte for 120 s"), [("kill", "A")]),
+            At(3, Acquire(2, "A"), []),  # waits: the dying child is not leased
+            At(4, exited("A", -9, "killed"), [start("A")]),
+            At(5, Release(1), []),  # the stale lease of the dead child
+            At(6, loaded("A"), [grant(2, "A")]),
+        ],
+        final={"A": Status.LOADED},
     ),
     Scenario(
         "keep-alive-late-tick-still-stops",
@@ -1813,7 +1873,8 @@ def test_next_deadline_is_in_the_future_after_a_drained_model_is_released(keep_a
 # --- property test: memory budget, pins, keep-alive and time ------------------------------------------------
 
 BUDGET_OPS = ("acquire", "acquire", "acquire", "release", "release", "cancel", "load_ok", "load_ok", "exit",
-              "unload", "change", "measure", "tick", "tick", "deadline", "wait_out", "remove", "add")
+              "unload", "change", "measure", "tick", "tick", "deadline", "wait_out", "remove", "add", "unhealthy",
+              "killed")
 REQUEST_KEEP_ALIVES = (None, None, None, 0.0, 3.0, -1.0)
 
 
@@ -1835,7 +1896,7 @@ class BudgetSim(Sim):
         if isinstance(event, Shutdown):
             self.shut_down = True
         match event:  # the model this event explicitly stops, if any: the only way a pinned model may go
-            case UnloadRequested(model=named) | ModelRemoved(model=named):
+            case UnloadRequested(model=named) | ModelRemoved(model=named) | ChildUnhealthy(model=named):
                 pass
             case ModelChanged(spec=changed, restart=True):
                 named = changed.name
@@ -1924,6 +1985,9 @@ class BudgetSim(Sim):
                 rid = min(self.leases)
                 del self.leases[rid]
                 self.feed(Release(rid))
+            elif dying := self.dying():
+                self.now += 1.0
+                self.crash(dying[0])
             elif stopping := self.models_in(Status.STOPPING):
                 self.now += 1.0
                 self.feed(InstanceExited(stopping[0], 0))
@@ -1994,3 +2058,32 @@ def test_random_sequences_keep_the_budget_pins_and_answer_every_request(
     assert sim.sched.lease_owner == {}, where
     assert sim.sched.running_count() <= limits.max_models, where
     assert not sim.models_in(Status.LOADING, Status.STOPPING), where
+
+
+def test_a_killed_child_fails_with_the_kill_reason_and_the_childs_last_words() -> None:
+    sched = Scheduler(["A"], Limits(max_models=1, load_timeout=30.0))
+    sched.handle(Acquire(1, "A"), 0)
+    sched.handle(Tick(), 30)
+    actions = sched.handle(exited("A", -9, "llama-server was killed by a signal: load_tensors: 40%"), 31)
+    message = next(a.message for a in actions if isinstance(a, Reject))
+    assert message == ("model 'A' failed to load: not ready within 30 s (load-timeout); "
+                       "llama-server was killed by a signal: load_tensors: 40%")
+    assert sched.models["A"].status == Status.FAILED
+    assert sched.models["A"].failure.startswith("not ready within 30 s (load-timeout)")
+
+
+def test_retry_after_is_decided_by_the_core() -> None:
+    sched = Scheduler(["A"], Limits(max_models=1, max_queue=1))
+    sched.handle(Acquire(1, "A"), 0)
+    full = [a for a in sched.handle(Acquire(2, "A"), 0) if isinstance(a, Reject)]
+    assert [(a.kind, a.retry_after) for a in full] == [(ErrorKind.QUEUE_FULL, 1.0)]
+    down = [a for a in sched.handle(Shutdown(), 1) if isinstance(a, Reject)]
+    assert [(a.kind, a.retry_after) for a in down] == [(ErrorKind.SHUTTING_DOWN, 5.0)]
+
+
+@pytest.mark.parametrize(("status", "refused"), [
+    (Status.UNLOADED, True), (Status.FAILED, True), (Status.LOADING, False), (Status.LOADED, False),
+    (Status.STOPPING, False),
+])
+def test_unload_validity(status: Status, refused: bool) -> None:
+    assert bool(unload_refusal(status, "A")) == refused

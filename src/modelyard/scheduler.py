@@ -19,7 +19,10 @@ Invariants kept here:
   (draining) it keeps its child, stopped when the last lease is released; its waiters wait for its next load;
 - swap-aware: a loaded model serves every request queued for it, so requests are served grouped by model,
   and an idle model is evicted only for a waiting one; but no request waits longer than `max_wait` behind
-  other models' batches: once it has, the models in its way are drained even though they are busy.
+  other models' batches: once it has, the models in its way are drained even though they are busy;
+- no request waits on a wedged child: a load that is not ready within its `load_timeout` is killed and its
+  waiters get the reason; a loaded child the shell's watchdog reports unhealthy (`ChildUnhealthy`) is killed,
+  takes no new requests, and its next request loads it again.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class ModelSpec:
     priority: int = 0
     keep_alive: float | None = None  # seconds idle before unloading; None = the scheduler's default; <0 never
     concurrency_limit: int = 0  # requests in flight + queued for this model; 0 = no limit
+    load_timeout: float | None = None  # seconds a load may take; None = the scheduler's default; 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class Limits:
     gpu_memory_budget: int = 0  # bytes over all GPUs; 0 = unlimited (or no GPU)
     keep_alive: float = FOREVER
     max_wait: float = 30.0
+    load_timeout: float = 600.0  # large models on slow disks take minutes; 0 = no limit
 
 
 # --- events -----------------------------------------------------------------------------------------------
@@ -113,6 +118,15 @@ class MemoryMeasured:
 
 
 @dataclass(frozen=True)
+class ChildUnhealthy:
+    """The shell's watchdog found the model's child wedged (no byte on any request for the stall timeout, and
+    no answer to a probe) or failing its health checks."""
+
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class UnloadRequested:
     model: str
     reason: str = "unload requested"
@@ -147,7 +161,7 @@ class Shutdown:
 
 
 Event = (Acquire | Release | Cancel | LoadSucceeded | InstanceExited | MemoryMeasured | UnloadRequested
-         | ModelAdded | ModelRemoved | ModelChanged | Tick | Shutdown)
+         | ModelAdded | ModelRemoved | ModelChanged | Tick | Shutdown | ChildUnhealthy)
 
 
 # --- actions ----------------------------------------------------------------------------------------------
@@ -165,6 +179,14 @@ class StopInstance:
 
 
 @dataclass(frozen=True)
+class KillInstance:
+    """Kill the model's child at once (no grace): it is wedged. Its exit comes back as InstanceExited."""
+
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Grant:
     request_id: int
     model: str
@@ -175,6 +197,7 @@ class Reject:
     request_id: int
     kind: ErrorKind
     message: str
+    retry_after: float | None = None  # seconds a client should wait before trying again (503/429)
 
 
 @dataclass(frozen=True)
@@ -185,7 +208,7 @@ class StatusChanged:
     reason: str = ""
 
 
-Action = StartLoad | StopInstance | Grant | Reject | StatusChanged
+Action = StartLoad | StopInstance | KillInstance | Grant | Reject | StatusChanged
 
 
 # --- state ------------------------------------------------------------------------------------------------
@@ -206,6 +229,8 @@ class ModelState:
     measured_gpu: int = 0  # peak GPU bytes measured alongside
     keep_alive: float | None = None  # set by the last request that asked; overrides the spec
     expires_at: float | None = None  # when an idle loaded model's keep-alive ends
+    load_deadline: float | None = None  # when a loading model's load-timeout ends
+    kill_reason: str = ""  # why its current child is being killed (load timeout, watchdog)
 
     @property
     def name(self) -> str:
@@ -272,6 +297,7 @@ class Scheduler:
         # Indexes over `models`, so that a request to a loaded model costs the same with 10 or 10,000 models.
         self._expiring: set[str] = set()  # models with a keep-alive deadline
         self._draining: set[str] = set()  # stopping models whose in-flight requests are finishing
+        self._loading: set[str] = set()  # loading models with a load deadline
         self.shutting_down = False
         self.now = 0.0
 
@@ -305,6 +331,7 @@ class Scheduler:
     def next_deadline(self) -> float | None:
         """When the next Tick could change something: a keep-alive ending or a waiter reaching max_wait."""
         deadlines = [e for e in (self.models[n].expires_at for n in self._expiring) if e is not None]
+        deadlines += [d for d in (self.models[n].load_deadline for n in self._loading) if d is not None]
         deadlines += [w.since + self.limits.max_wait for w in self.queue
                       if w.since + self.limits.max_wait > self.now]
         return min(deadlines, default=None)
@@ -338,6 +365,8 @@ class Scheduler:
                 self._change(spec, restart, actions)
             case Shutdown():
                 self._shutdown(actions)
+            case ChildUnhealthy(model=name, reason=reason):
+                self._unhealthy(name, reason, actions)
             case Tick():
                 pass
         self._schedule(actions)
@@ -349,7 +378,7 @@ class Scheduler:
         refusal = self._refusal(event, model)
         if refusal is not None:
             kind, message = refusal
-            actions.append(Reject(event.request_id, kind, message))
+            actions.append(Reject(event.request_id, kind, message, retry_after(kind)))
         else:
             self.queue.append(Waiter(event.request_id, event.model, self.now, event.autoload, event.keep_alive))
 
@@ -412,8 +441,9 @@ class Scheduler:
 
     def _loaded(self, name: str, actions: list[Action]) -> None:
         model = self.models[name]
-        if model.status != Status.LOADING:
-            return
+        if model.status != Status.LOADING or model.kill_reason:
+            return  # a child being killed (its load timed out just before it became ready) serves no one
+        self._set_load_deadline(model, None)
         model.last_used = model.loaded_at = self.now
         self._set_status(model, Status.LOADED, actions)
         self._start_idle_timer(model)
@@ -423,23 +453,43 @@ class Scheduler:
         if model is None:
             return
         was = model.status
+        killed, model.kill_reason = model.kill_reason, ""
+        reason = f"{killed}; {event.reason}" if killed and event.reason else killed or event.reason
         model.exit_code = event.exit_code
+        self._set_load_deadline(model, None)
         self._set_draining(model, False)
         model.keep_alive = None  # a request's keep-alive applies to the instance it was sent to
         self._set_expiry(model, None)
         model.leases.clear()  # requests on the dead instance fail on their own; they hold nothing now
-        if was == Status.STOPPING:
+        if was == Status.STOPPING and not killed:
             model.failure = ""
             self._set_status(model, Status.UNLOADED, actions, event.exit_code)
         else:
-            model.failure = event.reason
-            self._set_status(model, Status.FAILED, actions, event.exit_code, event.reason)
+            model.failure = reason
+            self._set_status(model, Status.FAILED, actions, event.exit_code, reason)
         if was == Status.LOADING:
             for waiter in self._take_waiters(event.model):
                 actions.append(Reject(waiter.request_id, ErrorKind.LOAD_FAILED,
-                                      f"model '{event.model}' failed to load: {event.reason}"))
+                                      f"model '{event.model}' failed to load: {reason}"))
         if model.removed:
             del self.models[event.model]
+
+    def _unhealthy(self, name: str, reason: str, actions: list[Action]) -> None:
+        """Kill a wedged child now. Loaded, it becomes `stopping` (no new leases; requests queued meanwhile load
+        it again once it is gone); loading, its waiters fail with the reason when it exits."""
+        model = self.models.get(name)
+        if model is None or model.status not in RUNNING or model.kill_reason:
+            return
+        self._kill(model, reason, actions)
+
+    def _kill(self, model: ModelState, reason: str, actions: list[Action]) -> None:
+        model.kill_reason = reason
+        self._set_expiry(model, None)
+        self._set_load_deadline(model, None)
+        self._set_draining(model, False)
+        if model.status == Status.LOADED:
+            self._set_status(model, Status.STOPPING, actions, reason=reason)
+        actions.append(KillInstance(model.name, reason))
 
     def _unload(self, name: str, reason: str, actions: list[Action]) -> None:
         """An explicit unload of a loading model cancels the load: its waiters fail instead of reloading it."""
@@ -495,14 +545,27 @@ class Scheduler:
     def _shutdown(self, actions: list[Action]) -> None:
         self.shutting_down = True
         for waiter in self.queue:
-            actions.append(Reject(waiter.request_id, ErrorKind.SHUTTING_DOWN, "modelyard is shutting down"))
+            actions.append(Reject(waiter.request_id, ErrorKind.SHUTTING_DOWN, "modelyard is shutting down",
+                                  retry_after(ErrorKind.SHUTTING_DOWN)))
         self.queue = []
         for model in self.models.values():
             self._drain(model.name, "shutting down", actions)
 
+    def _expire_loads(self, actions: list[Action]) -> None:
+        for model in [self.models[n] for n in self._loading]:
+            deadline = model.load_deadline
+            if deadline is not None and deadline <= self.now and model.status == Status.LOADING:
+                timeout = self._load_timeout(model)
+                self._kill(model, f"not ready within {timeout:g} s (load-timeout)", actions)
+
+    def _load_timeout(self, model: ModelState) -> float:
+        timeout = model.spec.load_timeout
+        return self.limits.load_timeout if timeout is None else timeout
+
     # -- the decision pass, run after every event --
     def _schedule(self, actions: list[Action]) -> None:
         self._grant_ready(actions)
+        self._expire_loads(actions)
         self._stop_drained(actions)
         self._expire_keep_alive(actions)
         self._reject_without_autoload(actions)
@@ -560,6 +623,8 @@ class Scheduler:
                 continue
             if claimed == Room() and self._fits(model, freed=Room()):
                 self._set_status(model, Status.LOADING, actions)
+                timeout = self._load_timeout(model)
+                self._set_load_deadline(model, self.now + timeout if timeout > 0 else None)
                 actions.append(StartLoad(name, f"{self.queued_for(name)} request(s) waiting"))
                 continue
             room = self._make_room(model, overdue, claimed, actions)
@@ -628,6 +693,13 @@ class Scheduler:
         else:
             self._expiring.add(model.name)
 
+    def _set_load_deadline(self, model: ModelState, deadline: float | None) -> None:
+        model.load_deadline = deadline
+        if deadline is None:
+            self._loading.discard(model.name)
+        else:
+            self._loading.add(model.name)
+
     def _set_draining(self, model: ModelState, draining: bool) -> None:
         model.draining = draining
         if draining:
@@ -650,6 +722,24 @@ class Scheduler:
                     reason: str = "") -> None:
         model.status = status
         actions.append(StatusChanged(model.name, status, exit_code, reason))
+
+
+def retry_after(kind: ErrorKind) -> float | None:
+    """How long a refused client should wait before trying again: soon for a full queue or a busy model (a
+    slot frees as soon as one request ends), and not at all for refusals that waiting does not cure."""
+    if kind in (ErrorKind.QUEUE_FULL, ErrorKind.BUSY):
+        return 1.0
+    if kind == ErrorKind.SHUTTING_DOWN:
+        return 5.0  # a supervisor restarting modelyard takes a few seconds
+    return None
+
+
+def unload_refusal(status: Status, name: str) -> str:
+    """Why an explicit unload of a model in `status` is refused, or "" when it may go ahead (a stopping model
+    is already on its way out: nothing to do, and no error)."""
+    if status in (Status.LOADING, Status.LOADED, Status.STOPPING):
+        return ""
+    return f"model '{name}' is not running"
 
 
 def _gib(size: int) -> str:
