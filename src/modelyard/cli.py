@@ -20,6 +20,7 @@ from modelyard.api.app import build_app
 from modelyard.api.auth import ApiKey, keys_from_list, read_keys_file
 from modelyard.api.context import AppContext, ServerSettings
 from modelyard.api.cors import CorsPolicy, exposure_warning, parse_allowed_hosts
+from modelyard.api.server import ConnectionLimits, LimitedSite, bind_error_message, raise_descriptor_limit
 from modelyard.config.durations import parse_duration
 from modelyard.config.presets import ConfigError
 from modelyard.demo import default_models_dir, install_demo_models
@@ -181,16 +182,20 @@ def _loop_factory() -> type[asyncio.AbstractEventLoop] | None:
 async def _serve(context: AppContext, host: str, port: int, tls: ssl.SSLContext | None) -> None:
     from aiohttp import web
 
+    limits = ConnectionLimits.for_descriptor_limit(raise_descriptor_limit())  # before any child inherits it
     # In-flight requests get a short grace period on SIGTERM; then every child is stopped.
     runner = web.AppRunner(build_app(context), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=SHUTDOWN_GRACE_S)
+                           shutdown_timeout=SHUTDOWN_GRACE_S, keepalive_timeout=limits.keepalive_timeout)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls).start()
+        try:
+            await LimitedSite(runner, host, port, limits=limits, reuse_address=True, ssl_context=tls).start()
+        except OSError as exc:  # in use, a low port, a bad --host: one line, and `finally` stops the children
+            raise click.ClickException(bind_error_message(host, port, exc)) from None
         await stop.wait()
         log.info("shutting down: stopping every model")
     finally:
