@@ -6,15 +6,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+from modelyard.bench.__main__ import BAR_NOT_MET
+
 
 def test_bench_smoke_mode_writes_a_report_and_plots(tmp_path: Path, demo_models: object,
                                                     llama_server: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "modelyard.cli", "bench", "--mode", "smoke", "--out",
-                             str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([sys.executable, "-m", "modelyard.bench", "--mode", "smoke", "--out", str(tmp_path),
+                             "--llama-server", str(llama_server)], capture_output=True, text=True, timeout=600)
+    # The soak's bar is the to meet, not the harness's: exit 3 says the report was written and the
+    # bar did not hold (the report says why); anything else non-zero is a broken harness.
+    assert result.returncode in (0, BAR_NOT_MET), result.stderr[-3000:]
     report = (tmp_path / "smoke" / "report.md").read_text()
-    for section in ("Hot-path overhead", "Streaming", "Cold load", "Mixed workload", "Router cost", "Scale"):
+    for section in ("Hot-path overhead", "Streaming", "Cold load", "Mixed workload", "Router cost", "Scale",
+                    "Swap right after start-up", "Soak (modelyard only)"):
         assert section in report
     assert "| modelyard |" in report and "| llama-server router |" in report
+    assert ("**held**" in report) == (result.returncode == 0)
     for plot in ("latency-cdf.png", "mixed-timeline.png"):
         assert (tmp_path / "smoke" / plot).read_bytes().startswith(b"\x89PNG")

@@ -83,7 +83,16 @@ class RouterProcess:
 
 def rss_bytes(pid: int, peak: bool = False) -> int:
     """Resident memory of a process now (VmRSS) or at its peak so far (VmHWM), from /proc/<pid>/status."""
-    key = "VmHWM:" if peak else "VmRSS:"
+    return _status_bytes(pid, "VmHWM:" if peak else "VmRSS:")
+
+
+def anon_bytes(pid: int) -> int:
+    """The anonymous part of its resident memory (RssAnon: heap and stacks), without the file pages it maps
+    (a GGUF file read through mmap counts in VmRSS while its pages stay cached, and is not a leak)."""
+    return _status_bytes(pid, "RssAnon:")
+
+
+def _status_bytes(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key):
             return int(line.split()[1]) * 1024
