@@ -169,13 +169,23 @@ def test_sse_reports_every_status_change_with_one_event_name(fleet: Any) -> None
     assert [e["data"]["status"] for e in events if e["model"] == "b"] == ["loading", "loaded"]
 
 
+async def in_flight_on_loaded(client: httpx.AsyncClient, model: str) -> None:
+    """Until a request is in flight on the loaded model (an unload before that would cancel its load)."""
+    for _ in range(1000):
+        entry = next(m for m in (await client.get("/models")).json()["data"] if m["id"] == model)
+        if entry["in_flight"] == 1 and entry["status"]["value"] == "loaded":
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no request in flight on {model}")
+
+
 def test_unload_drains_then_stops(fleet: Any) -> None:
     router = fleet()
 
     async def scenario() -> None:
         busy = asyncio.create_task(post(router.url, chat("a", delay=1.0)))
-        await asyncio.sleep(0.4)
         async with httpx.AsyncClient(base_url=router.url) as client:
+            await in_flight_on_loaded(client, "a")
             response = await client.post("/models/unload", json={"model": "a"})
             assert response.json() == {"success": True}
         assert (await busy).status_code == 200  # the in-flight request finished
@@ -231,8 +241,8 @@ def test_a_busy_model_shows_stopping_as_soon_as_it_is_unloaded(fleet: Any) -> No
 
     async def scenario() -> None:
         busy = asyncio.create_task(post(router.url, chat("a", delay=1.0)))
-        await asyncio.sleep(0.3)
         async with httpx.AsyncClient(base_url=router.url) as client:
+            await in_flight_on_loaded(client, "a")
             await client.post("/models/unload", json={"model": "a"})
             entry = (await client.get("/models")).json()["data"][0]
             assert entry["status"]["value"] == "stopping" and entry["in_flight"] == 1

@@ -1,8 +1,18 @@
-"""One child process serving one model: spawn, readiness, log tail, graceful stop, forced kill.
+"""Model children: the small interface the manager drives (start, ready, exited, stop, kill, request, probe,
+log tail), and its implementation for real child processes (llama-server, or any engine started by a preset's
+`cmd`).
 
-Children never outlive modelyard: each gets PR_SET_PDEATHSIG=SIGKILL (Linux), llama-server children also
-exit when their stdin (a pipe from modelyard) closes, and every child runs in its own process group so a
-kill reaches anything it started.
+The interface is the seam for fakes, as httpx has its transport: the manager never touches a process or a
+socket itself, so the shell can be tested in-process with an in-memory child (tests/fakes.py).
+
+Children never outlive modelyard: each gets PR_SET_PDEATHSIG=SIGKILL (Linux), llama-server children also exit
+when their stdin (a pipe from modelyard) closes, and every child runs in its own process group so a kill
+reaches anything it started.
+
+Children are reachable only through modelyard: each gets a random key that only modelyard knows, through its
+environment (never argv, which every local user can read), and modelyard adds it to every request it forwards;
+a direct call answers 401. llama-server reads it as LLAMA_API_KEY; other engines find it as MODELYARD_CHILD_KEY.
+Their CORS origin is pinned to an origin no page has, so a child never tells a browser it may read it.
 """
 
 from __future__ import annotations
@@ -13,18 +23,20 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
+from aiohttp.connector import Connection
+from multidict import CIMultiDictProxy
 
-from modelyard.engine.command import LaunchPlan, Readiness
-from modelyard.proxy import new_upstream_session
+from modelyard.engine.command import CHILD_KEY_ENV, LaunchPlan, Readiness
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +49,71 @@ _PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
+    """A loopback TCP port free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+class ChildExited(Exception):
+    def __init__(self, exit_code: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.exit_code = exit_code
+        self.reason = reason
+
+
+class ChildError(Exception):
+    """A request to a child failed: it could not be reached, or it failed while answering. The message says
+    why (the child's death, a watchdog, shutdown), for the client's error reply."""
+
+
+class Reply(Protocol):
+    """A child's answer: status and headers at once, the body as it arrives. Body reads raise ChildError."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def content_length(self) -> int | None: ...
+    async def read(self) -> bytes: ...
+    def chunks(self) -> AsyncIterator[bytes]: ...
+    def lines(self) -> AsyncIterator[bytes]: ...
+
+
+class Child(Protocol):
+    """One model's server, as the manager sees it. `ready` resolves when it can serve (or fails with
+    ChildExited), `exited` with its exit code when it is gone."""
+
+    model: str
+    argv: tuple[str, ...]
+    port: int | None
+    info: Mapping[str, Any]
+    ready: asyncio.Future[None]
+    exited: asyncio.Future[int]
+    last_activity: float  # monotonic time the child last sent a byte on any request (or a request began)
+    in_flight: int  # requests being answered by it now
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def load_seconds(self) -> float: ...
+    def log_tail(self) -> list[str]: ...
+    def failure_summary(self, exit_code: int | None) -> str: ...
+    async def start(self) -> None: ...
+    async def stop(self, grace: float) -> int: ...
+    def kill(self, reason: str = "") -> None: ...
+    def request(self, method: str, path: str, *, body: bytes | None = None,
+                headers: Mapping[str, str] | None = None,
+                params: Mapping[str, str] | None = None) -> contextlib.AbstractAsyncContextManager[Reply]: ...
+    async def probe(self, within: float) -> bool: ...
+    async def progress(self, within: float) -> bytes | None: ...
+
+
+ProgressCallback = Callable[[Mapping[str, Any]], None]
+# (model, plan, port, on_progress) -> a child, not started yet
+ChildFactory = Callable[[str, LaunchPlan, int, ProgressCallback], Child]
 
 
 def _die_with_parent() -> None:
@@ -63,30 +136,95 @@ async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
         yield line
 
 
-class ChildExited(Exception):
-    def __init__(self, exit_code: int | None, reason: str) -> None:
-        super().__init__(reason)
-        self.exit_code = exit_code
-        self.reason = reason
+class _NoReuseAfterChunked(aiohttp.ClientResponse):
+    """llama-server closes a connection after a chunked (streamed) answer without a `Connection: close`
+    header; reused, it fails the next request ("Server disconnected"). So such a connection is never pooled."""
+
+    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+        response = await super().start(connection)
+        if self.content_length is None and connection.protocol is not None:
+            connection.protocol.force_close()
+        return response
 
 
-class Instance:
-    """A child process; `ready` resolves when it can serve, `exited` when it is gone."""
+def new_child_session(max_connections: int = 0) -> aiohttp.ClientSession:
+    """The pooled client of one child: keep-alive connections, at most `max_connections` (0 = no limit), no
+    timeout on long generations (the watchdog handles stalls). Idle connections are dropped before the child's
+    own 5 s keep-alive timeout, so a request never goes out on a connection the child is closing."""
+    connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=4)
+    timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                                 response_class=_NoReuseAfterChunked)
 
-    def __init__(self, model: str, plan: LaunchPlan, port: int,
-                 on_progress: Callable[[Mapping[str, Any]], None] | None = None) -> None:
+
+class _ProcessReply:
+    """An aiohttp response of a child, recording activity as bytes arrive and turning failures into ChildError
+    that names the cause."""
+
+    def __init__(self, child: ProcessChild, response: aiohttp.ClientResponse) -> None:
+        self._child = child
+        self._response = response
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self._response.headers
+
+    @property
+    def content_length(self) -> int | None:
+        return self._response.content_length
+
+    async def read(self) -> bytes:
+        try:
+            body = await self._response.read()
+        except aiohttp.ClientError as exc:
+            raise self._child.error(exc) from exc
+        self._child.last_activity = time.monotonic()
+        return body
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                self._child.last_activity = time.monotonic()
+                yield chunk
+        except aiohttp.ClientError as exc:
+            raise self._child.error(exc) from exc
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        try:
+            async for line in self._response.content:
+                self._child.last_activity = time.monotonic()
+                yield line
+        except aiohttp.ClientError as exc:
+            raise self._child.error(exc) from exc
+
+
+class ProcessChild:
+    """A child process serving one model over loopback HTTP."""
+
+    def __init__(self, model: str, plan: LaunchPlan, port: int, on_progress: ProgressCallback | None = None) -> None:
         self.model = model
         self.plan = plan
-        self.port = port
+        self.argv = plan.argv
+        self.port: int | None = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.info: Mapping[str, Any] = {}
-        self.log_tail: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
+        self._log_tail: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
         self.started_at = 0.0
         self.ready_at = 0.0
+        self.last_activity = 0.0
+        self.in_flight = 0
         self._on_progress = on_progress
-        self.client = new_upstream_session(plan.max_connections)
+        self._key = plan.env.get(CHILD_KEY_ENV, "")
+        self._auth = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        self._session: aiohttp.ClientSession | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._why_gone = ""  # why modelyard stopped or killed it, for the errors of requests it cuts
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.exited: asyncio.Future[int] = loop.create_future()
@@ -96,9 +234,16 @@ class Instance:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def load_seconds(self) -> float:
+        return self.ready_at - self.started_at if self.ready_at else 0.0
+
+    def log_tail(self) -> list[str]:
+        return list(self._log_tail)
+
     async def start(self) -> None:
         self.started_at = time.monotonic()
-        log.info("starting %s on port %d: %s", self.model, self.port, " ".join(self.plan.argv))
+        log.info("starting %s on port %s: %s", self.model, self.port, " ".join(self.plan.argv))
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.plan.argv, env=dict(self.plan.env), stdin=asyncio.subprocess.PIPE,
@@ -106,15 +251,14 @@ class Instance:
                 start_new_session=True, preexec_fn=_die_with_parent, limit=_MAX_LINE)
         finally:
             self._spawned.set_result(self._proc is not None)
-            if self._proc is None:
-                await self.client.close()
+        self._session = new_child_session(self.plan.max_connections)
         self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr()),
                        asyncio.create_task(self._watch_exit())]
         if self.plan.readiness == Readiness.HTTP_HEALTH:
             self._tasks.append(asyncio.create_task(self._poll_health()))
 
     def failure_summary(self, exit_code: int | None) -> str:
-        tail = " | ".join(line for line in list(self.log_tail)[-8:] if line.strip())
+        tail = " | ".join(line for line in list(self._log_tail)[-8:] if line.strip())
         code = "was killed by a signal" if exit_code is not None and exit_code < 0 else f"exited with code {exit_code}"
         return f"{os.path.basename(self.plan.argv[0])} {code}" + (f": {tail}" if tail else "")
 
@@ -124,6 +268,7 @@ class Instance:
             return 0
         proc = self._proc
         assert proc is not None
+        self._why_gone = self._why_gone or f"model '{self.model}' was stopped"
         if proc.returncode is None:
             self._ask_to_exit(proc)
             try:
@@ -133,11 +278,70 @@ class Instance:
         self.kill()
         return await self.exited
 
-    def kill(self) -> None:
-        """SIGKILL the whole process group (safe to call at any time, also from a signal handler path)."""
+    def kill(self, reason: str = "") -> None:
+        """SIGKILL the whole process group (safe to call at any time)."""
+        if reason and not self._why_gone:
+            self._why_gone = reason
         if self._proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self._proc.pid, signal.SIGKILL)
+
+    def error(self, exc: BaseException) -> ChildError:
+        """The error a request sees when the child fails under it: why modelyard ended it, if it did."""
+        if self._why_gone:
+            return ChildError(self._why_gone)
+        if self.exited.done():
+            return ChildError(f"model '{self.model}' exited: {self.failure_summary(self.exited.result())}")
+        return ChildError(f"the model's server failed: {exc or repr(exc)}")
+
+    @contextlib.asynccontextmanager
+    async def request(self, method: str, path: str, *, body: bytes | None = None,
+                      headers: Mapping[str, str] | None = None,
+                      params: Mapping[str, str] | None = None) -> AsyncIterator[Reply]:
+        """Send a request with the child's key; the reply's body streams as it arrives."""
+        session = self._session
+        if session is None or session.closed or self.exited.done():
+            # The child died between the grant and this request (was a 500 "Session is closed").
+            raise self.error(ConnectionError("not running"))
+        self.in_flight += 1
+        self.last_activity = time.monotonic()
+        try:
+            try:
+                response = await session.request(method, self.base_url + path, params=params, data=body,
+                                                 headers={**(headers or {}), **self._auth}, allow_redirects=False)
+            except (aiohttp.ClientError, RuntimeError) as exc:  # RuntimeError: the session closed under us
+                raise self.error(exc) from exc
+            self.last_activity = time.monotonic()
+            try:
+                # Only failures of the child become ChildError: the caller's own (its client went away) pass.
+                yield _ProcessReply(self, response)
+            finally:
+                response.release()
+        finally:
+            self.in_flight -= 1
+
+    async def probe(self, within: float) -> bool:
+        """Does the child's HTTP server answer /health within `within` seconds?"""
+        return await self._get("/health", within) is not None
+
+    async def progress(self, within: float) -> bytes | None:
+        """llama-server's /slots (answered by its main loop, between decoding steps): its counters move while
+        it generates, even when a non-streamed request sends nothing. None if unknown (other engines)."""
+        if self.plan.readiness != Readiness.ROUTER_PROTOCOL:
+            return None
+        return await self._get("/slots", within)
+
+    async def _get(self, path: str, within: float) -> bytes | None:
+        session = self._session
+        if session is None or session.closed:
+            return None
+        try:
+            async with session.get(self.base_url + path, headers=self._auth,
+                                   timeout=aiohttp.ClientTimeout(total=within)) as response:
+                body = await response.read()
+                return body if response.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, RuntimeError):
+            return None
 
     def _ask_to_exit(self, proc: asyncio.subprocess.Process) -> None:
         if self.plan.readiness == Readiness.ROUTER_PROTOCOL and self.ready.done() and proc.stdin:
@@ -175,33 +379,34 @@ class Instance:
 
     def _remember(self, raw: bytes) -> None:
         line = raw.decode(errors="replace").rstrip()
-        self.log_tail.append(line)
+        self._log_tail.append(line)
         log.debug("[%s] %s", self.model, line)
 
     async def _watch_exit(self) -> None:
         assert self._proc is not None
         code = await self._proc.wait()
         # Let the pipe readers drain so the failure message quotes the child's last words.
-        await asyncio.wait([t for t in self._tasks[:2]], timeout=0.5)
+        await asyncio.wait(self._tasks[:2], timeout=0.5)
         self.kill()  # anything the child left in its process group goes too
-        await self.client.close()
+        if self._session is not None:
+            await self._session.close()
         if not self.ready.done():
             self.ready.set_exception(ChildExited(code, self.failure_summary(code)))
             self.ready.exception()  # mark retrieved: the manager learns of it through `exited`
         self.exited.set_result(code)
 
     async def _poll_health(self) -> None:
-        url = f"{self.base_url}/health"
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-            while not self.ready.done() and not self.exited.done():
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with session.get(url) as response:
-                        if response.status == 200:
-                            self._mark_ready()
-                            return
-                await asyncio.sleep(_HEALTH_POLL_S)
+        while not self.ready.done() and not self.exited.done():
+            if await self.probe(within=2):
+                self._mark_ready()
+                return
+            await asyncio.sleep(_HEALTH_POLL_S)
 
     def _mark_ready(self) -> None:
         if not self.ready.done():
             self.ready_at = time.monotonic()
             self.ready.set_result(None)
+
+
+def new_child_key() -> str:
+    return secrets.token_urlsafe(32)

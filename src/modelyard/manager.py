@@ -17,16 +17,15 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
-
+from modelyard.children import Child, ChildExited, ChildFactory, ProcessChild, free_port, new_child_key
+from modelyard.clock import Clock, MonotonicClock, Timer
 from modelyard.config.catalog import Catalog, ModelConfig, Sources, parse_engine_args
 from modelyard.config.options import load_option_table
 from modelyard.digests import FileDigests
@@ -34,7 +33,6 @@ from modelyard.engine.command import Engine, launch_plan
 from modelyard.engine.install import cache_root
 from modelyard.engine.locate import locate_llama_server
 from modelyard.errors import ErrorKind, ModelError
-from modelyard.instance import Instance, free_port
 from modelyard.memory import (
     Footprint,
     GgufCache,
@@ -52,9 +50,11 @@ from modelyard.scheduler import (
     Acquire,
     Action,
     Cancel,
+    ChildUnhealthy,
     Event,
     Grant,
     InstanceExited,
+    KillInstance,
     Limits,
     LoadSucceeded,
     MemoryMeasured,
@@ -72,7 +72,9 @@ from modelyard.scheduler import (
     StopInstance,
     Tick,
     UnloadRequested,
+    unload_refusal,
 )
+from modelyard.watchdog import Observation, WatchdogSettings, judge
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +85,23 @@ class CatalogSource(Protocol):
 
 @dataclass(frozen=True)
 class Lease:
-    """The right to send requests to one loaded model until released."""
+    """The right to send requests to one loaded model until released, through `child.request(...)`."""
 
     model: str
-    base_url: str
     request_id: int
-    client: aiohttp.ClientSession  # pooled keep-alive connections to this model's child
+    child: Child
+
+
+@dataclass
+class _Running:
+    """One running child and what it was started from: the one record per child (its config and its launch
+    settings live and die with it)."""
+
+    child: Child
+    config: ModelConfig
+    settings: Mapping[str, str]
+    failed_probes: int = 0
+    progress: object = None  # the child's last progress fingerprint, for the watchdog
 
 
 @dataclass(frozen=True)
@@ -142,32 +155,33 @@ _MEASURE_EVERY_S = 5.0
 
 
 class ModelManager:
-    def __init__(self, source: CatalogSource, engine: Engine, *, limits: Limits | None = None,
-                 max_models: int | None = None, max_queue: int | None = None,
-                 clock: Callable[[], float] = time.monotonic, gguf_cache: GgufCache | None = None,
-                 gpus: bool | None = None) -> None:
-        """`gpus`: whether models are offloaded to GPUs, so that estimates count GPU memory (None = whether
-        nvidia-smi reports a GPU)."""
+    def __init__(self, source: CatalogSource, engine: Engine, *, catalog: Catalog | None = None,
+                 limits: Limits | None = None, max_models: int | None = None, max_queue: int | None = None,
+                 clock: Clock | None = None, gguf_cache: GgufCache | None = None, gpus: bool = False,
+                 child_factory: ChildFactory = ProcessChild, watchdog: WatchdogSettings | None = None) -> None:
+        """`catalog`: the models (read from `source` when not given); `gpus`: whether models are offloaded to
+        GPUs, so that estimates count GPU memory (`create` asks nvidia-smi); `child_factory` makes the children
+        (the real processes by default, an in-memory fake in tests)."""
         self._source = source
-        self._gpus = gpu_total_memory() > 0 if gpus is None else gpus
+        self._gpus = gpus
         self._engine = engine
-        self._clock = clock
+        self._clock: Clock = clock or MonotonicClock()
+        self._new_child = child_factory
+        self._watchdog = watchdog or WatchdogSettings()
         self._gguf = gguf_cache or GgufCache(cache_root())
         self.digests = FileDigests(cache_root())
-        self.catalog = source.load()
+        self.catalog = catalog if catalog is not None else source.load()
         self._footprints: dict[str, Footprint] = {}
         limits = limits or Limits()
         self._budget = Footprint(limits.memory_budget, limits.gpu_memory_budget)
         self._scheduler = Scheduler([self._spec(c) for c in self.catalog.models.values()], limits,
                                     max_models=max_models, max_queue=max_queue)
-        self._instances: dict[str, Instance] = {}
+        self._running: dict[str, _Running] = {}
         self._waiting: dict[int, asyncio.Future[Lease]] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscribers: set[asyncio.Queue[StatusEvent | None]] = set()
-        self._configs_in_use: dict[str, ModelConfig] = {}
-        self._launched_with: dict[str, Mapping[str, str]] = {}  # the settings each running child got
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         self._timer_at: float | None = None
 
     @classmethod
@@ -183,8 +197,8 @@ class ModelManager:
         table = load_option_table(binary, cache_root())
         sources = Sources(table, models_dir=models_dir, preset_path=models_preset,
                           router_settings=parse_engine_args(tuple(engine_args), table))
-        return cls(sources, Engine(binary, table, router_port=router_port), limits=limits,
-                   max_models=max_models, max_queue=max_queue)
+        return cls(sources, Engine(binary, table, router_port=router_port), catalog=sources.load(), limits=limits,
+                   max_models=max_models, max_queue=max_queue, gpus=gpu_total_memory() > 0)
 
     def _spec(self, config: ModelConfig) -> ModelSpec:
         if config.name not in self._footprints:
@@ -223,8 +237,8 @@ class ModelManager:
         """The context (tokens, all slots) the model's instance serves, or would serve if loaded now; 0 if
         its GGUF has not been read yet."""
         facts = self.gguf_facts(config)
-        running = config.name in self._instances and self._configs_in_use.get(config.name) is config
-        settings = self._launched_with[config.name] if running else self.launch_settings(config)
+        record = self._running.get(config.name)
+        settings = record.settings if record is not None and record.config is config else self.launch_settings(config)
         return serving_context(settings, facts[0]) if facts else 0
 
     def gguf_facts(self, config: ModelConfig) -> list[GgufFacts]:
@@ -268,6 +282,7 @@ class ModelManager:
                 self.load_in_background(config.name)
         self._spawn(self.estimate_memory())
         self._spawn(self._measure_forever())
+        self._spawn(self._watch_children())
         self._spawn(self._digest_files())
 
     async def _digest_files(self) -> None:
@@ -282,18 +297,19 @@ class ModelManager:
         self.end_subscriptions()
         self._dispatch(Shutdown())
         deadline = max((c.stop_timeout for c in self.catalog.models.values()), default=10.0) + 5
-        instances = list(self._instances.values())
+        children = [r.child for r in self._running.values()]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(i.exited for i in instances)), deadline)
-        for instance in instances:
-            instance.kill()
+            await asyncio.wait_for(asyncio.gather(*(c.exited for c in children)), deadline)
+        for child in children:
+            child.kill("modelyard is shutting down")
         for task in list(self._tasks):
             task.cancel()
 
-    def kill_all(self) -> None:
-        """Last resort at interpreter exit: no child may outlive modelyard."""
-        for instance in self._instances.values():
-            instance.kill()
+    def kill_all(self, reason: str = "modelyard is shutting down") -> None:
+        """Kill every child now (the end of a shutdown's grace, or interpreter exit): no child may outlive
+        modelyard, and requests still on them end with `reason`."""
+        for record in self._running.values():
+            record.child.kill(reason)
 
     # -- leases --
     def resolve(self, name: str) -> ModelConfig:
@@ -346,12 +362,12 @@ class ModelManager:
     def unload(self, name: str) -> None:
         """Drain and stop a running model; its in-flight requests finish first."""
         config = self.resolve(name)
-        state = self._scheduler.models[config.name]
-        if state.status == Status.STOPPING:
-            return  # already on its way out
-        if state.status not in (Status.LOADING, Status.LOADED):
-            raise ModelError(ErrorKind.NOT_RUNNING, f"model '{config.name}' is not running")
-        self._dispatch(UnloadRequested(config.name))
+        status = self._scheduler.models[config.name].status
+        refusal = unload_refusal(status, config.name)
+        if refusal:
+            raise ModelError(ErrorKind.NOT_RUNNING, refusal)
+        if status != Status.STOPPING:  # a stopping model is already on its way out
+            self._dispatch(UnloadRequested(config.name))
 
     def reload(self) -> None:
         """Re-read the model sources: add new models, drop removed ones, restart changed ones once idle."""
@@ -365,7 +381,8 @@ class ModelManager:
         for name in fresh.models.keys() & old.models.keys():
             if old.models[name].launch_signature() != fresh.models[name].launch_signature():
                 self._footprints.pop(name, None)
-            running = self._configs_in_use.get(name)
+            record = self._running.get(name)
+            running = record.config if record is not None else None
             restart = running is not None and running.launch_signature() != fresh.models[name].launch_signature()
             self._dispatch(ModelChanged(self._spec(fresh.models[name]), restart=restart))
         self._publish(StatusEvent("*", Status.UNLOADED, reason="models_reload"))
@@ -373,20 +390,21 @@ class ModelManager:
         self._spawn(self._digest_files())
 
     def models(self) -> list[ModelView]:
-        now = self._clock()
+        now = self._clock.now()
         queued = Counter(w.model for w in self._scheduler.queue)
         views = []
         for name, config in self.catalog.models.items():
             state = self._scheduler.models.get(name)
             if state is None:
                 continue
-            instance = self._instances.get(name)
+            record = self._running.get(name)
+            child = record.child if record is not None else None
             views.append(ModelView(
                 config=config, status=state.status, in_flight=state.in_flight, queued=queued[name],
                 last_used=state.last_used, exit_code=state.exit_code, failure=state.failure,
-                args=instance.plan.argv if instance else (),
-                info=instance.info if instance and state.status == Status.LOADED else {},
-                port=instance.port if instance else None, pid=instance.pid if instance else None,
+                args=child.argv if child else (),
+                info=child.info if child and state.status == Status.LOADED else {},
+                port=child.port if child else None, pid=child.pid if child else None,
                 estimated_memory=state.spec.footprint, measured_memory=state.measured,
                 estimated_gpu_memory=state.spec.gpu_footprint, measured_gpu_memory=state.measured_gpu,
                 keep_alive=self._scheduler.effective_keep_alive(state),
@@ -415,7 +433,7 @@ class ModelManager:
 
     # -- the shell: events in, actions executed --
     def _dispatch(self, event: Event) -> None:
-        for action in self._scheduler.handle(event, self._clock()):
+        for action in self._scheduler.handle(event, self._clock.now()):
             self._execute(action)
         self._arm_timer()
 
@@ -428,8 +446,7 @@ class ModelManager:
             self._timer.cancel()
         self._timer, self._timer_at = None, deadline
         if deadline is not None:
-            delay = max(0.0, deadline - self._clock()) + 0.001
-            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+            self._timer = self._clock.call_at(deadline + 0.001, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
@@ -438,27 +455,54 @@ class ModelManager:
     async def _measure_forever(self) -> None:
         """What each child really uses (resident memory, plus GPU memory where nvidia-smi reports it)."""
         while True:
-            await asyncio.sleep(_MEASURE_EVERY_S)
+            await self._clock.sleep(_MEASURE_EVERY_S)
             await self._measure()
 
     async def _measure(self) -> None:
-        gpu = await gpu_memory_by_pid() if self._instances and self._gpus else {}
-        for name, instance in list(self._instances.items()):
+        gpu = await gpu_memory_by_pid() if self._running and self._gpus else {}
+        for name, record in list(self._running.items()):
             state = self._scheduler.models.get(name)
-            if instance.pid is None or state is None or state.status != Status.LOADED:
+            pid = record.child.pid
+            if pid is None or state is None or state.status != Status.LOADED:
                 continue
-            used, gpu_used = process_memory(instance.pid), gpu.get(instance.pid, 0)
+            used, gpu_used = process_memory(pid), gpu.get(pid, 0)
             if used > state.measured or gpu_used > state.measured_gpu:
                 self._dispatch(MemoryMeasured(name, used, gpu_used))
+
+    async def _watch_children(self) -> None:
+        """The watchdog: probe every loaded child each round; a wedged one is reported to the scheduler."""
+        while True:
+            await self._clock.sleep(self._watchdog.interval)
+            records = [(n, r) for n, r in self._running.items()
+                       if self._scheduler.models.get(n) is not None
+                       and self._scheduler.models[n].status in (Status.LOADED, Status.STOPPING)]
+            await asyncio.gather(*(self._check(name, record) for name, record in records))
+
+    async def _check(self, name: str, record: _Running) -> None:
+        child, settings = record.child, self._watchdog
+        ok = await child.probe(within=settings.probe_timeout)
+        record.failed_probes = 0 if ok else record.failed_probes + 1
+        progressed = False
+        if ok and child.in_flight:
+            fingerprint = await child.progress(within=settings.probe_timeout)
+            progressed = fingerprint is not None and record.progress is not None and fingerprint != record.progress
+            record.progress = fingerprint
+            if progressed:
+                child.last_activity = self._clock.now()
+        seen = Observation(in_flight=child.in_flight, silent_for=self._clock.now() - child.last_activity,
+                           probe_ok=ok, failed_probes=record.failed_probes, progressed=progressed)
+        reason = judge(seen, settings)
+        if reason and self._running.get(name) is record:
+            log.warning("%s is unhealthy: %s; killing it", name, reason)
+            self._dispatch(ChildUnhealthy(name, reason))
 
     def _execute(self, action: Action) -> None:
         match action:
             case Grant(request_id=rid, model=model):
                 self._grant(rid, model)
-            case Reject(request_id=rid, kind=kind, message=message):
+            case Reject(request_id=rid, kind=kind, message=message, retry_after=retry):
                 future = self._waiting.pop(rid, None)
                 if future is not None and not future.done():
-                    retry = 1.0 if kind in (ErrorKind.QUEUE_FULL, ErrorKind.BUSY) else None
                     future.set_exception(ModelError(kind, message, retry_after=retry))
             case StartLoad(model=model, reason=reason):
                 log.info("loading %s: %s", model, reason)
@@ -466,67 +510,72 @@ class ModelManager:
             case StopInstance(model=model, reason=reason):
                 log.info("stopping %s: %s", model, reason)
                 self._spawn(self._stop_instance(model))
+            case KillInstance(model=model, reason=reason):
+                log.warning("killing %s: %s", model, reason)
+                record = self._running.get(model)
+                if record is not None:
+                    record.child.kill(f"model '{model}' was killed: {reason}")
             case StatusChanged(model=model, status=status, exit_code=code, reason=reason):
                 level = logging.WARNING if status == Status.FAILED else logging.DEBUG
                 log.log(level, "%s: %s%s", model, status.value, f" ({reason})" if reason else "")
-                instance = self._instances.get(model)
-                info = instance.info if instance is not None and status == Status.LOADED else None
+                record = self._running.get(model)
+                info = record.child.info if record is not None and status == Status.LOADED else None
                 self._publish(StatusEvent(model, status, code, reason, info=info))
 
     def _grant(self, request_id: int, model: str) -> None:
         future = self._waiting.pop(request_id, None)
-        instance = self._instances.get(model)
-        if future is None or future.done() or instance is None:
+        record = self._running.get(model)
+        if future is None or future.done() or record is None or record.child.exited.done():
             # The waiter is gone (cancelled in the same tick), or the child just died: hand the lease back.
             if future is not None and not future.done():
-                future.set_exception(ModelError(ErrorKind.UPSTREAM, f"model '{model}' exited"))
+                future.set_exception(ModelError(ErrorKind.UPSTREAM, f"model '{model}' exited just now; retry"))
             self._dispatch(Release(request_id))
             return
-        future.set_result(Lease(model, instance.base_url, request_id, instance.client))
+        future.set_result(Lease(model, request_id, record.child))
 
     async def _start_instance(self, model: str) -> None:
         config = self.catalog.models[model]
         port = free_port()
         try:
             settings = self.launch_settings(config)
-            plan = launch_plan(dataclasses.replace(config, settings=settings), self._engine, port)
-            instance = Instance(model, plan, port, on_progress=lambda p: self._publish(
+            plan = launch_plan(dataclasses.replace(config, settings=settings), self._engine, port, new_child_key())
+            child = self._new_child(model, plan, port, lambda p: self._publish(
                 StatusEvent(model, Status.LOADING, progress=p)))
         except Exception as exc:
+            log.exception("could not prepare the child of %s", model)
             self._dispatch(InstanceExited(model, None, f"could not start model '{model}': {exc}"))
             return
-        self._instances[model] = instance
-        self._configs_in_use[model] = config
-        self._launched_with[model] = settings
+        record = _Running(child, config, settings)
+        self._running[model] = record
         try:
-            await instance.start()
+            await child.start()
         except Exception as exc:
-            self._instances.pop(model, None)
+            self._running.pop(model, None)
             self._dispatch(InstanceExited(model, None, f"could not start {plan.argv[0]}: {exc}"))
             return
-        self._spawn(self._watch(instance))
+        self._spawn(self._watch(record))
 
-    async def _watch(self, instance: Instance) -> None:
-        with contextlib.suppress(Exception):
-            await instance.ready
-            log.info("%s ready in %.2f s (pid %s, port %d)", instance.model,
-                     instance.ready_at - instance.started_at, instance.pid, instance.port)
-            self._dispatch(LoadSucceeded(instance.model))
+    async def _watch(self, record: _Running) -> None:
+        child = record.child
+        try:
+            await child.ready
+        except ChildExited:
+            pass  # reported below, with its exit code, once it is gone
+        else:
+            log.info("%s ready in %.2f s (pid %s, port %s)", child.model, child.load_seconds, child.pid, child.port)
+            self._dispatch(LoadSucceeded(child.model))
             await self._measure()
-        code = await instance.exited
-        if self._instances.get(instance.model) is instance:
-            del self._instances[instance.model]
-            self._configs_in_use.pop(instance.model, None)
-            self._launched_with.pop(instance.model, None)
-        self._dispatch(InstanceExited(instance.model, code, instance.failure_summary(code)))
+        code = await child.exited
+        if self._running.get(child.model) is record:
+            del self._running[child.model]
+        self._dispatch(InstanceExited(child.model, code, child.failure_summary(code)))
 
     async def _stop_instance(self, model: str) -> None:
-        instance = self._instances.get(model)
-        config = self.catalog.models.get(model) or self._configs_in_use.get(model)
-        if instance is None:  # its start failed or it already exited: nothing to wait for
+        record = self._running.get(model)
+        if record is None:  # its start failed or it already exited: nothing to wait for
             self._dispatch(InstanceExited(model, None, "stopped before it started"))
             return
-        await instance.stop(config.stop_timeout if config else 10.0)
+        await record.child.stop(record.config.stop_timeout)
 
     def _publish(self, event: StatusEvent) -> None:
         for queue in list(self._subscribers):
@@ -542,4 +591,10 @@ class ModelManager:
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """Every background task's failure is logged (none may vanish silently)."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_coro(), exc_info=task.exception())

@@ -12,9 +12,19 @@ from pathlib import Path
 from modelyard.config.catalog import ModelConfig
 from modelyard.config.options import FALSEY, OptionTable
 
+CHILD_KEY_ENV = "MODELYARD_CHILD_KEY"  # the child's secret, in its environment (both kinds of engine)
+
 # Router-level settings a child must not inherit through the environment.
 _ROUTER_ENV = ("LLAMA_ARG_MODELS_DIR", "LLAMA_ARG_MODELS_PRESET", "LLAMA_ARG_MODELS_MAX",
-               "LLAMA_ARG_MODELS_AUTOLOAD", "LLAMA_API_KEY", "LLAMA_ARG_API_KEY", "LLAMA_ARG_API_KEY_FILE")
+               "LLAMA_ARG_MODELS_AUTOLOAD", "LLAMA_API_KEY", "LLAMA_ARG_API_KEY", "LLAMA_ARG_API_KEY_FILE",
+               "LLAMA_ARG_CORS_ORIGINS", "LLAMA_ARG_CORS_CREDENTIALS", "MODELYARD_API_KEY")
+# Settings modelyard decides for every child: its key (from the environment) and its CORS answer. A preset's
+# own values would reopen the child to other local users or to web pages.
+_ROUTER_OWNED = frozenset({"--api-key", "--api-key-file", "--cors-origins", "--cors-credentials", "--host",
+                           "--port"})
+# What a child answers as Access-Control-Allow-Origin: an origin on the reserved .invalid domain, which no page
+# has, so a browser never lets a page read a child directly (llama-server echoes any Origin by default).
+CHILD_CORS_ORIGIN = "http://modelyard-child.invalid"
 
 
 class Readiness(Enum):
@@ -48,14 +58,20 @@ class LaunchPlan:
     max_connections: int = 0  # 0 = no limit
 
 
-def launch_plan(config: ModelConfig, engine: Engine, port: int) -> LaunchPlan:
+def launch_plan(config: ModelConfig, engine: Engine, port: int, key: str = "") -> LaunchPlan:
+    """`key`: the child's secret; modelyard sends it with every request (env only: argv is public)."""
     env = {k: v for k, v in os.environ.items() if k not in _ROUTER_ENV}
     env["MODELYARD_PARENT_PID"] = str(os.getpid())  # lets tools (and tests) find a router's children
+    if key:
+        env[CHILD_KEY_ENV] = key
     if config.command:
         command = (config.command.replace("${PORT}", str(port)).replace("${MODEL}", config.name)
                    .replace("${MODEL_PATH}", config.model_path or ""))
         return LaunchPlan(tuple(shlex.split(command)), {**env, "PORT": str(port)}, Readiness.HTTP_HEALTH)
-    settings = dict(config.settings)
+    if key:
+        env["LLAMA_API_KEY"] = key
+    env["LLAMA_ARG_CORS_ORIGINS"] = CHILD_CORS_ORIGIN
+    settings = {k: v for k, v in config.settings.items() if k not in _ROUTER_OWNED}
     threads = _positive_int(settings.get("--threads-http")) or CHILD_HTTP_THREADS
     settings["--threads-http"] = str(threads)
     argv = (str(engine.binary), *render_settings(settings, engine.options),

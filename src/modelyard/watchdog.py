@@ -1,0 +1,41 @@
+"""The watchdog's decision: is a loaded child wedged? A pure function of what the shell observed.
+
+llama.cpp users report children that answer /health but stall every inference, and a `kill -STOP`ped child
+hung its requests for ever. So a child is judged unhealthy when it fails its health probe several times in a
+row, or when it has requests in flight and has sent no byte on any of them for the stall timeout while showing
+no progress in its slots (a long non-streamed generation sends nothing until it ends, but its decoded-token
+counters move).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WatchdogSettings:
+    stall_timeout: float = 120.0  # seconds without a byte on any in-flight request; 0 = never judged stalled
+    interval: float = 10.0  # seconds between rounds of probes
+    probe_timeout: float = 10.0  # a probe not answered within this failed
+    failed_probes: int = 3  # this many failed probes in a row: unhealthy
+
+
+@dataclass(frozen=True)
+class Observation:
+    in_flight: int  # requests the child is answering now
+    silent_for: float  # seconds since its last byte on any request (or since the oldest request began)
+    probe_ok: bool  # it answered the health probe just now
+    failed_probes: int  # failed probes in a row, this one included
+    progressed: bool  # its slots show progress since the previous round
+
+
+def judge(seen: Observation, settings: WatchdogSettings) -> str:
+    """Why the child is unhealthy, or "" if it is not."""
+    if not seen.probe_ok and seen.failed_probes >= settings.failed_probes:
+        return (f"no answer to {seen.failed_probes} health checks in a row "
+                f"({settings.probe_timeout:g} s each)")
+    if (seen.in_flight and settings.stall_timeout and seen.silent_for >= settings.stall_timeout
+            and not seen.progressed):
+        return (f"sent no byte on {seen.in_flight} request(s) for {seen.silent_for:.0f} s "
+                f"(stall-timeout {settings.stall_timeout:g} s)")
+    return ""
