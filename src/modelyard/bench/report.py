@@ -10,7 +10,7 @@ from typing import Any
 
 from modelyard import __version__
 from modelyard.bench import soak
-from modelyard.bench.fresh import AFTER_HEALTH_S
+from modelyard.bench.fresh import AFTER_HEALTH_S, EXTRA_COPIES
 from modelyard.bench.processes import MODELYARD, ROUTER_MODE
 from modelyard.bench.scenarios import KINDS, SCALE_START_LIMIT_S, Plan, Results
 from modelyard.demo import GEMMA3, SMOLLM2
@@ -159,7 +159,8 @@ def _busy(results: Results, plan: Plan) -> list[str]:
 
 def _fresh(results: Results) -> list[str]:
     out = ["## 8. Swap right after start-up, over files never seen before", "",
-           f"Each router starts over fresh copies of {SMOLLM2} (model A) and {GEMMA3} (model B), with an empty "
+           f"Each router starts over fresh copies of {SMOLLM2} (model A) and {GEMMA3} (model B, and "
+           f"{EXTRA_COPIES} more copies never requested), with an empty "
            f"cache directory and HOME; {AFTER_HEALTH_S:g} s after /health answers, a streamed request for A "
            "(a cold load), then one for B (a swap, --models-max 1). Median of the rounds "
            "(each round on new copies).", "",
