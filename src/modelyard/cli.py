@@ -108,10 +108,17 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
             if not models_dir.is_dir():
                 raise ConfigError(f"no models: pass --models-dir or --models-preset, or install the demo "
                                   f"models into {models_dir} with `modelyard demo install`")
-        limits = Limits(max_models=models_max, max_queue=max_queue,
-                        memory_budget=parse_size(memory_budget, system_memory()),
-                        gpu_memory_budget=parse_size(gpu_memory_budget, gpu_total_memory()),
-                        keep_alive=parse_duration(keep_alive), max_wait=parse_duration(max_wait))
+        budgets = []
+        for flag, text, total in (("--memory-budget", memory_budget, system_memory),
+                                  ("--gpu-memory-budget", gpu_memory_budget, gpu_total_memory)):
+            try:  # parse_size's own errors do not name the flag; `inf%` raised OverflowError (a traceback)
+                budgets.append(parse_size(text, total()))
+            except (ValueError, OverflowError) as exc:
+                raise ConfigError(f"{flag} {text!r} is not a size: use bytes, 16GiB, 512MiB, a percentage "
+                                  f"like 80%, or 0 for no limit ({exc})") from None
+        limits = Limits(max_models=models_max, max_queue=max_queue, memory_budget=budgets[0],
+                        gpu_memory_budget=budgets[1], keep_alive=parse_duration(keep_alive, "--keep-alive"),
+                        max_wait=parse_duration(max_wait, "--max-wait"))
         manager = ModelManager.create(models_dir=models_dir, models_preset=models_preset,
                                       llama_server=llama_server, engine_args=engine_args, limits=limits,
                                       router_port=port)
@@ -121,6 +128,10 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
         raise click.ClickException(str(exc)) from None
     except ModelError as exc:
         raise click.ClickException(exc.message) from None
+    except OSError as exc:  # a cache or engine file that cannot be read or written: one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise click.ClickException(f"cannot start: {exc.strerror or exc}{where}; check that path's "
+                                   f"permissions and free space") from None
     if bool(ssl_key_file) != bool(ssl_cert_file):
         raise click.ClickException("--ssl-key-file and --ssl-cert-file go together")
     keys = _api_keys(api_key, api_key_file)

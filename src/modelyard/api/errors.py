@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
+from modelyard.api.json import dumps
 from modelyard.errors import ErrorKind, ModelError
 
 
@@ -17,7 +17,7 @@ def error_body(kind: ErrorKind, message: str, param: str | None = None) -> dict[
 def error_response(kind: ErrorKind, message: str, retry_after: float | None = None,
                    param: str | None = None) -> web.Response:
     headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
-    return web.Response(status=kind.status, text=json.dumps(error_body(kind, message, param)),
+    return web.Response(status=kind.status, body=dumps(error_body(kind, message, param)),
                         content_type="application/json", headers=headers)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -22,7 +24,10 @@ from aiohttp.typedefs import Handler
 
 from modelyard import __version__
 from modelyard.api import auth
+from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
+from modelyard.api.json import json_response
+from modelyard.api.openai import check_embeddings
 from modelyard.config.catalog import ModelConfig
 from modelyard.config.durations import parse_duration
 from modelyard.config.options import TRUTHY
@@ -51,11 +56,30 @@ def tagged(name: str) -> str:
 
 
 def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    try:
+        moment = datetime.fromtimestamp(timestamp, UTC)
+    except (OverflowError, ValueError, OSError):  # past year 9999: /api/ps answered 500 for keep_alive 1e20
+        return _FOREVER
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _files(config: ModelConfig) -> list[Path]:
     return model_files(config.settings)
+
+
+def _stats(files: list[Path]) -> tuple[float, int]:
+    """(newest mtime, total size) of the files that can still be read: a file removed or made unreadable
+    since the last reload must not turn a listing into a 500."""
+    mtimes, size = [], 0
+    for path in files:
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            log.warning("cannot stat %s: %s", path, exc.strerror or exc)
+            continue
+        mtimes.append(stat.st_mtime)
+        size += stat.st_size
+    return max(mtimes, default=time.time()), size
 
 
 def details(manager: ModelManager, config: ModelConfig) -> dict[str, Any]:
@@ -71,9 +95,9 @@ def details(manager: ModelManager, config: ModelConfig) -> dict[str, Any]:
 def _tag_entry(manager: ModelManager, config: ModelConfig) -> dict[str, Any]:
     files = _files(config)
     digest = manager.digests.get(files[0]) if files else None
+    modified, size = _stats(files)
     return {"name": tagged(config.name), "model": tagged(config.name),
-            "modified_at": _iso(max((f.stat().st_mtime for f in files), default=time.time())),
-            "size": sum(f.stat().st_size for f in files), "digest": digest or "",
+            "modified_at": _iso(modified), "size": size, "digest": digest or "",
             "details": details(manager, config)}
 
 
@@ -90,7 +114,7 @@ def _ps_entry(manager: ModelManager, view: ModelView) -> dict[str, Any]:
 
 
 async def version(request: web.Request) -> web.Response:
-    return web.json_response({"version": __version__})
+    return json_response({"version": __version__})
 
 
 async def root(request: web.Request) -> web.Response:
@@ -101,19 +125,19 @@ async def tags(request: web.Request) -> web.Response:
     manager = request.app[CONTEXT].manager
     models = [_tag_entry(manager, config) for config in manager.catalog.models.values()
               if auth.may_use(request, config)]
-    return web.json_response({"models": models})
+    return json_response({"models": models})
 
 
 async def ps(request: web.Request) -> web.Response:
     manager = request.app[CONTEXT].manager
     running = [_ps_entry(manager, view) for view in manager.models()
                if view.status in (Status.LOADING, Status.LOADED) and auth.may_use(request, view.config)]
-    return web.json_response({"models": running})
+    return json_response({"models": running})
 
 
 def _unsupported(message: str) -> Handler:
     async def answer(request: web.Request) -> web.Response:
-        return web.json_response({"error": message}, status=400)
+        return json_response({"error": message}, status=400)
 
     return answer
 
@@ -169,14 +193,14 @@ def _ollama_errors(handler: Handler) -> Handler:
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    return json_response({"error": message}, status=status)
 
 
 def _from_model_error(error: ModelError) -> web.Response:
     """Ollama's shape: {"error": "..."}; an unknown model is 404 `model 'x' not found` as Ollama answers."""
     status = 404 if error.kind == ErrorKind.UNKNOWN_MODEL else error.kind.status
     headers = {"Retry-After": str(round(error.retry_after))} if error.retry_after else None
-    return web.json_response({"error": error.message}, status=status, headers=headers)
+    return json_response({"error": error.message}, status=status, headers=headers)
 
 
 def _now_iso() -> str:
@@ -184,15 +208,15 @@ def _now_iso() -> str:
 
 
 async def _read_request(request: web.Request) -> dict[str, Any]:
-    try:
-        payload = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise OllamaError(400, f"invalid JSON in the request body: {exc}") from None
-    if not isinstance(payload, dict):
-        raise OllamaError(400, "the request body must be a JSON object")
+    payload = await read_json_object(request)  # its ModelErrors answer in Ollama's shape (_ollama_errors)
     model = payload.get("model") or payload.get("name")
-    if not isinstance(model, str) or not model:
+    if not model:
         raise OllamaError(400, "model is required")
+    if not isinstance(model, str):
+        raise OllamaError(400, "model must be a string (a name listed by GET /api/tags)")
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise OllamaError(400, "stream must be true or false")
     payload["model"] = model
     return payload
 
@@ -210,6 +234,7 @@ def _sampling(payload: dict[str, Any]) -> dict[str, Any]:
     options = payload.get("options") or {}
     if not isinstance(options, dict):
         raise OllamaError(400, "options must be a JSON object")
+    _check_options(options)
     mapped = {_OPTION_MAP[k]: v for k, v in options.items() if k in _OPTION_MAP and k not in _IGNORED_OPTIONS}
     fmt = payload.get("format")
     if fmt == "json":
@@ -232,32 +257,73 @@ def _sampling(payload: dict[str, Any]) -> dict[str, Any]:
     return mapped
 
 
+_NUMBER_OPTIONS = frozenset(_OPTION_MAP) - {"stop"}
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """The options modelyard passes on must have their type: llama-server answers 500 to some wrong ones."""
+    for key in _NUMBER_OPTIONS & options.keys():
+        value = options[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value)):
+            raise OllamaError(400, f"options.{key} must be a number")
+    stop = options.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise OllamaError(400, "options.stop must be a string or a list of strings")
+
+
+_TOOL_CALL_SHAPE = '{"function": {"name": "...", "arguments": {...}}}'
+
+
 def _openai_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """Ollama's messages as OpenAI's; every shape error is a 400 naming the message and field (a wrongly
+    shaped tool_calls gave 500 in a fault campaign)."""
     converted = []
-    for message in messages:
+    for number, message in enumerate(messages):
+        where = f"messages[{number}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise OllamaError(400, "each message must be an object with a role and content")
-        out: dict[str, Any] = {"role": message["role"], "content": message.get("content") or ""}
-        images = message.get("images") or []
+            raise OllamaError(400, f"{where}: each message must be an object with a role (a string) and content")
+        content = message.get("content")
+        content = "" if content is None else content
+        if not isinstance(content, str):
+            raise OllamaError(400, f"{where}.content must be a string")
+        out: dict[str, Any] = {"role": message["role"], "content": content}
+        images = message.get("images")
+        images = [] if images is None else images
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise OllamaError(400, "images must be a list of base64-encoded images")
+            raise OllamaError(400, f"{where}.images must be a list of base64-encoded images (strings)")
         if images:
             out["content"] = [{"type": "text", "text": out["content"]}] + [
                 {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}} for image in images]
-        if message.get("tool_calls"):
-            out["tool_calls"] = [_openai_tool_call(i, call) for i, call in enumerate(message["tool_calls"])]
-        if message.get("tool_name"):
-            out["name"] = message["tool_name"]
+        calls = message.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise OllamaError(400, f"{where}.tool_calls must be a list of {_TOOL_CALL_SHAPE}")
+        if calls:
+            out["tool_calls"] = [_openai_tool_call(f"{where}.tool_calls[{i}]", i, call)
+                                 for i, call in enumerate(calls)]
+        tool_name = message.get("tool_name")
+        if tool_name is not None and not isinstance(tool_name, str):
+            raise OllamaError(400, f"{where}.tool_name must be a string (the name of the tool that answered)")
+        if tool_name:
+            out["name"] = tool_name
         converted.append(out)
     return converted
 
 
-def _openai_tool_call(index: int, call: dict[str, Any]) -> dict[str, Any]:
-    function = call.get("function") or {}
-    arguments = function.get("arguments", {})
+def _openai_tool_call(where: str, index: int, call: object) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        raise OllamaError(400, f"{where} must be an object like {_TOOL_CALL_SHAPE}")
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise OllamaError(400, f"{where}.function.name must be the tool's name (a string)")
+    arguments = function.get("arguments")
+    arguments = {} if arguments is None else arguments
+    if not isinstance(arguments, dict | str):
+        raise OllamaError(400, f"{where}.function.arguments must be an object (or a JSON string)")
     text = arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()
-    return {"type": "function", "id": f"call_{index}", "function": {"name": function.get("name", ""),
-                                                                   "arguments": text}}
+    return {"type": "function", "id": f"call_{index}", "function": {"name": name, "arguments": text}}
 
 
 def _ollama_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -301,7 +367,7 @@ async def _lifecycle(manager: ModelManager, model: str, keep_alive: float | None
         body["message"] = {"role": "assistant", "content": ""}
     else:
         body["response"] = ""
-    return web.json_response(body)
+    return json_response(body)
 
 
 @_ollama_errors
@@ -339,7 +405,7 @@ def _check_images(config: ModelConfig, payload: dict[str, Any], kind: str) -> No
     """llama-server answers 500 to an image for a model without a projector: say what to change instead."""
     carriers = payload["messages"] if kind == "chat" else [payload]
     has_images = any(isinstance(m, dict) and m.get("images") for m in carriers)
-    if has_images and config.command is None and "--mmproj" not in config.settings:
+    if has_images and config.command is None and not config.has_projector:
         raise OllamaError(400, f"model '{config.name}' cannot read images: it has no projector "
                                "(put its mmproj file beside it in --models-dir, or `mmproj = ...` in its preset)")
 
@@ -365,6 +431,8 @@ def _upstream_request(payload: dict[str, Any], kind: str) -> tuple[str, dict[str
                            "n_predict": body.pop("max_tokens", -1)}
     if payload.get("raw"):
         return "/completion", {**body, "prompt": prompt, "n_predict": body.pop("max_tokens", -1)}
+    if not isinstance(payload.get("system") or "", str):
+        raise OllamaError(400, "system must be a string")
     messages = [{"role": "system", "content": payload["system"]}] if payload.get("system") else []
     images = payload.get("images") or []
     messages.append({"role": "user", "content": prompt, "images": images})
@@ -383,7 +451,7 @@ async def _relay(request: web.Request, lease: Lease, path: str, body: dict[str, 
     async with _upstream(lease, path, body) as upstream:
         if not body["stream"]:
             reply = orjson.loads(await upstream.read())
-            return web.json_response(_whole_answer(reply, path, kind, model, started, load_ns))
+            return json_response(_whole_answer(reply, path, kind, model, started, load_ns))
         return await _stream(request, upstream, path, kind, model, started, load_ns)
 
 
@@ -530,12 +598,12 @@ async def show(request: web.Request) -> web.Response:
     template += "{{ if .Tools }}{{ .Tools }}{{ end }}" if "tools" in capabilities else ""
     template += "{{ if .Suffix }}{{ .Suffix }}{{ end }}" if "insert" in capabilities else ""
     files = _files(config)
-    return web.json_response({
+    return json_response({
         "modelfile": f"# served by modelyard from {config.model_path or config.command}\n",
         "parameters": f"num_ctx {context}" if context else "",
         "template": template, "details": details(manager, config), "model_info": info,
         "capabilities": capabilities,
-        "modified_at": _iso(max((f.stat().st_mtime for f in files), default=time.time())),
+        "modified_at": _iso(_stats(files)[0]),
     })
 
 
@@ -543,7 +611,7 @@ def _capabilities(config: ModelConfig, facts: GgufFacts | None) -> list[str]:
     """What Ollama's capabilities would say: from the preset (embeddings, a projector, jinja templates) and
     the GGUF (does its chat template take tools or thinking; does its vocabulary have FIM tokens)."""
     settings = config.settings
-    if settings.get("--embeddings", "false").lower() in TRUTHY:
+    if config.command is None and config.serves_embeddings(os.environ):
         return ["embedding"]
     capabilities = ["completion"]
     jinja = settings.get("--jinja", "true").lower() in TRUTHY
@@ -553,7 +621,7 @@ def _capabilities(config: ModelConfig, facts: GgufFacts | None) -> list[str]:
         capabilities.append("thinking")
     if facts is not None and facts.fill_in_middle:
         capabilities.append("insert")
-    if "--mmproj" in settings:
+    if config.has_projector:
         capabilities.append("vision")
     return capabilities
 
@@ -580,6 +648,7 @@ async def _embed(request: web.Request, legacy: bool) -> web.Response:
         return await _lifecycle(manager, payload["model"], keep_alive, "embed")
     if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
         raise OllamaError(400, "input must be a string or a list of strings")
+    check_embeddings(manager.resolve(payload["model"]))  # before loading: llama-server would answer 501
     acquired = time.perf_counter()
     lease = await manager.acquire(payload["model"], keep_alive=keep_alive)
     load_ns = int((time.perf_counter() - acquired) * 1e9)
@@ -590,8 +659,8 @@ async def _embed(request: web.Request, legacy: bool) -> web.Response:
         manager.release(lease)
     vectors = [item["embedding"] for item in sorted(reply["data"], key=lambda d: d["index"])]
     if legacy:
-        return web.json_response({"embedding": vectors[0]})
-    return web.json_response({"model": payload["model"], "embeddings": vectors,
+        return json_response({"embedding": vectors[0]})
+    return json_response({"model": payload["model"], "embeddings": vectors,
                               "total_duration": int((time.perf_counter() - started) * 1e9),
                               "load_duration": load_ns,
                               "prompt_eval_count": int((reply.get("usage") or {}).get("prompt_tokens", 0))})

@@ -3,14 +3,16 @@ the GET endpoints routed by `?model=`. Each request holds a lease on its model u
 
 from __future__ import annotations
 
-from typing import Any
+import os
 
 import orjson
 from aiohttp import web
 
 from modelyard.api import auth
+from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_response, from_model_error
+from modelyard.config.catalog import ModelConfig
 from modelyard.config.durations import parse_duration
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.proxy import forward
@@ -23,6 +25,15 @@ POST_ROUTES = (
     "/slots/{id}", "/lora-adapters", "/props",
 )
 GET_ROUTES = ("/slots", "/metrics", "/lora-adapters")
+EMBEDDING_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/embedding"})
+
+
+def check_embeddings(config: ModelConfig) -> None:
+    """Refuse embeddings for a model whose child would answer llama-server's 501 "start it with
+    `--embeddings`" (which a modelyard user cannot do), before loading it, naming the preset key instead."""
+    if not config.serves_embeddings(os.environ):
+        raise ModelError(ErrorKind.BAD_REQUEST, f"model '{config.name}' does not serve embeddings; add "
+                         "`embeddings = true` to its section in the --models-preset file (or pass --embeddings)")
 
 
 def autoload_flag(request: web.Request, default: bool) -> bool:
@@ -51,13 +62,11 @@ async def _proxy(request: web.Request, model: str, body: bytes, keep_alive: floa
 
 
 async def post_by_body_model(request: web.Request) -> web.StreamResponse:
-    body = await request.read()
     try:
-        payload: Any = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError as exc:
-        return error_response(ErrorKind.BAD_REQUEST, f"request body is not valid JSON: {exc}")
-    if not isinstance(payload, dict):
-        return error_response(ErrorKind.BAD_REQUEST, "request body must be a JSON object with a \"model\" field")
+        payload = await read_json_object(request, ' with a "model" field')
+    except ModelError as error:
+        return from_model_error(error)
+    body = await request.read()  # aiohttp keeps the bytes it read: forwarded as they came
     model = payload.get("model")
     if model is None or model == "":
         model = request.query.get("model")
@@ -66,6 +75,11 @@ async def post_by_body_model(request: web.Request) -> web.StreamResponse:
                               "set \"model\" to one of the ids listed by GET /v1/models", param="model")
     if not isinstance(model, str):
         return error_response(ErrorKind.BAD_REQUEST, "\"model\" must be a string", param="model")
+    if request.path in EMBEDDING_PATHS:
+        try:
+            check_embeddings(request.app[CONTEXT].manager.resolve(model))
+        except ModelError as error:
+            return from_model_error(error)
     keep_alive = None
     if "keep_alive" in payload:  # modelyard's extension, as Ollama has it; the engine never sees it
         try:

@@ -5,15 +5,16 @@ unknown model, one SSE event name, `failed` only when a child really failed)."""
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from aiohttp import web
 
 from modelyard import __version__
 from modelyard.api import auth
+from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_response, from_model_error
+from modelyard.api.json import dumps, json_response
 from modelyard.api.openai import get_by_query_model
 from modelyard.config.catalog import ModelConfig
 from modelyard.config.presets import ConfigError
@@ -55,7 +56,7 @@ def _round(seconds: float | None) -> float | None:
 
 def _architecture(config: ModelConfig) -> dict[str, list[str]]:
     """What router mode reports offline: text in and out, plus images when the model has a projector."""
-    inputs = ["text", "image"] if "--mmproj" in config.settings else ["text"]
+    inputs = ["text", "image"] if config.has_projector else ["text"]
     return {"input_modalities": inputs, "output_modalities": ["text"]}
 
 
@@ -69,7 +70,7 @@ async def list_models(request: web.Request) -> web.Response:
     created = int(context.settings.started_at)
     data = [model_entry(view, created) for view in context.manager.models() if auth.may_use(request, view.config)]
     memory = context.manager.memory()
-    return web.json_response({"object": "list", "data": data,
+    return json_response({"object": "list", "data": data,
                               "memory": {"used": memory.used, "budget": memory.budget or None,
                                          "gpu_used": memory.gpu_used, "gpu_budget": memory.gpu_budget or None}})
 
@@ -83,18 +84,21 @@ async def get_model(request: web.Request) -> web.Response:
         name = config.name
     except ModelError as error:
         return from_model_error(error)
-    view = next(v for v in context.manager.models() if v.config.name == name)
-    return web.json_response(model_entry(view, int(context.settings.started_at)))
+    view = next((v for v in context.manager.models() if v.config.name == name), None)
+    if view is None:  # removed by a reload between the two reads
+        return error_response(ErrorKind.UNKNOWN_MODEL, f"model '{name}' is no longer served")
+    return json_response(model_entry(view, int(context.settings.started_at)))
 
 
 async def _model_from_body(request: web.Request) -> str:
-    try:
-        payload = await request.json()
-    except ValueError as exc:
-        raise ModelError(ErrorKind.BAD_REQUEST, f"request body is not valid JSON: {exc}") from None
-    model = payload.get("model") if isinstance(payload, dict) else None
-    if not isinstance(model, str) or not model:
-        raise ModelError(ErrorKind.MISSING_MODEL, "model name is missing from the request")
+    # The strict reader: request.json() gave 500s (RecursionError on deep nesting, LookupError on a charset).
+    payload = await read_json_object(request, ' with a "model" field')
+    model = payload.get("model")
+    if model is None or model == "":
+        raise ModelError(ErrorKind.MISSING_MODEL, "model name is missing from the request; "
+                         "set \"model\" to one of the ids listed by GET /models")
+    if not isinstance(model, str):
+        raise ModelError(ErrorKind.BAD_REQUEST, "\"model\" must be a string")
     auth.require_named(request, model, request.app[CONTEXT].manager.resolve)
     return model
 
@@ -107,7 +111,7 @@ async def load_model(request: web.Request) -> web.Response:
         manager.load_in_background(model)
     except ModelError as error:
         return from_model_error(error)
-    return web.json_response({"success": True})
+    return json_response({"success": True})
 
 
 async def unload_model(request: web.Request) -> web.Response:
@@ -116,7 +120,7 @@ async def unload_model(request: web.Request) -> web.Response:
         manager.unload(await _model_from_body(request))
     except ModelError as error:
         return from_model_error(error)
-    return web.json_response({"success": True})
+    return json_response({"success": True})
 
 
 def _sse_frame(event: StatusEvent) -> bytes:
@@ -133,7 +137,7 @@ def _sse_frame(event: StatusEvent) -> bytes:
         if event.info:
             data["info"] = event.info
         message = {"model": event.model, "event": SSE_EVENT, "data": data}
-    return f"data: {json.dumps(message)}\n\n".encode()
+    return b"data: " + dumps(message) + b"\n\n"
 
 
 async def models_sse(request: web.Request) -> web.StreamResponse:
@@ -163,7 +167,7 @@ async def props(request: web.Request) -> web.StreamResponse:
     if request.query.get("model"):
         return await get_by_query_model(request)
     context = request.app[CONTEXT]
-    return web.json_response({
+    return json_response({
         "role": "router",
         "max_instances": context.manager.max_models,
         "models_autoload": context.settings.autoload,
@@ -178,7 +182,7 @@ async def props(request: web.Request) -> web.StreamResponse:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 def add_routes(app: web.Application) -> None:
