@@ -30,9 +30,10 @@ from modelyard.errors import ModelError
 from modelyard.manager import ModelManager
 from modelyard.memory import gpu_total_memory, parse_size, system_memory
 from modelyard.scheduler import Limits
+from modelyard.watchdog import WatchdogSettings
 
 log = logging.getLogger("modelyard")
-SHUTDOWN_GRACE_S = 5.0
+HANDLER_GRACE_S = 2.0
 
 @click.group()
 @click.version_option(__version__, prog_name="modelyard")
@@ -87,14 +88,22 @@ def main() -> None:
 @click.option("--max-wait", default="30s",
               help="Longest a request waits behind other models' batches before the models in its way are "
                    "drained (seconds or 30s, 2m).")
+@click.option("--load-timeout", default="10m", envvar="MODELYARD_LOAD_TIMEOUT",
+              help="A model not ready this long after its start is killed, and its waiting requests get the reason "
+                   "and the engine's last log lines (seconds, 10m; 0 = no limit). Presets: load-timeout = ...")
+@click.option("--stall-timeout", default="120s", envvar="MODELYARD_STALL_TIMEOUT",
+              help="A child with requests in flight that sends no byte on any of them this long, and shows no "
+                   "progress, is killed; its requests end with an error and the next one loads it again (0 = off).")
+@click.option("--shutdown-grace", default="30s", envvar="MODELYARD_SHUTDOWN_GRACE",
+              help="On SIGTERM/SIGINT, how long in-flight requests may finish before they are ended with an error.")
 @click.option("-v", "--verbose", is_flag=True, help="Log child output and every request decision.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, models_autoload: bool,
           host: str, port: int, api_key: str | None, api_key_file: Path | None, allowed_hosts: str | None,
           cors_origins: str | None,
           ssl_key_file: str | None, ssl_cert_file: str | None, llama_server: str | None, max_queue: int,
-          memory_budget: str, gpu_memory_budget: str, keep_alive: str, max_wait: str, verbose: bool,
-          engine_args: tuple[str, ...]) -> None:
+          memory_budget: str, gpu_memory_budget: str, keep_alive: str, max_wait: str, load_timeout: str,
+          stall_timeout: str, shutdown_grace: str, verbose: bool, engine_args: tuple[str, ...]) -> None:
     """Serve every model in --models-dir / --models-preset behind one OpenAI-compatible endpoint.
 
     Any other llama-server flag (for example `-c 4096 --jinja`) is a default for every model instance:
@@ -118,10 +127,13 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
                                   f"like 80%, or 0 for no limit ({exc})") from None
         limits = Limits(max_models=models_max, max_queue=max_queue, memory_budget=budgets[0],
                         gpu_memory_budget=budgets[1], keep_alive=parse_duration(keep_alive, "--keep-alive"),
-                        max_wait=parse_duration(max_wait, "--max-wait"))
+                        max_wait=parse_duration(max_wait, "--max-wait"),
+                        load_timeout=max(0.0, parse_duration(load_timeout, "--load-timeout")))
+        watchdog = WatchdogSettings(stall_timeout=max(0.0, parse_duration(stall_timeout, "--stall-timeout")))
+        grace = max(0.0, parse_duration(shutdown_grace, "--shutdown-grace"))
         manager = ModelManager.create(models_dir=models_dir, models_preset=models_preset,
                                       llama_server=llama_server, engine_args=engine_args, limits=limits,
-                                      router_port=port)
+                                      router_port=port, watchdog=watchdog)
         _check_startup_models(manager, models_max)
         manager.check_pinned()
     except (ConfigError, EngineNotFound, RuntimeError, ValueError) as exc:
@@ -148,7 +160,7 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
                f"listening on {scheme}://{host}:{port}", err=True)
     tls = _tls_context(ssl_cert_file, ssl_key_file) if ssl_cert_file and ssl_key_file else None
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_serve(AppContext(manager, settings), host, port, tls))
+        runner.run(_serve(AppContext(manager, settings), host, port, tls, grace))
 
 
 def _check_startup_models(manager: ModelManager, models_max: int) -> None:
@@ -190,28 +202,50 @@ def _loop_factory() -> type[asyncio.AbstractEventLoop] | None:
     return uvloop.Loop
 
 
-async def _serve(context: AppContext, host: str, port: int, tls: ssl.SSLContext | None) -> None:
+async def _serve(context: AppContext, host: str, port: int, tls: ssl.SSLContext | None, grace: float) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: no new model requests (503), in-flight ones get `grace` seconds
+    (a second signal cuts it short), what is left ends with an error event, every child stops, exit 0.
+    SIGHUP re-reads the model sources, as GET /models?reload=1 does."""
     from aiohttp import web
 
     limits = ConnectionLimits.for_descriptor_limit(raise_descriptor_limit())  # before any child inherits it
-    # In-flight requests get a short grace period on SIGTERM; then every child is stopped.
+    # Handlers still running after the drain (only those that ignore the end of their child) get a moment.
     runner = web.AppRunner(build_app(context), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=SHUTDOWN_GRACE_S, keepalive_timeout=limits.keepalive_timeout)
+                           shutdown_timeout=HANDLER_GRACE_S, keepalive_timeout=limits.keepalive_timeout)
     await runner.setup()
-    stop = asyncio.Event()
+    manager = context.manager
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop_signal() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_stop_signal)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(manager))
     try:
         try:
             await LimitedSite(runner, host, port, limits=limits, reuse_address=True, ssl_context=tls).start()
         except OSError as exc:  # in use, a low port, a bad --host: one line, and `finally` stops the children
             raise click.ClickException(bind_error_message(host, port, exc)) from None
         await stop.wait()
-        log.info("shutting down: stopping every model")
+        log.info("draining: no new model requests; %d in flight get up to %g s", manager.in_flight(), grace)
+        manager.begin_drain()
+        if not await manager.wait_idle(grace, hurry):
+            log.warning("shutdown grace over: ending %d request(s) still in flight", manager.in_flight())
+            manager.kill_all(f"modelyard is shutting down (the --shutdown-grace of {grace:g} s is over)")
     finally:
         await runner.cleanup()
-        context.manager.kill_all()
+        manager.kill_all()
+
+
+def _reload(manager: ModelManager) -> None:
+    try:
+        manager.reload()
+    except ConfigError as exc:
+        log.error("SIGHUP: reload failed, keeping the current models: %s", exc)
+    else:
+        log.info("SIGHUP: model sources re-read (%d models)", len(manager.catalog.models))
 
 
 @main.group()

@@ -319,6 +319,10 @@ class Scheduler:
     def gpu_memory_used(self) -> int:
         return sum(m.gpu_footprint for m in self.models.values() if m.status in RUNNING)
 
+    def leases_out(self) -> int:
+        """Requests holding a lease (in flight on a child)."""
+        return len(self.lease_owner)
+
     def queued_for(self, model: str) -> int:
         return sum(1 for w in self.queue if w.model == model)
 

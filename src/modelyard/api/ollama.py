@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -26,8 +25,9 @@ from modelyard import __version__
 from modelyard.api import auth
 from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
-from modelyard.api.json import json_response
+from modelyard.api.json import dumps, json_response
 from modelyard.api.openai import check_embeddings
+from modelyard.children import ChildError, Reply
 from modelyard.config.catalog import ModelConfig
 from modelyard.config.durations import parse_duration
 from modelyard.config.options import TRUTHY
@@ -456,27 +456,29 @@ async def _relay(request: web.Request, lease: Lease, path: str, body: dict[str, 
 
 
 @contextlib.asynccontextmanager
-async def _upstream(lease: Lease, path: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
-    """POST `body` to the child; a refusal becomes an OllamaError with the child's own words, a failure before
-    anything was sent to the client a 502 (once a stream has started, `_stream` reports failures in-band)."""
+async def _upstream(lease: Lease, path: str, body: dict[str, Any]) -> AsyncIterator[Reply]:
+    """POST `body` to the child (through the same child.request path as every forwarded request); a refusal
+    becomes an OllamaError with the child's own words, a failure before anything was sent to the client a 502
+    (once a stream has started, `_stream` reports failures in-band)."""
     try:
-        async with lease.client.post(lease.base_url + path, data=orjson.dumps(body),
-                                     headers={"Content-Type": "application/json"}) as upstream:
+        async with lease.child.request("POST", path, body=dumps(body),
+                                       headers={"Content-Type": "application/json"}) as upstream:
             if upstream.status != 200:
-                raise OllamaError(upstream.status, _upstream_message(await upstream.text()))
+                text = (await upstream.read()).decode(errors="replace")
+                raise OllamaError(upstream.status, _upstream_message(text))
             yield upstream
-    except aiohttp.ClientError as exc:
-        raise OllamaError(502, f"the model's server failed: {exc}") from None
+    except ChildError as exc:
+        raise OllamaError(502, str(exc)) from None
 
 
-async def _stream(request: web.Request, upstream: aiohttp.ClientResponse, path: str, kind: str, model: str,
+async def _stream(request: web.Request, upstream: Reply, path: str, kind: str, model: str,
                   started: float, load_ns: int) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     try:
         async for line in _ndjson_lines(upstream, path, kind, model, started, load_ns):
             await response.write(line)
-    except (aiohttp.ClientError, UpstreamError) as exc:
+    except (ChildError, UpstreamError) as exc:
         # Ollama's in-band error: clients raise it (ollama-python, Continue) instead of a cut stream.
         log.warning("%s %s: the model's server failed mid-stream: %s", request.method, request.path, exc)
         await response.write(orjson.dumps({"error": f"the model's server failed mid-stream: {exc}"}) + b"\n")
@@ -517,13 +519,13 @@ def _whole_answer(reply: dict[str, Any], path: str, kind: str, model: str, start
     return {**out, **_final_fields(started, load_ns, finish, timings, reply.get("usage") or {})}
 
 
-async def _ndjson_lines(upstream: Any, path: str, kind: str, model: str, started: float,
+async def _ndjson_lines(upstream: Reply, path: str, kind: str, model: str, started: float,
                         load_ns: int) -> Any:
     finish: str | None = None
     timings: dict[str, Any] = {}
     usage: dict[str, Any] = {}
     calls: dict[int, dict[str, Any]] = {}
-    async for raw in upstream.content:
+    async for raw in upstream.lines():
         line = raw.strip()
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue

@@ -56,7 +56,7 @@ async def _proxy(request: web.Request, model: str, body: bytes, keep_alive: floa
     except ModelError as error:
         return from_model_error(error)
     try:
-        return await forward(request, lease.client, lease.base_url, body, _forward_query(request))
+        return await forward(request, lease.child, body, _forward_query(request))
     finally:
         manager.release(lease)
 

@@ -182,6 +182,9 @@ async def props(request: web.Request) -> web.StreamResponse:
 
 
 async def health(request: web.Request) -> web.Response:
+    """503 while draining (shutting down), so load balancers and supervisors stop sending model requests."""
+    if request.app[CONTEXT].manager.draining:
+        return json_response({"status": "draining"}, status=503)
     return json_response({"status": "ok"})
 
 

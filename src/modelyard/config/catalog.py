@@ -47,6 +47,7 @@ class ModelConfig:
     pinned: bool = False
     priority: int = 0
     concurrency_limit: int = 0
+    load_timeout: float | None = None  # seconds a load may take; None = --load-timeout; 0 = no limit
     preset_text: str = field(default="", compare=False)
 
     @property
@@ -174,12 +175,12 @@ def _model_config(name: str, full: Mapping[str, Setting], source: Literal["prese
     )
 
 
-_SCHEDULING_KEYS = ("keep-alive", "pin", "priority", "concurrency-limit")
+_SCHEDULING_KEYS = ("keep-alive", "pin", "priority", "concurrency-limit", "load-timeout")
 
 
 def _scheduling(full: Mapping[str, Setting], name: str) -> dict[str, Any]:
     """modelyard's own preset keys: keep-alive (seconds or 5m; -1 = never unload), pin, priority,
-    concurrency-limit."""
+    concurrency-limit, load-timeout (seconds or 10m; 0 or -1 = no limit)."""
     out: dict[str, Any] = {}
     for key in _SCHEDULING_KEYS:
         setting = full.get(key)
@@ -188,6 +189,8 @@ def _scheduling(full: Mapping[str, Setting], name: str) -> dict[str, Any]:
         try:
             if key == "keep-alive":
                 out["keep_alive"] = parse_duration(setting.value, "keep-alive")
+            elif key == "load-timeout":
+                out["load_timeout"] = max(0.0, parse_duration(setting.value, "load-timeout"))
             elif key == "pin":
                 if setting.value.lower() not in TRUTHY | FALSEY:
                     raise ValueError("expected true or false")

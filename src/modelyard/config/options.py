@@ -53,6 +53,7 @@ PRESET_ONLY_OPTIONS: tuple[EngineOption, ...] = (
     EngineOption(("pin",), takes_value=True, preset_only=True),
     EngineOption(("priority",), takes_value=True, preset_only=True),
     EngineOption(("concurrency-limit",), takes_value=True, preset_only=True),
+    EngineOption(("load-timeout",), takes_value=True, preset_only=True),
 )
 
 
