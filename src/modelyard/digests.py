@@ -1,19 +1,19 @@
-"""sha256 digests of model files, computed once in the background and cached on disk by path, size and mtime
-(a 250 MB file takes about a second; a 40 GB one, minutes: never on the request path)."""
+"""sha256 digests of model files (Ollama's /api/tags `digest`), cached on disk by path, size and mtime.
+
+Computing one takes about a second for a 250 MB file and minutes for a 40 GB one, so it is never done on the
+request path or the event loop: modelyard.background computes them in its idle-priority worker, and this
+cache only records them (a failure too, so an unreadable file is not retried until it changes).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import logging
 from pathlib import Path
 
 from modelyard.file_cache import FileCache
 
-log = logging.getLogger(__name__)
 
-
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
         while chunk := file.read(1 << 22):
@@ -23,18 +23,9 @@ def _sha256(path: Path) -> str:
 
 class FileDigests:
     def __init__(self, directory: Path) -> None:
-        self._cache = FileCache(directory / "file-digests.json")
+        self.cache = FileCache(directory / "file-digests.json", version="2")
 
     def get(self, path: Path) -> str | None:
-        digest = self._cache.get(path)
+        """The digest if known (never computes it)."""
+        digest = self.cache.get(path)
         return digest if isinstance(digest, str) else None
-
-    async def compute(self, paths: list[Path]) -> None:
-        """Digest every file not digested yet, one at a time, off the event loop."""
-        for path in dict.fromkeys(paths):
-            if self.get(path) is not None:
-                continue
-            try:
-                self._cache.put(path, await asyncio.to_thread(_sha256, path))
-            except OSError as exc:
-                log.warning("could not digest %s: %s", path, exc)

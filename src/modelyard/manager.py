@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from modelyard.background import BackgroundReader
 from modelyard.children import Child, ChildExited, ChildFactory, ProcessChild, free_port, new_child_key
 from modelyard.clock import Clock, MonotonicClock, Timer
 from modelyard.config.catalog import Catalog, ModelConfig, Sources, parse_engine_args
@@ -170,6 +171,9 @@ class ModelManager:
         self._watchdog = watchdog or WatchdogSettings()
         self._gguf = gguf_cache or GgufCache(cache_root())
         self.digests = FileDigests(cache_root())
+        # GGUF facts and digests are read there, at idle priority, never on the event loop (issue 9 point 7);
+        # its worker process starts on the first file to read, not here.
+        self.files = BackgroundReader(self._gguf, self.digests)
         self.catalog = catalog if catalog is not None else source.load()
         self._footprints: dict[str, Footprint] = {}
         limits = limits or Limits()
@@ -210,17 +214,19 @@ class ModelManager:
                          priority=config.priority, keep_alive=config.keep_alive,
                          concurrency_limit=config.concurrency_limit)
 
-    async def estimate_memory(self) -> None:
-        """Read the GGUF metadata of every model not estimated yet (off the event loop: the reader is slow),
-        and hand the estimates to the scheduler."""
-        for config in list(self.catalog.models.values()):
+    async def estimate_memory(self, names: Sequence[str] | None = None, urgent: bool = False) -> None:
+        """Have the GGUF metadata of the models (`names`, default all) not estimated yet read in the background
+        (one file at a time, at idle priority: see modelyard.background), and hand each estimate to the
+        scheduler as it comes. `urgent`: a load waits for it, so it goes before all other background work.
+        A file that cannot be read is logged once by the reader and leaves the model unestimated."""
+        chosen = self.catalog.models.values() if names is None else [self.catalog.models[n] for n in names]
+        for config in list(chosen):
             if self._footprints.get(config.name, Footprint()) != Footprint():
                 continue
-            try:
-                facts = [await asyncio.to_thread(self._gguf.read, p) for p in model_files(config.settings)]
-            except Exception as exc:
-                log.warning("could not read the GGUF metadata of %s: %s", config.name, exc)
-                continue
+            found = await self.files.want_facts(model_files(config.settings), urgent=urgent)
+            facts = [f for f in found if f is not None]
+            if len(facts) != len(found) or self._footprints.get(config.name, Footprint()) != Footprint():
+                continue  # unreadable, or estimated meanwhile (by an urgent call)
             self._footprints[config.name] = self._estimate(config, facts)
             if config.name in self._scheduler.models and self.catalog.models.get(config.name) is config:
                 self._dispatch(ModelChanged(self._spec(config), restart=False))
@@ -283,10 +289,11 @@ class ModelManager:
         self._spawn(self.estimate_memory())
         self._spawn(self._measure_forever())
         self._spawn(self._watch_children())
-        self._spawn(self._digest_files())
+        self._digest_files()
 
-    async def _digest_files(self) -> None:
-        await self.digests.compute([p for c in self.catalog.models.values() for p in model_files(c.settings)])
+    def _digest_files(self) -> None:
+        """Queue the digests (for Ollama's listings, which show "" until they are known) after every facts job."""
+        self.files.want_digests([p for c in self.catalog.models.values() for p in model_files(c.settings)])
 
     def end_subscriptions(self) -> None:
         for queue in self._subscribers:
@@ -294,6 +301,7 @@ class ModelManager:
 
     async def close(self) -> None:
         """Refuse new work, then stop every child (graceful first, SIGKILL after its stop-timeout)."""
+        await self.files.close()  # first, and at once: exit never waits for background work (a parse held it 38.7 s)
         self.end_subscriptions()
         self._dispatch(Shutdown())
         deadline = max((c.stop_timeout for c in self.catalog.models.values()), default=10.0) + 5
@@ -387,7 +395,7 @@ class ModelManager:
             self._dispatch(ModelChanged(self._spec(fresh.models[name]), restart=restart))
         self._publish(StatusEvent("*", Status.UNLOADED, reason="models_reload"))
         self._spawn(self.estimate_memory())
-        self._spawn(self._digest_files())
+        self._digest_files()
 
     def models(self) -> list[ModelView]:
         now = self._clock.now()

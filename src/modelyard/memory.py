@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from modelyard.config.options import TRUTHY
-from modelyard.file_cache import FileCache
+from modelyard.file_cache import FileCache, failure, failure_of
 
 # Bytes per element of the KV cache, per llama.cpp cache type (block formats include their scales).
 _CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
@@ -173,22 +173,51 @@ def read_gguf(path: Path) -> GgufFacts:
 
 
 class GgufCache:
-    """GGUF facts cached on disk per file: read once per file per machine."""
+    """GGUF facts cached on disk per file: read once per file per machine (a failure too: a truncated file is
+    not re-parsed until it changes). modelyard.background fills it from its idle-priority worker."""
 
     def __init__(self, directory: Path) -> None:
-        self._cache = FileCache(directory / "gguf-facts.json", version="4")
+        self.cache = FileCache(directory / "gguf-facts.json", version="5")
 
     def get(self, path: Path) -> GgufFacts | None:
-        entry = self._cache.get(path)
-        return GgufFacts(**entry) if entry else None
+        """The facts if known (never reads the file's metadata)."""
+        return facts_from(self.cache.get(path))
 
     def read(self, path: Path) -> GgufFacts:
-        cached = self.get(path)
-        if cached is not None:
-            return cached
-        facts = read_gguf(path)
-        self._cache.put(path, asdict(facts))
+        """The facts, read now if not cached (blocking: only for start-up checks, before any child runs).
+        Raises ValueError for a file known not to parse."""
+        key = self.cache.key(path)
+        if key is None:
+            raise FileNotFoundError(f"no such file: {path}")
+        cached = self.cache.lookup(key)
+        message = failure_of(cached)
+        if message is not None:
+            raise ValueError(message)
+        facts = facts_from(cached)
+        if facts is not None:
+            return facts
+        try:
+            facts = read_gguf(path)
+        except Exception as exc:
+            self.cache.put(key, failure(describe_failure(exc)))
+            raise
+        self.cache.put(key, asdict(facts))
         return facts
+
+
+def facts_from(entry: Any) -> GgufFacts | None:
+    """GgufFacts from a cache entry (None for a failure, a missing entry or one of another shape)."""
+    if not isinstance(entry, dict) or failure_of(entry) is not None:
+        return None
+    try:
+        return GgufFacts(**entry)
+    except TypeError:
+        return None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a file that could not be read: `ValueError: ...` (the gguf reader's messages are terse)."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def model_files(settings: Mapping[str, str]) -> list[Path]:
