@@ -1026,7 +1026,7 @@ SCHEDULING_SCENARIOS = [
             At(60, Tick(), [("kill", "A")], 1000.0),  # only the max-wait of the waiters is left
             At(60.5, loaded("A"), [], 1000.0),  # ready just too late: a child being killed serves no one
             At(61, exited("A", -9, "llama-server was killed by a signal: loading tensors"),
-               {reject(1, ErrorKind.LOAD_FAILED), reject(2, ErrorKind.LOAD_FAILED)}, None),
+               {reject(1, ErrorKind.UPSTREAM), reject(2, ErrorKind.UPSTREAM)}, None),
             At(62, Acquire(3, "A"), [start("A")], 122.0),  # the next request loads it again, with a new timeout
         ],
         final={"A": Status.LOADING},

@@ -25,7 +25,7 @@ from modelyard.errors import ErrorKind, ModelError
 from modelyard.manager import ModelManager, StatusEvent
 from modelyard.memory import GgufCache
 from modelyard.scheduler import Limits, Status
-from modelyard.watchdog import WatchdogSettings
+from modelyard.watchdog import Observation, WatchdogSettings, judge
 from tests.fakes import FakeChild, FakeClock, FakeFleet, FakeReply, StaticSource, catalog, settle
 
 WATCHDOG = WatchdogSettings(stall_timeout=120.0, interval=10.0, probe_timeout=5.0, failed_probes=3)
@@ -117,6 +117,7 @@ async def test_a_load_that_hangs_is_killed_at_the_load_timeout_naming_it_and_the
     with pytest.raises(ModelError) as failure:
         await waiter
     assert child.exited.result() == -9
+    assert failure.value.kind == ErrorKind.UPSTREAM  # 502: the child died under its waiters, not a 500
     assert "not ready within 600 s (load-timeout)" in failure.value.message
     assert "load_tensors: loading model tensors" in failure.value.message
     # The next request loads it again, with a child of its own.
@@ -356,3 +357,26 @@ def _drain_queue(queue: asyncio.Queue[StatusEvent | None]) -> list[StatusEvent]:
         if item is not None:
             out.append(item)
     return out
+
+
+# --- the watchdog's decision, as a table ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("seen", "verdict"), [
+    (Observation(in_flight=0, silent_for=999, probe_ok=True, failed_probes=0, progressed=False), ""),
+    (Observation(in_flight=0, silent_for=999, probe_ok=False, failed_probes=2, progressed=False), ""),
+    (Observation(in_flight=0, silent_for=0, probe_ok=False, failed_probes=3, progressed=False), "health checks"),
+    (Observation(in_flight=2, silent_for=119, probe_ok=True, failed_probes=0, progressed=False), ""),
+    (Observation(in_flight=2, silent_for=120, probe_ok=True, failed_probes=0, progressed=False), "stall-timeout"),
+    (Observation(in_flight=2, silent_for=300, probe_ok=True, failed_probes=0, progressed=True), ""),
+    (Observation(in_flight=1, silent_for=121, probe_ok=False, failed_probes=1, progressed=False), "stall-timeout"),
+])
+def test_watchdog_verdicts(seen: Observation, verdict: str) -> None:
+    reason = judge(seen, WATCHDOG)
+    assert (verdict in reason) if verdict else reason == ""
+
+
+def test_stall_timeout_off_never_judges_a_stall() -> None:
+    off = WatchdogSettings.for_stall_timeout(0)
+    assert judge(Observation(1, 10**6, True, 0, False), off) == ""
+    assert (off.interval, off.probe_timeout) == (10.0, 10.0)
+    assert WatchdogSettings.for_stall_timeout(4).interval == 1.0

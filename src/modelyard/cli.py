@@ -129,7 +129,7 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
                         gpu_memory_budget=budgets[1], keep_alive=parse_duration(keep_alive, "--keep-alive"),
                         max_wait=parse_duration(max_wait, "--max-wait"),
                         load_timeout=max(0.0, parse_duration(load_timeout, "--load-timeout")))
-        watchdog = WatchdogSettings(stall_timeout=max(0.0, parse_duration(stall_timeout, "--stall-timeout")))
+        watchdog = WatchdogSettings.for_stall_timeout(max(0.0, parse_duration(stall_timeout, "--stall-timeout")))
         grace = max(0.0, parse_duration(shutdown_grace, "--shutdown-grace"))
         manager = ModelManager.create(models_dir=models_dir, models_preset=models_preset,
                                       llama_server=llama_server, engine_args=engine_args, limits=limits,

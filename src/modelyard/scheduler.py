@@ -472,9 +472,12 @@ class Scheduler:
             model.failure = reason
             self._set_status(model, Status.FAILED, actions, event.exit_code, reason)
         if was == Status.LOADING:
+            # Killed (by a signal, or by modelyard at its load-timeout), the child died under its waiters: 502,
+            # as for any request whose child dies. Exiting by itself, it could not load the model: 500.
+            died = killed or (event.exit_code is not None and event.exit_code < 0)
+            kind = ErrorKind.UPSTREAM if died else ErrorKind.LOAD_FAILED
             for waiter in self._take_waiters(event.model):
-                actions.append(Reject(waiter.request_id, ErrorKind.LOAD_FAILED,
-                                      f"model '{event.model}' failed to load: {reason}"))
+                actions.append(Reject(waiter.request_id, kind, f"model '{event.model}' failed to load: {reason}"))
         if model.removed:
             del self.models[event.model]
 

@@ -19,6 +19,12 @@ class WatchdogSettings:
     probe_timeout: float = 10.0  # a probe not answered within this failed
     failed_probes: int = 3  # this many failed probes in a row: unhealthy
 
+    @classmethod
+    def for_stall_timeout(cls, stall_timeout: float) -> WatchdogSettings:
+        """Probe often enough that a stall is caught within about a quarter of its timeout past it."""
+        step = min(10.0, max(0.5, stall_timeout / 4)) if stall_timeout else 10.0
+        return cls(stall_timeout=stall_timeout, interval=step, probe_timeout=step)
+
 
 @dataclass(frozen=True)
 class Observation:
@@ -35,7 +41,7 @@ def judge(seen: Observation, settings: WatchdogSettings) -> str:
         return (f"no answer to {seen.failed_probes} health checks in a row "
                 f"({settings.probe_timeout:g} s each)")
     if (seen.in_flight and settings.stall_timeout and seen.silent_for >= settings.stall_timeout
-            and not seen.progressed):
+            and not seen.progressed):  # a probe that failed shows no progress either: wedged
         return (f"sent no byte on {seen.in_flight} request(s) for {seen.silent_for:.0f} s "
                 f"(stall-timeout {settings.stall_timeout:g} s)")
     return ""
