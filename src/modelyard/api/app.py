@@ -11,6 +11,7 @@ from aiohttp.typedefs import Handler
 from modelyard.api import auth, cors, ollama, openai, router
 from modelyard.api.context import CONTEXT, AppContext
 from modelyard.api.errors import error_response
+from modelyard.api.json import json_response
 from modelyard.errors import ErrorKind
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ async def api_key_middleware(request: web.Request, handler: Handler) -> web.Stre
         if decision.status == 403:
             return error_response(ErrorKind.FORBIDDEN, decision.message)
         # llama-server's own 401 body, which its clients recognise
-        return web.json_response({"error": {"message": decision.message, "type": "authentication_error",
-                                            "code": 401}}, status=401)
+        return json_response({"error": {"message": decision.message, "type": "authentication_error",
+                                        "code": 401}}, status=401)
     request[auth.API_KEY] = decision
     return await handler(request)
 

@@ -51,7 +51,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from modelyard.api.errors import error_body
+from modelyard.api.errors import error_response
 from modelyard.errors import ErrorKind
 
 log = logging.getLogger(__name__)
@@ -161,10 +161,7 @@ class BodyTimeout(TimeoutError):
 
 
 def request_timeout_response(message: str) -> web.Response:
-    # ErrorKind has no 408 kind yet (errors.py is not this module's); same envelope as error_response.
-    body = error_body(ErrorKind.BAD_REQUEST, message)
-    body["error"]["code"] = "request_timeout"
-    response = web.json_response(body, status=408)
+    response = error_response(ErrorKind.REQUEST_TIMEOUT, message)
     response.force_close()  # the rest of the body may still be on its way: never read it as a next request
     return response
 
