@@ -186,12 +186,15 @@ class ModelManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscribers: set[asyncio.Queue[StatusEvent | None]] = set()
         self._timer: Timer | None = None
+        self._idle = asyncio.Event()  # set while no request holds a lease, once draining
+        self.draining = False
         self._timer_at: float | None = None
 
     @classmethod
     def create(cls, *, models_dir: Path | None = None, models_preset: Path | None = None,
                llama_server: str | None = None, engine_args: Sequence[str] = (), max_models: int | None = None,
-               max_queue: int | None = None, router_port: int = 0, limits: Limits | None = None) -> ModelManager:
+               max_queue: int | None = None, router_port: int = 0, limits: Limits | None = None,
+               watchdog: WatchdogSettings | None = None) -> ModelManager:
         """A manager over a models directory and/or preset file, with llama-server found as the CLI finds it.
 
         `engine_args` are llama-server flags applied to every model (`["-c", "4096"]`); `limits` holds the
@@ -202,7 +205,7 @@ class ModelManager:
         sources = Sources(table, models_dir=models_dir, preset_path=models_preset,
                           router_settings=parse_engine_args(tuple(engine_args), table))
         return cls(sources, Engine(binary, table, router_port=router_port), catalog=sources.load(), limits=limits,
-                   max_models=max_models, max_queue=max_queue, gpus=gpu_total_memory() > 0)
+                   max_models=max_models, max_queue=max_queue, gpus=gpu_total_memory() > 0, watchdog=watchdog)
 
     def _spec(self, config: ModelConfig) -> ModelSpec:
         if config.name not in self._footprints:
@@ -212,7 +215,7 @@ class ModelManager:
         footprint = self._footprints[config.name]
         return ModelSpec(config.name, footprint=footprint.memory, gpu_footprint=footprint.gpu, pinned=config.pinned,
                          priority=config.priority, keep_alive=config.keep_alive,
-                         concurrency_limit=config.concurrency_limit)
+                         concurrency_limit=config.concurrency_limit, load_timeout=config.load_timeout)
 
     async def estimate_memory(self, names: Sequence[str] | None = None, urgent: bool = False) -> None:
         """Have the GGUF metadata of the models (`names`, default all) not estimated yet read in the background
@@ -294,6 +297,30 @@ class ModelManager:
     def _digest_files(self) -> None:
         """Queue the digests (for Ollama's listings, which show "" until they are known) after every facts job."""
         self.files.want_digests([p for c in self.catalog.models.values() for p in model_files(c.settings)])
+
+    def begin_drain(self) -> None:
+        """Take no new model requests (they get 503 with Retry-After), refuse the waiting ones, and stop each
+        child once its in-flight requests are done. Listings keep answering."""
+        if self.draining:
+            return
+        self.draining = True
+        self._dispatch(Shutdown())
+
+    async def wait_idle(self, grace: float, hurry: asyncio.Event | None = None) -> bool:
+        """Wait up to `grace` seconds (less if `hurry` is set) for in-flight requests to finish; whether they
+        did."""
+        waits = [asyncio.ensure_future(self._idle.wait())]
+        if hurry is not None:
+            waits.append(asyncio.ensure_future(hurry.wait()))
+        try:
+            await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+        return self._idle.is_set()
+
+    def in_flight(self) -> int:
+        return self._scheduler.leases_out()
 
     def end_subscriptions(self) -> None:
         for queue in self._subscribers:
@@ -444,6 +471,8 @@ class ModelManager:
         for action in self._scheduler.handle(event, self._clock.now()):
             self._execute(action)
         self._arm_timer()
+        if self.draining and self._scheduler.leases_out() == 0:
+            self._idle.set()
 
     def _arm_timer(self) -> None:
         """Wake the scheduler when its next keep-alive or max-wait deadline comes."""
