@@ -8,7 +8,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from modelyard.api import auth, cors, ollama, openai, router
+from modelyard.api import auth, cors, management, ollama, openai
 from modelyard.api.context import CONTEXT, AppContext
 from modelyard.api.errors import error_response
 from modelyard.api.json import json_response
@@ -98,7 +98,7 @@ def build_app(context: AppContext) -> web.Application:
                           client_max_size=context.settings.max_body_bytes)
     app.on_response_prepare.append(add_cors_headers)
     app[CONTEXT] = context
-    router.add_routes(app)
+    management.add_routes(app)
     openai.add_routes(app)
     ollama.add_routes(app)
 
