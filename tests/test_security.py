@@ -37,7 +37,7 @@ from modelyard.config.catalog import Catalog, ModelConfig
 from modelyard.config.options import OptionTable, parse_help
 from modelyard.config.presets import ConfigError
 from modelyard.engine.command import Engine
-from modelyard.manager import ModelManager, StatusEvent
+from modelyard.manager import FeedEvent, ModelManager, StatusEvent
 from modelyard.memory import GgufCache
 from modelyard.scheduler import Status
 from tests.conftest import Router, fake_cmd
@@ -491,7 +491,7 @@ async def test_status_feed_shows_only_the_keys_models(client: Any, monkeypatch: 
     subscribe = manager.subscribe
 
     @contextlib.asynccontextmanager
-    async def signalling() -> AsyncIterator[asyncio.Queue[StatusEvent | None]]:
+    async def signalling() -> AsyncIterator[asyncio.Queue[FeedEvent | None]]:
         async with subscribe() as queue:
             subscribed.set()
             yield queue

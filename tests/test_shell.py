@@ -22,7 +22,7 @@ from modelyard.config.catalog import Catalog
 from modelyard.config.options import OptionTable
 from modelyard.engine.command import CHILD_KEY_ENV, Engine, LaunchPlan, Readiness
 from modelyard.errors import ErrorKind, ModelError
-from modelyard.manager import ModelManager, StatusEvent
+from modelyard.manager import FeedEvent, ModelManager, ModelsReloaded
 from modelyard.memory import GgufCache
 from modelyard.scheduler import Limits, Status
 from modelyard.watchdog import Observation, WatchdogSettings, judge
@@ -325,7 +325,7 @@ async def test_reload_adds_removes_and_restarts_changed_models_once_idle(shell: 
         await settle()
         assert child.stop_requested.is_set()
         seen = _drain_queue(events)
-    assert any(e.model == "*" and e.reason == "models_reload" for e in seen)
+    assert any(isinstance(e, ModelsReloaded) for e in seen)
     with pytest.raises(ModelError) as unknown:
         await shell.manager.acquire("b")
     assert unknown.value.kind == ErrorKind.UNKNOWN_MODEL
@@ -350,7 +350,7 @@ async def _loaded_idle(shell: Shell, model: str) -> FakeChild:
     return child
 
 
-def _drain_queue(queue: asyncio.Queue[StatusEvent | None]) -> list[StatusEvent]:
+def _drain_queue(queue: asyncio.Queue[FeedEvent | None]) -> list[FeedEvent]:
     out = []
     while not queue.empty():
         item = queue.get_nowait()

@@ -118,6 +118,14 @@ class StatusEvent:
 
 
 @dataclass(frozen=True)
+class ModelsReloaded:
+    """What `/models/sse` publishes after the model sources were re-read (models may have come and gone)."""
+
+
+FeedEvent = StatusEvent | ModelsReloaded  # the status feed: one union, no sentinel model name
+
+
+@dataclass(frozen=True)
 class ModelView:
     """A snapshot of one model for listings."""
 
@@ -184,7 +192,7 @@ class ModelManager:
         self._waiting: dict[int, asyncio.Future[Lease]] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._subscribers: set[asyncio.Queue[StatusEvent | None]] = set()
+        self._subscribers: set[asyncio.Queue[FeedEvent | None]] = set()
         self._timer: Timer | None = None
         self._idle = asyncio.Event()  # set while no request holds a lease, once draining
         self.draining = False
@@ -420,7 +428,7 @@ class ModelManager:
             running = record.config if record is not None else None
             restart = running is not None and running.launch_signature() != fresh.models[name].launch_signature()
             self._dispatch(ModelChanged(self._spec(fresh.models[name]), restart=restart))
-        self._publish(StatusEvent("*", Status.UNLOADED, reason="models_reload"))
+        self._publish(ModelsReloaded())
         self._spawn(self.estimate_memory())
         self._digest_files()
 
@@ -457,9 +465,9 @@ class ModelManager:
         return self._scheduler.models[self.resolve(name).name].status
 
     @asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[asyncio.Queue[StatusEvent | None]]:
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[FeedEvent | None]]:
         """Status events as they happen; None means the manager is closing."""
-        queue: asyncio.Queue[StatusEvent | None] = asyncio.Queue(maxsize=1000)
+        queue: asyncio.Queue[FeedEvent | None] = asyncio.Queue(maxsize=1000)
         self._subscribers.add(queue)
         try:
             yield queue
@@ -614,7 +622,7 @@ class ModelManager:
             return
         await record.child.stop(record.config.stop_timeout)
 
-    def _publish(self, event: StatusEvent) -> None:
+    def _publish(self, event: FeedEvent) -> None:
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)

@@ -19,7 +19,7 @@ from modelyard.api.openai import get_by_query_model
 from modelyard.config.catalog import ModelConfig
 from modelyard.config.presets import ConfigError
 from modelyard.errors import ErrorKind, ModelError
-from modelyard.manager import ModelView, StatusEvent
+from modelyard.manager import FeedEvent, ModelsReloaded, ModelView
 from modelyard.scheduler import Status
 
 SSE_EVENT = "status_change"
@@ -123,8 +123,8 @@ async def unload_model(request: web.Request) -> web.Response:
     return json_response({"success": True})
 
 
-def _sse_frame(event: StatusEvent) -> bytes:
-    if event.model == "*":
+def _sse_frame(event: FeedEvent) -> bytes:
+    if isinstance(event, ModelsReloaded):
         message: dict[str, Any] = {"model": "*", "event": "models_reload", "data": {}}
     else:
         data: dict[str, Any] = {"status": event.status.value}
@@ -153,7 +153,8 @@ async def models_sse(request: web.Request) -> web.StreamResponse:
             else:
                 if event is None:
                     break
-                if event.model != "*" and not auth.may_use_named(request, manager.catalog, event.model):
+                if not isinstance(event, ModelsReloaded) and not auth.may_use_named(request, manager.catalog,
+                                                                                      event.model):
                     continue
                 frame = _sse_frame(event)
             try:
