@@ -34,7 +34,7 @@ from modelyard.background import (
 )
 from modelyard.digests import FileDigests, sha256_of
 from modelyard.file_cache import FileCache, failure
-from modelyard.memory import GgufCache, read_gguf
+from modelyard.memory import GgufCache, read_gguf, read_gguf_header
 
 
 def write_gguf(path: Path, context: int = 2048, vocabulary: int = 100) -> Path:
@@ -398,3 +398,75 @@ def test_concurrent_writers_in_two_processes_keep_every_entry(tmp_path: Path) ->
     assert [w.wait(timeout=60) for w in writers] == [0, 0]
     entries = FileCache(file)
     assert {entries.get(Path(p)) for paths in groups for p in paths} == {p for paths in groups for p in paths}
+
+
+# -- the header reader the worker runs --
+def _reference(path: Path) -> tuple[dict[str, object], list[tuple[int, int]]]:
+    """What llama.cpp's own gguf.GGUFReader reads (slow: a numpy view per array item)."""
+    reader = gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return fields, [(int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+
+
+def _same_as_reference(path: Path) -> None:
+    fields, tensors = read_gguf_header(path)
+    expected_fields, expected_tensors = _reference(path)
+    assert tensors == expected_tensors
+    assert fields.keys() == expected_fields.keys()
+    for key, value in fields.items():
+        skipped = key.startswith("tokenizer.") and isinstance(expected_fields[key], list)
+        assert value == ([] if skipped or _is_string_list(expected_fields[key]) else expected_fields[key]), key
+
+
+def _is_string_list(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], str)
+
+
+def test_the_header_reader_reads_what_gguf_s_reader_reads(tmp_path: Path) -> None:
+    path = tmp_path / "varied.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_context_length(4096)
+    writer.add_block_count(4)
+    writer.add_head_count_kv([1, 2, 4, 2])  # per-layer, as some architectures store it
+    writer.add_sliding_window(512)
+    writer.add_array("gemma3.attention.sliding_window_pattern", [True, True, False, True])
+    writer.add_array("general.tags", ["a", "b"])
+    writer.add_float32("gemma3.rope.scale", 0.5)
+    writer.add_bool("gemma3.flag", True)
+    writer.add_token_list(["x", "y"])
+    writer.add_token_scores([0.5, 1.0])
+    writer.add_tensor("q", np.ones((32, 8), dtype=np.float16))
+    writer.add_tensor("k", np.ones((3,), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _same_as_reference(path)
+    assert read_gguf(path).head_count_kv == 4 and read_gguf(path).sliding_layers == 3
+
+
+def test_the_header_reader_on_a_real_model(demo_models: dict[str, Path]) -> None:
+    started = time.process_time()
+    read_gguf_header(demo_models["smollm2-135m-instruct"])
+    assert time.process_time() - started < 1.0  # GGUFReader: 5.4 CPU-seconds here
+    _same_as_reference(demo_models["smollm2-135m-instruct"])
+
+
+@pytest.mark.parametrize(("cut", "message"), [
+    (lambda size: size - 10, "truncated GGUF: tensor a ends at byte"),  # tensor data cut short
+    (lambda size: 40, "truncated (or corrupt )?GGUF header"),  # inside the metadata
+    (lambda size: 0, "cannot mmap an empty file"),
+])
+def test_the_header_reader_refuses_a_truncated_file(tmp_path: Path, cut: object, message: str) -> None:
+    path = write_gguf(tmp_path / "m.gguf")
+    assert callable(cut)
+    os.truncate(path, cut(path.stat().st_size))
+    with pytest.raises(ValueError, match=message):
+        read_gguf(path)
+
+
+def test_the_header_reader_refuses_a_file_that_is_not_gguf(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        read_gguf(path)
