@@ -42,6 +42,7 @@ from modelyard.scheduler import (
     ModelSpec,
     Reject,
     Release,
+    Room,
     Scheduler,
     Shutdown,
     StartLoad,
@@ -50,6 +51,7 @@ from modelyard.scheduler import (
     StopInstance,
     Tick,
     UnloadRequested,
+    overages,
     unload_refusal,
 )
 
@@ -2087,3 +2089,15 @@ def test_retry_after_is_decided_by_the_core() -> None:
 ])
 def test_unload_validity(status: Status, refused: bool) -> None:
     assert bool(unload_refusal(status, "A")) == refused
+
+
+@pytest.mark.parametrize(("need", "limits", "kinds"), [
+    (Room(5 * G, 0, 1), Limits(max_models=4, memory_budget=10 * G), []),
+    (Room(11 * G, 0, 1), Limits(max_models=4, memory_budget=10 * G), ["memory"]),
+    (Room(1, 9 * G, 5), Limits(max_models=4, memory_budget=10 * G, gpu_memory_budget=8 * G),
+     ["model slots", "GPU memory"]),
+    (Room(10**15, 10**15, 10**6), Limits(max_models=0), []),  # 0 = no limit, for each of them
+    (Room(10 * G, 8 * G, 4), Limits(max_models=4, memory_budget=10 * G, gpu_memory_budget=8 * G), []),  # at: fits
+])
+def test_the_one_budget_rule(need: Room, limits: Limits, kinds: list[str]) -> None:
+    assert [o.kind for o in overages(need, limits)] == kinds

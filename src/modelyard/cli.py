@@ -135,7 +135,7 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
         manager = ModelManager.create(models_dir=models_dir, models_preset=models_preset,
                                       llama_server=llama_server, engine_args=engine_args, limits=limits,
                                       router_port=port, watchdog=watchdog)
-        _check_startup_models(manager, models_max)
+        manager.check_startup_loads()
         manager.check_pinned()
     except (ConfigError, EngineNotFound, RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -162,13 +162,6 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
     tls = _tls_context(ssl_cert_file, ssl_key_file) if ssl_cert_file and ssl_key_file else None
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_serve(AppContext(manager, settings), host, port, tls, grace))
-
-
-def _check_startup_models(manager: ModelManager, models_max: int) -> None:
-    startup = [c.name for c in manager.catalog.models.values() if c.load_on_startup]
-    if models_max and len(startup) > models_max:
-        raise ConfigError(f"{len(startup)} models have load-on-startup ({', '.join(startup)}) but "
-                          f"--models-max is {models_max}")
 
 
 def _api_keys(api_key: str | None, api_key_file: Path | None) -> tuple[ApiKey, ...]:

@@ -65,6 +65,7 @@ from modelyard.scheduler import (
     ModelSpec,
     Reject,
     Release,
+    Room,
     Scheduler,
     Shutdown,
     StartLoad,
@@ -73,6 +74,7 @@ from modelyard.scheduler import (
     StopInstance,
     Tick,
     UnloadRequested,
+    overages,
     unload_refusal,
 )
 from modelyard.watchdog import Observation, WatchdogSettings, judge
@@ -266,21 +268,27 @@ class ModelManager:
         """Refuse a configuration whose pinned models alone exceed --models-max or a memory budget (host or GPU)."""
         pinned = [c for c in self.catalog.models.values() if c.pinned]
         limits = self._scheduler.limits
-        if limits.max_models and len(pinned) > limits.max_models:
-            raise ModelError(ErrorKind.BAD_REQUEST, f"{len(pinned)} models are pinned "
-                             f"({', '.join(c.name for c in pinned)}) but --models-max is {limits.max_models}")
+        names = ", ".join(c.name for c in pinned)
+        for slots in overages(Room(slots=len(pinned)), limits):
+            raise ModelError(ErrorKind.BAD_REQUEST, f"{len(pinned)} models are pinned ({names}) but "
+                             f"{slots.flag} is {slots.limit}")
         if not pinned or not (limits.memory_budget or limits.gpu_memory_budget):
             return
         footprints = {c.name: self._estimate(c, [self._gguf.read(p) for p in model_files(c.settings)])
                       for c in pinned}
-        for kind, flag, budget, sizes in (
-                ("memory", "--memory-budget", limits.memory_budget, {n: f.memory for n, f in footprints.items()}),
-                ("GPU memory", "--gpu-memory-budget", limits.gpu_memory_budget,
-                 {n: f.gpu for n, f in footprints.items()})):
-            if budget and sum(sizes.values()) > budget:
-                detail = ", ".join(f"{name} {describe(size)}" for name, size in sizes.items())
-                raise ModelError(ErrorKind.BAD_REQUEST, f"pinned models need about {describe(sum(sizes.values()))}"
-                                 f" of {kind} ({detail}) but {flag} is {describe(budget)}")
+        need = Room(sum(f.memory for f in footprints.values()), sum(f.gpu for f in footprints.values()))
+        for over in overages(need, limits):
+            sizes = {n: f.memory if over.kind == "memory" else f.gpu for n, f in footprints.items()}
+            detail = ", ".join(f"{name} {describe(size)}" for name, size in sizes.items())
+            raise ModelError(ErrorKind.BAD_REQUEST, f"pinned models need about {describe(over.need)} of {over.kind} "
+                             f"({detail}) but {over.flag} is {describe(over.limit)}")
+
+    def check_startup_loads(self) -> None:
+        """Refuse a configuration whose load-on-startup models alone exceed --models-max."""
+        startup = [c.name for c in self.catalog.models.values() if c.load_on_startup]
+        for over in overages(Room(slots=len(startup)), self._scheduler.limits):
+            raise ModelError(ErrorKind.BAD_REQUEST, f"{len(startup)} models have load-on-startup "
+                             f"({', '.join(startup)}) but {over.flag} is {over.limit}")
 
     @property
     def engine(self) -> Engine:

@@ -269,6 +269,25 @@ class Room:
 
 
 @dataclass(frozen=True)
+class Overage:
+    """One limit that a set of models exceeds."""
+
+    kind: str  # "model slots", "memory", "GPU memory"
+    flag: str  # the setting that sets it
+    limit: int
+    need: int
+
+
+def overages(need: Room, limits: Limits) -> list[Overage]:
+    """Each limit (--models-max, --memory-budget, --gpu-memory-budget; 0 = none) that `need` exceeds: the one
+    budget rule, used by the scheduler's admission and by the start-up checks of pins and load-on-startup."""
+    checks = (("model slots", "--models-max", limits.max_models, need.slots),
+              ("memory", "--memory-budget", limits.memory_budget, need.memory),
+              ("GPU memory", "--gpu-memory-budget", limits.gpu_memory_budget, need.gpu_memory))
+    return [Overage(kind, flag, limit, amount) for kind, flag, limit, amount in checks if limit > 0 and amount > limit]
+
+
+@dataclass(frozen=True)
 class Waiter:
     request_id: int
     model: str
@@ -411,19 +430,16 @@ class Scheduler:
             return ""
         pins = [m for m in self.models.values()
                 if m.spec.pinned and m.name != model.name and m.status in (Status.LOADING, Status.LOADED)]
-        if self.max_models > 0 and len(pins) >= self.max_models:
-            return (f"model '{model.name}' cannot be loaded: all {self.max_models} model slots (--models-max) "
-                    f"are held by pinned models ({', '.join(m.name for m in pins)})")
-        for kind, flag, budget, need, pinned in (
-                ("memory", "--memory-budget", self.limits.memory_budget, model.footprint,
-                 sum(m.footprint for m in pins)),
-                ("GPU memory", "--gpu-memory-budget", self.limits.gpu_memory_budget, model.gpu_footprint,
-                 sum(m.gpu_footprint for m in pins))):
-            if budget and need > budget - pinned:
-                detail = f" ({_gib(pinned)} held by pinned models)" if pinned else ""
-                return (f"model '{model.name}' needs about {_gib(need)} of {kind} but the budget is "
-                        f"{_gib(budget)}{detail}; raise {flag} or lower its ctx-size/parallel"
-                        + ("/gpu-layers" if kind == "GPU memory" else ""))
+        held = sum((m.room for m in pins), Room())
+        for over in overages(held + model.room, self.limits):
+            if over.kind == "model slots":
+                return (f"model '{model.name}' cannot be loaded: all {self.max_models} model slots (--models-max) "
+                        f"are held by pinned models ({', '.join(m.name for m in pins)})")
+            pinned = held.memory if over.kind == "memory" else held.gpu_memory
+            detail = f" ({_gib(pinned)} held by pinned models)" if pinned else ""
+            return (f"model '{model.name}' needs about {_gib(over.need - pinned)} of {over.kind} but the budget is "
+                    f"{_gib(over.limit)}{detail}; raise {over.flag} or lower its ctx-size/parallel"
+                    + ("/gpu-layers" if over.kind == "GPU memory" else ""))
         return ""
 
     def _release(self, request_id: int) -> None:
@@ -650,11 +666,8 @@ class Scheduler:
         return [(name, oldest[name] <= deadline) for name in order]
 
     def _fits(self, model: ModelState, freed: Room) -> bool:
-        slots_ok = self.max_models <= 0 or self.running_count() - freed.slots < self.max_models
-        budget, gpu_budget = self.limits.memory_budget, self.limits.gpu_memory_budget
-        memory_ok = not budget or self.memory_used() - freed.memory + model.footprint <= budget
-        gpu_ok = not gpu_budget or self.gpu_memory_used() - freed.gpu_memory + model.gpu_footprint <= gpu_budget
-        return slots_ok and memory_ok and gpu_ok
+        used = Room(self.memory_used(), self.gpu_memory_used(), self.running_count())
+        return not overages(used - freed + model.room, self.limits)
 
     def _make_room(self, model: ModelState, overdue: bool, claimed: Room, actions: list[Action]) -> Room | None:
         """Stop idle models (least recently used first), and busy ones too if `model` has waited past
