@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -241,7 +240,7 @@ class ModelManager:
             if len(facts) != len(found) or self._footprints.get(config.name, Footprint()) != Footprint():
                 continue  # unreadable, or estimated meanwhile (by an urgent call)
             self._footprints[config.name] = self._estimate(config, facts)
-            if config.name in self._scheduler.models and self.catalog.models.get(config.name) is config:
+            if self._scheduler.view(config.name) is not None and self.catalog.models.get(config.name) is config:
                 self._dispatch(ModelChanged(self._spec(config), restart=False))
 
     def _estimate(self, config: ModelConfig, facts: list[GgufFacts]) -> Footprint:
@@ -308,7 +307,7 @@ class ModelManager:
         self._spawn(self.estimate_memory())
         self._spawn(self._measure_forever())
         self._spawn(self._watch_children())
-        self._digest_files()
+        pass  # EXPERIMENT
 
     def _digest_files(self) -> None:
         """Queue the digests (for Ollama's listings, which show "" until they are known) after every facts job."""
@@ -413,7 +412,7 @@ class ModelManager:
     def unload(self, name: str) -> None:
         """Drain and stop a running model; its in-flight requests finish first."""
         config = self.resolve(name)
-        status = self._scheduler.models[config.name].status
+        status = self._status(config.name)
         refusal = unload_refusal(status, config.name)
         if refusal:
             raise ModelError(ErrorKind.NOT_RUNNING, refusal)
@@ -442,23 +441,23 @@ class ModelManager:
 
     def models(self) -> list[ModelView]:
         now = self._clock.now()
-        queued = Counter(w.model for w in self._scheduler.queue)
+        snapshot = self._scheduler.snapshot()
         views = []
         for name, config in self.catalog.models.items():
-            state = self._scheduler.models.get(name)
+            state = snapshot.get(name)
             if state is None:
                 continue
             record = self._running.get(name)
             child = record.child if record is not None else None
             views.append(ModelView(
-                config=config, status=state.status, in_flight=state.in_flight, queued=queued[name],
+                config=config, status=state.status, in_flight=state.in_flight, queued=state.queued,
                 last_used=state.last_used, exit_code=state.exit_code, failure=state.failure,
                 args=child.argv if child else (),
                 info=child.info if child and state.status == Status.LOADED else {},
                 port=child.port if child else None, pid=child.pid if child else None,
-                estimated_memory=state.spec.footprint, measured_memory=state.measured,
-                estimated_gpu_memory=state.spec.gpu_footprint, measured_gpu_memory=state.measured_gpu,
-                keep_alive=self._scheduler.effective_keep_alive(state),
+                estimated_memory=state.estimated, measured_memory=state.measured,
+                estimated_gpu_memory=state.estimated_gpu, measured_gpu_memory=state.measured_gpu,
+                keep_alive=state.keep_alive,
                 expires_in=max(0.0, state.expires_at - now) if state.expires_at is not None else None,
                 idle_for=now - state.last_used if state.last_used else None))
         return views
@@ -470,7 +469,11 @@ class ModelManager:
                          scheduler.limits.gpu_memory_budget)
 
     def status_of(self, name: str) -> Status:
-        return self._scheduler.models[self.resolve(name).name].status
+        return self._status(self.resolve(name).name)
+
+    def _status(self, model: str) -> Status:
+        state = self._scheduler.view(model)
+        return state.status if state is not None else Status.UNLOADED
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[FeedEvent | None]]:
@@ -514,7 +517,7 @@ class ModelManager:
     async def _measure(self) -> None:
         gpu = await gpu_memory_by_pid() if self._running and self._gpus else {}
         for name, record in list(self._running.items()):
-            state = self._scheduler.models.get(name)
+            state = self._scheduler.view(name)
             pid = record.child.pid
             if pid is None or state is None or state.status != Status.LOADED:
                 continue
@@ -527,8 +530,7 @@ class ModelManager:
         while True:
             await self._clock.sleep(self._watchdog.interval)
             records = [(n, r) for n, r in self._running.items()
-                       if self._scheduler.models.get(n) is not None
-                       and self._scheduler.models[n].status in (Status.LOADED, Status.STOPPING)]
+                       if self._status(n) in (Status.LOADED, Status.STOPPING)]
             await asyncio.gather(*(self._check(name, record) for name, record in records))
 
     async def _check(self, name: str, record: _Running) -> None:

@@ -27,6 +27,7 @@ Invariants kept here:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -269,6 +270,25 @@ class Room:
 
 
 @dataclass(frozen=True)
+class ModelSnapshot:
+    """What the shell may read of one model: a copy, so that nothing outside the core holds its state."""
+
+    name: str
+    status: Status
+    in_flight: int
+    queued: int
+    last_used: float
+    exit_code: int | None
+    failure: str
+    estimated: int  # host bytes, from the spec
+    estimated_gpu: int
+    measured: int  # peak host bytes of the running child; 0 = not yet
+    measured_gpu: int
+    keep_alive: float  # effective: the last request's, the preset's or the default
+    expires_at: float | None
+
+
+@dataclass(frozen=True)
 class Overage:
     """One limit that a set of models exceeds."""
 
@@ -337,6 +357,23 @@ class Scheduler:
 
     def gpu_memory_used(self) -> int:
         return sum(m.gpu_footprint for m in self.models.values() if m.status in RUNNING)
+
+    def view(self, name: str) -> ModelSnapshot | None:
+        """One model as the shell may see it (None if unknown)."""
+        model = self.models.get(name)
+        if model is None:
+            return None
+        return ModelSnapshot(model.name, model.status, model.in_flight, self.queued_for(name), model.last_used,
+                             model.exit_code, model.failure, model.spec.footprint, model.spec.gpu_footprint,
+                             model.measured, model.measured_gpu, self.effective_keep_alive(model), model.expires_at)
+
+    def snapshot(self) -> dict[str, ModelSnapshot]:
+        """Every model as the shell may see it, in one pass over the queue."""
+        queued = Counter(w.model for w in self.queue)
+        return {name: ModelSnapshot(name, m.status, m.in_flight, queued[name], m.last_used, m.exit_code, m.failure,
+                                    m.spec.footprint, m.spec.gpu_footprint, m.measured, m.measured_gpu,
+                                    self.effective_keep_alive(m), m.expires_at)
+                for name, m in self.models.items()}
 
     def leases_out(self) -> int:
         """Requests holding a lease (in flight on a child)."""
