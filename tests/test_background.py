@@ -8,12 +8,14 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -35,6 +37,7 @@ from modelyard.background import (
 from modelyard.digests import FileDigests, sha256_of
 from modelyard.file_cache import FileCache, failure
 from modelyard.memory import GgufCache, read_gguf, read_gguf_header
+from tests.conftest import children_of
 
 
 def write_gguf(path: Path, context: int = 2048, vocabulary: int = 100) -> Path:
@@ -470,3 +473,55 @@ def test_the_header_reader_refuses_a_file_that_is_not_gguf(tmp_path: Path) -> No
     path.write_bytes(b"PK\x03\x04 a zip file")
     with pytest.raises(ValueError, match="not a GGUF file"):
         read_gguf(path)
+
+
+# -- end to end: `modelyard serve` with the real engine --
+def _worker_of(router_pid: int) -> int | None:
+    for pid in children_of(router_pid):
+        try:
+            if b"modelyard.background" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def _reading(pid: int, path: Path) -> bool:
+    try:
+        return any(os.readlink(fd) == str(path) for fd in (Path(f"/proc/{pid}/fd")).iterdir())
+    except OSError:
+        return False
+
+
+def test_serve_reads_files_in_the_background_and_exits_at_once(tmp_path: Path, models_dir: Path,
+                                                               llama_server: Path, start_router: Any) -> None:
+    """A fresh cache (files never seen) and a 256 GiB model whose digest would take minutes: the worker
+    digests it at idle priority while a model loads and answers, listings do not wait for it, and SIGTERM
+    is not held up by it (a parse still running held exit for 38.7 s before)."""
+    huge = models_dir / "aaa-huge.gguf"  # first in the catalog, so its digest is the one running
+    with huge.open("wb") as file:
+        file.truncate(256 * 2**30)
+    router = start_router("--models-dir", str(models_dir), "--llama-server", str(llama_server),
+                          env={"MODELYARD_ENGINE_CACHE": str(tmp_path / "cache")})
+    deadline = time.monotonic() + 30
+    worker = None
+    while time.monotonic() < deadline and (worker is None or not _reading(worker, huge)):
+        worker = _worker_of(router.proc.pid)
+        time.sleep(0.02)
+    assert worker is not None and _reading(worker, huge), router.log()
+    assert int(proc_stat(worker)[16]) == 19 and int(proc_stat(worker)[38]) == os.SCHED_IDLE
+
+    reply = router.client.post("/v1/completions", json={"model": "smol", "prompt": "Hi", "max_tokens": 4})
+    assert reply.status_code == 200, reply.text
+    started = time.monotonic()
+    tags = router.client.get("/api/tags")
+    assert time.monotonic() - started < 1.0
+    entries = {m["name"]: m for m in tags.json()["models"]}
+    assert entries["aaa-huge:latest"]["digest"] == ""  # not known yet, and the listing did not wait
+    assert "could not read the GGUF metadata of" in router.log() and str(huge) in router.log()
+
+    started = time.monotonic()
+    router.proc.send_signal(signal.SIGTERM)
+    router.proc.wait(timeout=30)
+    assert time.monotonic() - started < 5.0, router.log()
+    assert not process_exists(worker)
