@@ -162,6 +162,7 @@ class MemoryUse:
 
 
 _MEASURE_EVERY_S = 5.0
+_ESTIMATE_WAIT_S = 2.0
 
 
 class ModelManager:
@@ -185,6 +186,7 @@ class ModelManager:
         self.files = BackgroundReader(self._gguf, self.digests)
         self.catalog = catalog if catalog is not None else source.load()
         self._footprints: dict[str, Footprint] = {}
+        self._asked_estimate: set[str] = set()  # models whose first request waited (briefly) for an estimate
         limits = limits or Limits()
         self._budget = Footprint(limits.memory_budget, limits.gpu_memory_budget)
         self._scheduler = Scheduler([self._spec(c) for c in self.catalog.models.values()], limits,
@@ -307,7 +309,7 @@ class ModelManager:
         self._spawn(self.estimate_memory())
         self._spawn(self._measure_forever())
         self._spawn(self._watch_children())
-        pass  # EXPERIMENT
+        self._digest_files()
 
     def _digest_files(self) -> None:
         """Queue the digests (for Ollama's listings, which show "" until they are known) after every facts job."""
@@ -320,6 +322,7 @@ class ModelManager:
             return
         self.draining = True
         self._dispatch(Shutdown())
+        self._spawn(self.files.close())  # background work stops at once: it never delays exit
 
     async def wait_idle(self, grace: float, hurry: asyncio.Event | None = None) -> bool:
         """Wait up to `grace` seconds (less if `hurry` is set) for in-flight requests to finish; whether they
@@ -372,6 +375,10 @@ class ModelManager:
         """Wait for a lease on `name`, loading it if needed. Cancelling the wait leaves the queue.
         `keep_alive` (seconds, <0 forever, 0 unload when done) becomes the model's idle timeout."""
         model = self.resolve(name).name
+        if model not in self._asked_estimate:  # once per model: later requests never wait for it
+            self._asked_estimate.add(model)
+            if self._footprints.get(model, Footprint()) == Footprint():
+                await self._estimate_first(model)
         request_id = next(self._ids)
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
@@ -385,6 +392,12 @@ class ModelManager:
             else:
                 self._dispatch(Cancel(request_id))
             raise
+
+    async def _estimate_first(self, model: str) -> None:
+        """A model requested before its GGUF was read: have it read now, ahead of other background work, so the
+        scheduler admits it with an estimate. Bounded: a SCHED_IDLE reader can be starved by busy children."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.estimate_memory([model], urgent=True), _ESTIMATE_WAIT_S)
 
     def release(self, lease: Lease) -> None:
         self._dispatch(Release(lease.request_id))
@@ -431,6 +444,7 @@ class ModelManager:
         for name in fresh.models.keys() & old.models.keys():
             if old.models[name].launch_signature() != fresh.models[name].launch_signature():
                 self._footprints.pop(name, None)
+                self._asked_estimate.discard(name)
             record = self._running.get(name)
             running = record.config if record is not None else None
             restart = running is not None and running.launch_signature() != fresh.models[name].launch_signature()
@@ -602,9 +616,11 @@ class ModelManager:
             return
         record = _Running(child, config, settings)
         self._running[model] = record
+        self.files.pause()  # background reads would take a core (and the disk) from the load
         try:
             await child.start()
         except Exception as exc:
+            self.files.resume()
             self._running.pop(model, None)
             self._dispatch(InstanceExited(model, None, f"could not start {plan.argv[0]}: {exc}"))
             return
@@ -614,9 +630,12 @@ class ModelManager:
         child = record.child
         try:
             await child.ready
+            ready = True
         except ChildExited:
-            pass  # reported below, with its exit code, once it is gone
-        else:
+            ready = False  # reported below, with its exit code, once it is gone
+        finally:
+            self.files.resume()  # the load is over, either way
+        if ready:
             log.info("%s ready in %.2f s (pid %s, port %s)", child.model, child.load_seconds, child.pid, child.port)
             self._dispatch(LoadSucceeded(child.model))
             await self._measure()
