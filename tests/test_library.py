@@ -23,7 +23,7 @@ async def test_lease_load_request_release_unload(models_dir: Path) -> None:
             async with http.post(f"{lease.base_url}/tokenize", json={"content": "hello world"}) as response:
                 assert len((await response.json())["tokens"]) >= 2
         view = next(v for v in manager.models() if v.config.name == "smol")
-        assert view.in_flight == 0 and "--ctx-size" in view.args
+        assert view.state.in_flight == 0 and "--ctx-size" in view.args
 
         async with manager.lease("gemma"):  # --models-max 1: smol is evicted
             assert manager.status_of("smol") in (Status.UNLOADED, Status.STOPPING)

@@ -137,7 +137,7 @@ async def test_a_loaded_child_that_stops_answering_its_health_checks_is_killed_a
     assert child.exited.result() == -9
     assert shell.manager.status_of("a") == Status.FAILED
     view = next(v for v in shell.manager.models() if v.config.name == "a")
-    assert "no answer to 3 health checks in a row" in view.failure
+    assert "no answer to 3 health checks in a row" in view.state.failure
     again = asyncio.ensure_future(shell.manager.acquire("a"))
     await shell.loaded("a", 2)
     shell.manager.release(await again)

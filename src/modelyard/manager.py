@@ -61,6 +61,7 @@ from modelyard.scheduler import (
     ModelAdded,
     ModelChanged,
     ModelRemoved,
+    ModelSnapshot,
     ModelSpec,
     Reject,
     Release,
@@ -128,26 +129,20 @@ FeedEvent = StatusEvent | ModelsReloaded  # the status feed: one union, no senti
 
 @dataclass(frozen=True)
 class ModelView:
-    """A snapshot of one model for listings."""
+    """A snapshot of one model for listings: the core's view of it (`state`) and its running child's."""
 
     config: ModelConfig
-    status: Status
-    in_flight: int
-    queued: int
-    last_used: float
-    exit_code: int | None
-    failure: str
-    args: tuple[str, ...]
+    state: ModelSnapshot
+    args: tuple[str, ...] = ()
     info: Mapping[str, Any] = field(default_factory=dict)
     port: int | None = None
     pid: int | None = None
-    estimated_memory: int = 0
-    measured_memory: int = 0
-    estimated_gpu_memory: int = 0
-    measured_gpu_memory: int = 0
-    keep_alive: float = -1.0
     expires_in: float | None = None  # seconds until an idle model's keep-alive ends
     idle_for: float | None = None  # seconds since its last request, if it ever had one
+
+    @property
+    def status(self) -> Status:
+        return self.state.status
 
 
 @dataclass(frozen=True)
@@ -464,14 +459,9 @@ class ModelManager:
             record = self._running.get(name)
             child = record.child if record is not None else None
             views.append(ModelView(
-                config=config, status=state.status, in_flight=state.in_flight, queued=state.queued,
-                last_used=state.last_used, exit_code=state.exit_code, failure=state.failure,
-                args=child.argv if child else (),
+                config=config, state=state, args=child.argv if child else (),
                 info=child.info if child and state.status == Status.LOADED else {},
                 port=child.port if child else None, pid=child.pid if child else None,
-                estimated_memory=state.estimated, measured_memory=state.measured,
-                estimated_gpu_memory=state.estimated_gpu, measured_gpu_memory=state.measured_gpu,
-                keep_alive=state.keep_alive,
                 expires_in=max(0.0, state.expires_at - now) if state.expires_at is not None else None,
                 idle_for=now - state.last_used if state.last_used else None))
         return views

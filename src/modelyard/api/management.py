@@ -30,19 +30,19 @@ def model_entry(view: ModelView, created: int) -> dict[str, Any]:
     config = view.config
     status: dict[str, Any] = {"value": view.status.value, "args": list(view.args), "preset": config.preset_text,
                               "failed": view.status == Status.FAILED}
-    if view.exit_code is not None:
-        status["exit_code"] = view.exit_code
-    if view.failure:
-        status["failure"] = view.failure
+    if view.state.exit_code is not None:
+        status["exit_code"] = view.state.exit_code
+    if view.state.failure:
+        status["failure"] = view.state.failure
     entry: dict[str, Any] = {
         "id": config.name, "object": "model", "owned_by": "llamacpp", "created": created,
         "aliases": list(config.aliases), "tags": list(config.tags), "path": config.model_path,
         "source": config.source, "status": status, "architecture": _architecture(config),
-        "in_flight": view.in_flight, "queued": view.queued,
-        "memory": {"estimated": view.estimated_memory or None, "measured": view.measured_memory or None,
-                   "estimated_gpu": view.estimated_gpu_memory or None,
-                   "measured_gpu": view.measured_gpu_memory or None},
-        "keep_alive": view.keep_alive, "expires_in": _round(view.expires_in), "idle_for": _round(view.idle_for),
+        "in_flight": view.state.in_flight, "queued": view.state.queued,
+        "memory": {"estimated": view.state.estimated or None, "measured": view.state.measured or None,
+                   "estimated_gpu": view.state.estimated_gpu or None,
+                   "measured_gpu": view.state.measured_gpu or None},
+        "keep_alive": view.state.keep_alive, "expires_in": _round(view.expires_in), "idle_for": _round(view.idle_for),
         "pinned": config.pinned, "priority": config.priority,
     }
     for key, value in view.info.items():

@@ -105,9 +105,9 @@ def _ps_entry(manager: ModelManager, view: ModelView) -> dict[str, Any]:
     config = view.config
     entry = _tag_entry(manager, config)
     expires = _FOREVER if view.expires_in is None else _iso(time.time() + view.expires_in)
-    measured = view.measured_memory > 0
-    gpu = view.measured_gpu_memory if measured else view.estimated_gpu_memory
-    size = (view.measured_memory if measured else view.estimated_memory) + gpu
+    measured = view.state.measured > 0
+    gpu = view.state.measured_gpu if measured else view.state.estimated_gpu
+    size = (view.state.measured if measured else view.state.estimated) + gpu
     return {"name": entry["name"], "model": entry["model"], "size": size,
             "digest": entry["digest"], "details": entry["details"], "expires_at": expires, "size_vram": gpu,
             "context_length": manager.served_context(config)}
