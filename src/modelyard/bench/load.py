@@ -34,7 +34,7 @@ class Timed:
 
 
 async def timed_requests(session: aiohttp.ClientSession, url: str, body: Callable[[int], dict[str, Any]],
-                         count: int, concurrency: int) -> Timed:
+                         count: int, concurrency: int, headers: dict[str, str] | None = None) -> Timed:
     """`count` POSTs of `body(i)` to `url` from `concurrency` workers; latency of each successful one."""
     result = Timed()
     counter = iter(range(count))
@@ -43,7 +43,7 @@ async def timed_requests(session: aiohttp.ClientSession, url: str, body: Callabl
         for i in counter:
             started = time.perf_counter()
             try:
-                async with session.post(url, json=body(i)) as response:
+                async with session.post(url, json=body(i), headers=headers) as response:
                     await response.read()
                     ok = response.status == 200
             except aiohttp.ClientError:
@@ -68,13 +68,14 @@ class Stream:
 
 
 async def streamed_chat(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int,
-                        prompt: str = "Tell me a story about a lighthouse.") -> Stream:
+                        prompt: str = "Tell me a story about a lighthouse.",
+                        headers: dict[str, str] | None = None) -> Stream:
     """One streamed chat completion: time to first content token, the gaps between tokens, token count."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True}
     started = time.perf_counter()
     stamps: list[float] = []
-    async with session.post(url + "/v1/chat/completions", json=body) as response:
+    async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as response:
         response.raise_for_status()
         async for raw in response.content:
             line = raw.strip()

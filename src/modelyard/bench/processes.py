@@ -8,10 +8,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from modelyard.engine.command import CHILD_KEY_ENV
 
 MODELYARD = "modelyard"
 ROUTER_MODE = "llama-server router"
@@ -34,7 +36,6 @@ class RouterProcess:
     log: Path
     launched: float
     ready_after: float = 0.0
-    child_urls: dict[str, str] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -56,12 +57,25 @@ class RouterProcess:
                 time.sleep(0.02)
         raise TimeoutError(f"{self.kind} was not ready after {timeout:.0f} s")
 
-    def child_url(self, model: str) -> str:
-        """The loopback URL of the child serving `model` (from /models status.args), for direct calls."""
+    def child_target(self, model: str) -> tuple[str, dict[str, str]]:
+        """The loopback URL of the child serving `model` (from /models status.args), and the headers a direct
+        call needs: modelyard's children answer only with their key, which the bench (the same user) reads from
+        the child's environment, as only modelyard and root can."""
         listing = httpx.get(self.url + "/models", timeout=30).json()["data"]
         entry = next(m for m in listing if m["id"] == model)
         args = entry["status"]["args"]
-        return f"http://127.0.0.1:{args[args.index('--port') + 1]}"
+        port = args[args.index("--port") + 1]
+        for pid in self.children():
+            try:
+                if f"--port\0{port}\0" not in Path(f"/proc/{pid}/cmdline").read_text():
+                    continue
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for item in environ:
+                if item.startswith(CHILD_KEY_ENV.encode() + b"="):
+                    return f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {item.split(b'=', 1)[1].decode()}"}
+        return f"http://127.0.0.1:{port}", {}
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the router process itself (children excluded)."""

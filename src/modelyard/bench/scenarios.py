@@ -104,21 +104,24 @@ def chat_body(model: str, max_tokens: int = 1) -> dict[str, Any]:
             "temperature": 0}
 
 
-async def warm(router: RouterProcess, model: str) -> str:
+Target = tuple[str, str, str, dict[str, str]]  # router kind, "via router" or "direct", base URL, headers
+
+
+async def warm(router: RouterProcess, model: str) -> tuple[str, dict[str, str]]:
     async with new_session(1) as session, session.post(router.url + "/v1/chat/completions",
                                                         json=chat_body(model)) as response:
         response.raise_for_status()
         await response.read()
-    return router.child_url(model)
+    return router.child_target(model)
 
 
 # -- 1. hot-path overhead, 2. streaming, 5. requests/s at concurrency 64 ---------------------------------
 
 async def hot_path(running: dict[str, RouterProcess], plan: Plan, results: Results) -> None:
-    targets: list[tuple[str, str, str]] = []
+    targets: list[Target] = []
     for kind, router in running.items():
-        child = await warm(router, "a")
-        targets += [(kind, "via router", router.url), (kind, "direct", child)]
+        child, key = await warm(router, "a")
+        targets += [(kind, "via router", router.url, {}), (kind, "direct", child, key)]
     endpoints = {
         "tokenize": ("/tokenize", lambda i: {"model": "a", "content": f"The quick brown fox {i % 7}"}),
         "chat, 1 token": ("/v1/chat/completions", lambda i: chat_body("a")),
@@ -130,41 +133,41 @@ async def hot_path(running: dict[str, RouterProcess], plan: Plan, results: Resul
             count = max(plan.overhead_requests, 2 * concurrency)
             for round_no in range(plan.rounds):
                 order = targets[round_no % 2:] + targets[:round_no % 2]
-                for kind, route, base in order:
+                for kind, route, base, headers in order:
                     async with new_session(concurrency) as session:
-                        timed = await timed_requests(session, base + path, body, count, concurrency)
+                        timed = await timed_requests(session, base + path, body, count, concurrency, headers)
                     results.overhead.setdefault((endpoint, concurrency, kind, route), []).extend(timed.latencies)
     async with new_session(8) as session:
         await streaming(session, targets, plan, results)
     await request_rate(running, targets, plan, results)
 
 
-async def streaming(session: Any, targets: list[tuple[str, str, str]], plan: Plan, results: Results) -> None:
+async def streaming(session: Any, targets: list[Target], plan: Plan, results: Results) -> None:
     for _ in range(plan.stream_runs):
-        for kind, route, base in targets:
-            stream = await streamed_chat(session, base, "a", plan.stream_tokens)
+        for kind, route, base, headers in targets:
+            stream = await streamed_chat(session, base, "a", plan.stream_tokens, headers=headers)
             results.streams.setdefault((kind, route), []).append(stream)
     for concurrency in (1, 8):
-        for kind, route, base in targets:
+        for kind, route, base, headers in targets:
             started = time.perf_counter()
             streams = await asyncio.gather(*(streamed_chat(session, base, "a", plan.stream_tokens,
-                                                           prompt=f"Story number {i}.")
+                                                           prompt=f"Story number {i}.", headers=headers)
                                              for i in range(concurrency)))
             wall = time.perf_counter() - started
             results.throughput[(concurrency, kind, route)] = sum(s.tokens for s in streams) / wall
 
 
-async def request_rate(running: dict[str, RouterProcess], targets: list[tuple[str, str, str]], plan: Plan,
+async def request_rate(running: dict[str, RouterProcess], targets: list[Target], plan: Plan,
                        results: Results) -> None:
     def body(i: int) -> dict[str, Any]:
         return {"model": "a", "content": "rate"}
 
-    for kind, route, base in targets:
+    for kind, route, base, headers in targets:
         router = running[kind]
         await asyncio.sleep(POOL_IDLE_S)  # every idle connection of the previous target has been closed
         cpu_before = router.cpu_seconds()
         async with new_session(64) as session:
-            timed: Timed = await timed_requests(session, base + "/tokenize", body, plan.rate_requests, 64)
+            timed: Timed = await timed_requests(session, base + "/tokenize", body, plan.rate_requests, 64, headers)
         results.rate[(kind, route)] = timed.rate
         if route == "via router":
             results.cost.setdefault(kind, {})["cpu_per_1k_requests"] = (
