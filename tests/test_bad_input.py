@@ -147,7 +147,8 @@ async def app_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
         ModelConfig("odd", {"--model": str(gguf)}, "preset", "test", keep_alive=math.nan),
     ]
     engine = Engine(tmp_path / "no-llama-server", OptionTable(parse_help(HELP.read_text())))
-    manager = ModelManager(_Source(configs), engine, gpus=False, gguf_cache=GgufCache(tmp_path / "gguf"))
+    source = _Source(configs)
+    manager = ModelManager(source, engine, catalog=source.load(), gpus=False, gguf_cache=GgufCache(tmp_path / "gguf"))
     client: TestClient[Any, Any] = TestClient(TestServer(build_app(AppContext(manager, ServerSettings()))))
     await client.start_server()
     try:

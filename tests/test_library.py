@@ -4,9 +4,9 @@ list models, unload with drain. Real llama-server, real demo model, no HTTP fron
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from modelyard.errors import ErrorKind, ModelError
@@ -18,10 +18,10 @@ async def test_lease_load_request_release_unload(models_dir: Path) -> None:
     manager = ModelManager.create(models_dir=models_dir, max_models=1, engine_args=["-c", "512"])
     await manager.start()
     try:
-        async with manager.lease("smol") as lease, aiohttp.ClientSession() as http:
+        async with manager.lease("smol") as lease:
             assert manager.status_of("smol") == Status.LOADED
-            async with http.post(f"{lease.base_url}/tokenize", json={"content": "hello world"}) as response:
-                assert len((await response.json())["tokens"]) >= 2
+            async with lease.child.request("POST", "/tokenize", body=b'{"content": "hello world"}') as reply:
+                assert len(json.loads(await reply.read())["tokens"]) >= 2
         view = next(v for v in manager.models() if v.config.name == "smol")
         assert view.state.in_flight == 0 and "--ctx-size" in view.args
 

@@ -344,7 +344,8 @@ def app_factory(tmp_path: Path) -> Callable[..., web.Application]:
         models = [_file_model(tmp_path, "smol", "assistant"), _file_model(tmp_path, "smol-b"),
                   _file_model(tmp_path, "gemma")]
         engine = Engine(tmp_path / "llama-server", OptionTable(parse_help(HELP.read_text())))
-        manager = ModelManager(_Source(models), engine, gpus=False, gguf_cache=GgufCache(tmp_path))
+        source = _Source(models)
+        manager = ModelManager(source, engine, catalog=source.load(), gpus=False, gguf_cache=GgufCache(tmp_path))
         return build_app(AppContext(manager, ServerSettings(**{"autoload": False, **settings})))
     return make
 

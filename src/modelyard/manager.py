@@ -1,13 +1,15 @@
 """The model manager: an importable async API over the scheduler core.
 
-    manager = ModelManager(catalog_source, engine, max_models=2)
+    manager = ModelManager.create(models_dir=Path("~/models"), max_models=2)   # reads the sources (I/O)
     await manager.start()
     async with manager.lease("smollm2") as lease:      # loads the model if needed
-        ... send requests to lease.base_url ...
+        async with lease.child.request("POST", "/v1/chat/completions", body=...) as reply: ...
     await manager.close()                              # stops every child
 
 It is the imperative shell: it feeds events to `Scheduler`, runs the actions it returns (start a child,
-stop a child, hand a lease to a waiting request), and publishes every status change.
+stop a child, kill a wedged one, hand a lease to a waiting request), and publishes every status change. The
+constructor does no I/O (`create` reads the sources and asks nvidia-smi); children come from a factory (real
+processes, or fakes in tests) and time from an injected clock.
 """
 
 from __future__ import annotations
@@ -161,13 +163,13 @@ _ESTIMATE_WAIT_S = 2.0
 
 
 class ModelManager:
-    def __init__(self, source: CatalogSource, engine: Engine, *, catalog: Catalog | None = None,
+    def __init__(self, source: CatalogSource, engine: Engine, *, catalog: Catalog,
                  limits: Limits | None = None, max_models: int | None = None, max_queue: int | None = None,
                  clock: Clock | None = None, gguf_cache: GgufCache | None = None, gpus: bool = False,
                  child_factory: ChildFactory = ProcessChild, watchdog: WatchdogSettings | None = None) -> None:
-        """`catalog`: the models (read from `source` when not given); `gpus`: whether models are offloaded to
-        GPUs, so that estimates count GPU memory (`create` asks nvidia-smi); `child_factory` makes the children
-        (the real processes by default, an in-memory fake in tests)."""
+        """`catalog`: the models, as `source` last read them (`source` is read again on reload); `gpus`: whether
+        models are offloaded to GPUs, so that estimates count GPU memory (`create` asks nvidia-smi);
+        `child_factory` makes the children (the real processes by default, an in-memory fake in tests)."""
         self._source = source
         self._gpus = gpus
         self._engine = engine
@@ -179,7 +181,7 @@ class ModelManager:
         # GGUF facts and digests are read there, at idle priority, never on the event loop (issue 9 point 7);
         # its worker process starts on the first file to read, not here.
         self.files = BackgroundReader(self._gguf, self.digests)
-        self.catalog = catalog if catalog is not None else source.load()
+        self.catalog = catalog
         self._footprints: dict[str, Footprint] = {}
         self._asked_estimate: set[str] = set()  # models whose first request waited (briefly) for an estimate
         limits = limits or Limits()
