@@ -11,6 +11,7 @@ import signal
 import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -36,7 +37,25 @@ from modelyard.watchdog import WatchdogSettings
 log = logging.getLogger("modelyard")
 HANDLER_GRACE_S = 2.0
 
-@click.group()
+class _OneLineErrors(click.Group):
+    """Every start-up failure is one line naming the cause: click's own usage errors (a missing file, a bad
+    value) otherwise print the usage and a hint around it."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_OneLineErrors)
 @click.version_option(__version__, prog_name="modelyard")
 def main() -> None:
     """modelyard: one OpenAI-compatible endpoint for a fleet of local llama.cpp models."""
