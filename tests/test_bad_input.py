@@ -421,7 +421,8 @@ def fake_server(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("case", [
     "missing-dir", "bad-preset", "preset-keep-alive", "keep-alive-flag", "max-wait-flag", "memory-budget",
-    "memory-budget-inf", "gpu-budget", "unknown-flag", "directory-as-preset",
+    "memory-budget-inf", "gpu-budget", "unknown-flag", "directory-as-preset", "missing-keys-file", "bad-port",
+    "load-timeout-flag",
 ])
 def test_startup_failures_are_one_line(tmp_path: Path, fake_server: Path, case: str) -> None:
     gguf = tmp_path / "m.gguf"
@@ -438,6 +439,11 @@ def test_startup_failures_are_one_line(tmp_path: Path, fake_server: Path, case: 
         "gpu-budget": (["--models-dir", str(tmp_path), "--gpu-memory-budget", "nan%"], "--gpu-memory-budget"),
         "unknown-flag": (["--models-dir", str(tmp_path), "--no-such-flag"], "unknown option"),
         "directory-as-preset": (["--models-preset", str(tmp_path)], "preset file"),
+        # click's own usage errors: one line too, not the usage and a hint around it
+        "missing-keys-file": (["--models-dir", str(tmp_path), "--api-key-file", str(tmp_path / "nope")],
+                              "does not exist"),
+        "bad-port": (["--models-dir", str(tmp_path), "--port", "99999"], "--port"),
+        "load-timeout-flag": (["--models-dir", str(tmp_path), "--load-timeout", "soon"], "--load-timeout"),
     }
     preset.write_text({"bad-preset": "[m\n", "preset-keep-alive": f"[m]\nmodel = {gguf}\nkeep-alive = nan\n"}
                       .get(case, ""))
