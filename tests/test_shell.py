@@ -145,12 +145,7 @@ async def test_a_loaded_child_that_stops_answering_its_health_checks_is_killed_a
 
 async def test_a_child_that_answers_health_but_stalls_its_requests_is_killed(http: TestClient[Any, Any],
                                                                             shell: Shell) -> None:
-    shell.fleet.prepare = lambda child: setattr(child, "handler", streaming)
-    request = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat("a", stream=True)))
-    child = await shell.loaded("a")
-    await settle()
-    child.replies[0].send(b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n')
-    await settle()
+    request, child = await _stream_started(http, shell)
     await shell.clock.advance(110)
     assert not child.exited.done()
     await shell.clock.advance(20)  # 130 s without a byte, and no progress in its slots
@@ -216,12 +211,7 @@ async def test_a_real_child_that_is_gone_refuses_requests_with_a_child_error() -
 
 async def test_a_child_dying_mid_stream_ends_the_stream_with_an_error_event_and_done(
         http: TestClient[Any, Any], shell: Shell) -> None:
-    shell.fleet.prepare = lambda child: setattr(child, "handler", streaming)
-    request = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat("a", stream=True)))
-    child = await shell.loaded("a")
-    await settle()
-    child.replies[0].send(b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n')
-    await settle()
+    request, child = await _stream_started(http, shell)
     child.die(-11, "Segmentation fault (core dumped)")
     events = sse_events(await (await request).text())
     assert events[0].startswith('{"choices"') and events[-1] == "[DONE]"
@@ -341,6 +331,17 @@ async def test_a_background_task_failure_is_logged(shell: Shell, caplog: pytest.
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
+
+async def _stream_started(http: TestClient[Any, Any], shell: Shell) -> tuple[asyncio.Future[Any], FakeChild]:
+    """A streamed chat to a freshly loaded `a` whose child has sent its first chunk."""
+    shell.fleet.prepare = lambda child: setattr(child, "handler", streaming)
+    request = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat("a", stream=True)))
+    child = await shell.loaded("a")
+    await settle()
+    child.replies[0].send(b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n')
+    await settle()
+    return request, child
+
 
 async def _loaded_idle(shell: Shell, model: str) -> FakeChild:
     waiter = asyncio.ensure_future(shell.manager.acquire(model))
