@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import Router, fake_cmd
 
@@ -181,6 +182,49 @@ def test_a_stopped_child_ends_its_requests_and_is_loaded_again(models_dir: Path,
     assert "was killed" in message and ("stall-timeout" in message or "health checks" in message), message
     _until(lambda: not _alive(second), 10, f"the stopped child {second} is killed")
 
+    # Ollama's stream ends with its own error line.
+    ollama = {"model": SMOL, "messages": CHAT["messages"], "options": {"num_predict": 4000}}
+    with router.client.stream("POST", "/api/chat", json=ollama) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        next(lines)
+        third = _pid_on_port(router, _port(router, SMOL))
+        os.kill(third, signal.SIGSTOP)
+        tail = [json.loads(line) for line in lines if line]
+    assert "failed mid-stream" in tail[-1]["error"], tail[-1]
+    _until(lambda: not _alive(third), 10, f"the stopped child {third} is killed")
+
+
+def test_requests_racing_a_child_s_death_get_502_or_503_never_500(models_dir: Path, start_router: Any) -> None:
+    """Was 500 `Session is closed` for 3 in ~5,000 requests over 3 kills."""
+    router: Router = start_router("--models-dir", str(models_dir))
+    body = {"model": SMOL, "content": "hello world"}
+    assert router.client.post("/tokenize", json=body).status_code == 200
+    statuses: list[int] = []
+    done = False
+
+    def hammer() -> None:
+        with httpx.Client(base_url=router.url, timeout=60) as http:
+            while not done:
+                statuses.append(http.post("/tokenize", json=body).status_code)
+
+    with ThreadPoolExecutor(4) as pool:
+        workers = [pool.submit(hammer) for _ in range(4)]
+        try:
+            for _ in range(3):
+                router.wait_status(SMOL, "loaded")
+                target = len(statuses) + 20
+                _until(lambda: len(statuses) > target, 30, "requests are being answered")  # noqa: B023
+                os.kill(_pid_on_port(router, _port(router, SMOL)), signal.SIGKILL)
+                _until(lambda: router.status(SMOL) != "loaded", 10, "the death is noticed")
+        finally:
+            done = True
+        for worker in workers:
+            worker.result(timeout=60)
+    unexpected = sorted({code for code in statuses if code not in (200, 502, 503)})
+    assert not unexpected, f"{unexpected} among {len(statuses)} answers:\n{router.log()[-3000:]}"
+    assert statuses.count(200) > 60
+
 
 def test_a_child_that_answers_health_but_stalls_its_requests_is_killed(tmp_path: Path, start_router: Any) -> None:
     """llama.cpp users report children that answer /health but stall every inference: the fake engine does
@@ -203,15 +247,36 @@ def test_a_child_that_answers_health_but_stalls_its_requests_is_killed(tmp_path:
 
 def test_a_long_silent_generation_is_not_taken_for_a_stall(models_dir: Path, start_router: Any) -> None:
     """A non-streamed answer sends nothing until it ends; llama-server's /slots counters show it is working."""
-    router: Router = start_router("--models-dir", str(models_dir), "--stall-timeout", "1")
+    router: Router = start_router("--models-dir", str(models_dir), "--stall-timeout", "2")
+    body = {"model": SMOL, **CHAT, "max_tokens": 300, "ignore_eos": True}
+    assert router.client.post("/v1/chat/completions", json={**body, "max_tokens": 1}).status_code == 200
     started = time.monotonic()
-    reply = router.client.post("/v1/chat/completions", json={"model": SMOL, **CHAT, "max_tokens": 300,
-                                                             "ignore_eos": True})
+    reply = router.client.post("/v1/chat/completions", json=body)
     took = time.monotonic() - started
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] == 300
-    assert took > 2, f"{took:.1f} s is too short to show anything with a 1 s stall-timeout"
+    assert took > 2, f"{took:.1f} s is too short to show anything with a 2 s stall-timeout"
     assert router.status(SMOL) == "loaded"
+
+
+@pytest.mark.xfail(strict=True, reason="shell bug (reported): llama-server answers /slots only between engine "
+                   "steps, and a /slots answer slower than the probe timeout counts as no progress, so a healthy "
+                   "child busy with one step longer than that (a long prompt in one ubatch here; a big model on "
+                   "CPU at the defaults) is killed as stalled")
+def test_a_long_prompt_step_is_not_taken_for_a_stall(tmp_path: Path, demo_models: dict[str, Path],
+                                                    start_router: Any) -> None:
+    preset = tmp_path / "big-batch.ini"
+    preset.write_text(f"[big-batch]\nmodel = {demo_models['smollm2-135m-instruct']}\nctx-size = 8192\n"
+                      "batch-size = 8192\nubatch-size = 8192\nparallel = 1\n")
+    router: Router = start_router("--models-preset", str(preset), "--stall-timeout", "2")
+    body = {"model": "big-batch", "max_tokens": 2}
+    warm = {**body, "messages": [{"role": "user", "content": "hi"}]}
+    assert router.client.post("/v1/chat/completions", json=warm).status_code == 200
+    # About 2,300 prompt tokens in one step: 5 to 13 s on this machine, with /slots unanswered meanwhile.
+    prompt = " ".join(f"word{i}" for i in range(500))
+    reply = router.client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user",
+                                                                                   "content": prompt}]})
+    assert reply.status_code == 200, reply.text
 
 
 def test_a_load_past_its_load_timeout_is_killed_and_its_waiters_told(tmp_path: Path, start_router: Any) -> None:
