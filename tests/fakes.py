@@ -146,7 +146,7 @@ class FakeChild:
         self.in_flight = 0
         self.handler: Handler = ok_json
         self.healthy = True  # answers its probes
-        self.progress_value: bytes | None = None
+        self.progress_value: int | None = None  # main-thread CPU ticks; the test moves them
         self.stop_requested = asyncio.Event()
         self.ignores_stop = False
         self.replies: list[FakeReply] = []
@@ -229,8 +229,8 @@ class FakeChild:
     async def probe(self, within: float) -> bool:
         return self.healthy and not self.exited.done()
 
-    async def progress(self, within: float) -> bytes | None:
-        return self.progress_value if self.healthy else None
+    def progress(self) -> int | None:
+        return self.progress_value
 
 
 class FakeFleet:

@@ -30,6 +30,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -108,7 +109,7 @@ class Child(Protocol):
                 headers: Mapping[str, str] | None = None,
                 params: Mapping[str, str] | None = None) -> contextlib.AbstractAsyncContextManager[Reply]: ...
     async def probe(self, within: float) -> bool: ...
-    async def progress(self, within: float) -> bytes | None: ...
+    def progress(self) -> int | None: ...
 
 
 ProgressCallback = Callable[[Mapping[str, Any]], None]
@@ -324,12 +325,20 @@ class ProcessChild:
         """Does the child's HTTP server answer /health within `within` seconds?"""
         return await self._get("/health", within) is not None
 
-    async def progress(self, within: float) -> bytes | None:
-        """llama-server's /slots (answered by its main loop, between decoding steps): its counters move while
-        it generates, even when a non-streamed request sends nothing. None if unknown (other engines)."""
-        if self.plan.readiness != Readiness.ROUTER_PROTOCOL:
+    def progress(self) -> int | None:
+        """CPU ticks of the child's main thread: they move while it works, even when a non-streamed answer or a
+        long prompt sends nothing for minutes, and stop when it is stopped or deadlocked. (llama-server's
+        /slots was tried first: it answers only between engine steps, so one long step looked like a stall.)
+        The main thread, not the whole process: answering the watchdog's own /health probes costs ticks of the
+        HTTP threads. None if unknown."""
+        pid = self.pid
+        if pid is None:
             return None
-        return await self._get("/slots", within)
+        try:
+            fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return int(fields[11]) + int(fields[12])  # utime + stime
 
     async def _get(self, path: str, within: float) -> bytes | None:
         session = self._session

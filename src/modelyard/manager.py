@@ -106,7 +106,7 @@ class _Running:
     config: ModelConfig
     settings: Mapping[str, str]
     failed_probes: int = 0
-    progress: object = None  # the child's last progress fingerprint, for the watchdog
+    progress: int | None = None  # the child's main-thread CPU ticks at the last watchdog round
 
 
 @dataclass(frozen=True)
@@ -543,13 +543,11 @@ class ModelManager:
         child, settings = record.child, self._watchdog
         ok = await child.probe(within=settings.probe_timeout)
         record.failed_probes = 0 if ok else record.failed_probes + 1
-        progressed = False
-        if ok and child.in_flight:
-            fingerprint = await child.progress(within=settings.probe_timeout)
-            progressed = fingerprint is not None and record.progress is not None and fingerprint != record.progress
-            record.progress = fingerprint
-            if progressed:
-                child.last_activity = self._clock.now()
+        work = child.progress()
+        progressed = work is not None and record.progress is not None and work != record.progress
+        record.progress = work
+        if progressed and child.in_flight:
+            child.last_activity = self._clock.now()  # working on them, though it sends nothing yet
         seen = Observation(in_flight=child.in_flight, silent_for=self._clock.now() - child.last_activity,
                            probe_ok=ok, failed_probes=record.failed_probes, progressed=progressed)
         reason = judge(seen, settings)

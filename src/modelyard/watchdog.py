@@ -2,9 +2,10 @@
 
 llama.cpp users report children that answer /health but stall every inference, and a `kill -STOP`ped child
 hung its requests for ever. So a child is judged unhealthy when it fails its health probe several times in a
-row, or when it has requests in flight and has sent no byte on any of them for the stall timeout while showing
-no progress in its slots (a long non-streamed generation sends nothing until it ends, but its decoded-token
-counters move).
+row, or when it has requests in flight and has sent no byte on any of them for the stall timeout, and in
+either case shows no progress: its main thread's CPU time did not move since the previous round. A long
+non-streamed generation, or one long prompt step, sends nothing for minutes while that time moves; a child
+whose HTTP threads are all busy may miss its probes while it works (both were killed by earlier rules).
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ class Observation:
     silent_for: float  # seconds since its last byte on any request (or since the oldest request began)
     probe_ok: bool  # it answered the health probe just now
     failed_probes: int  # failed probes in a row, this one included
-    progressed: bool  # its slots show progress since the previous round
+    progressed: bool  # its main thread used CPU since the previous round
 
 
 def judge(seen: Observation, settings: WatchdogSettings) -> str:
     """Why the child is unhealthy, or "" if it is not."""
-    if not seen.probe_ok and seen.failed_probes >= settings.failed_probes:
+    if not seen.probe_ok and seen.failed_probes >= settings.failed_probes and not seen.progressed:
         return (f"no answer to {seen.failed_probes} health checks in a row "
                 f"({settings.probe_timeout:g} s each)")
     if (seen.in_flight and settings.stall_timeout and seen.silent_for >= settings.stall_timeout
