@@ -232,12 +232,16 @@ def test_the_child_session_never_reuses_a_connection_after_a_stream(models_dir: 
     sent straight after a stream fails every time on this llama-server; modelyard's never does."""
     import aiohttp
 
-    from modelyard.proxy import new_upstream_session
+    from modelyard.children import new_child_session
 
     router: Router = start_router("--models-dir", str(models_dir))
     client(router).completions.create(model="smol", prompt="warm", **SMALL)
     args = next(m for m in router.client.get("/models").json()["data"] if m["id"] == "smol")["status"]["args"]
     url = f"http://127.0.0.1:{args[args.index('--port') + 1]}/v1/chat/completions"
+    (child,) = router.children()
+    environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+    key = next(e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"LLAMA_API_KEY="))
+    auth = {"Authorization": f"Bearer {key}"}  # the child answers only modelyard, which holds its key
 
     async def failures(session: aiohttp.ClientSession) -> int:
         failed = 0
@@ -245,14 +249,15 @@ def test_the_child_session_never_reuses_a_connection_after_a_stream(models_dir: 
             for i in range(10):
                 body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": i % 2 == 0}
                 try:
-                    async with session.post(url, json=body) as reply:
+                    async with session.post(url, json=body, headers=auth) as reply:
                         await reply.read()
+                        assert reply.status == 200
                 except aiohttp.ClientError:
                     failed += 1
         return failed
 
     async def both() -> tuple[int, int]:
-        return await failures(new_upstream_session()), await failures(aiohttp.ClientSession())
+        return await failures(new_child_session()), await failures(aiohttp.ClientSession())
 
     ours, plain = asyncio.run(both())
     assert ours == 0
