@@ -43,10 +43,12 @@ class Plan:
     # Pauses so that one target's idle pooled connections expire before the next is measured; the smoke
     # check of the harness (in the test suite) measures nothing and skips them.
     pool_idle_s: float = POOL_IDLE_S
+    overhead_concurrency: tuple[int, ...] = (1, 32)  # the smoke check uses (1, 4): 32 x 2 chats per target are slow
 
 
 PLANS = {
-    "smoke": Plan("smoke", 4, 1, 4, 1, 2, 2, 3, 1, 64, (50,), 4.0, 1, 50, 1, pool_idle_s=0.0),
+    "smoke": Plan("smoke", 4, 1, 4, 1, 2, 2, 3, 1, 64, (50,), 4.0, 1, 50, 1, pool_idle_s=0.0,
+                  overhead_concurrency=(1, 4)),
     "quick": Plan("quick", 40, 2, 32, 6, 4, 4, 6, 1, 600, (1000,), 12.0, 2, 1000, 5),
     "full": Plan("full", 300, 3, 64, 20, 6, 4, 6, 3, 4000, (1000, 10000), 20.0, 3, 10000, 5),
 }
@@ -132,7 +134,7 @@ async def hot_path(running: dict[str, RouterProcess], plan: Plan, results: Resul
     # A fresh client per run: idle keep-alive connections left over from one target would otherwise hold
     # threads of the child that the next target needs (llama-server serves one connection per thread).
     for endpoint, (path, body) in endpoints.items():
-        for concurrency in (1, 32):
+        for concurrency in plan.overhead_concurrency:
             count = max(plan.overhead_requests, 2 * concurrency)
             for round_no in range(plan.rounds):
                 order = targets[round_no % 2:] + targets[:round_no % 2]
