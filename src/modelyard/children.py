@@ -322,8 +322,17 @@ class ProcessChild:
             self.in_flight -= 1
 
     async def probe(self, within: float) -> bool:
-        """Does the child's HTTP server answer /health within `within` seconds?"""
-        return await self._get("/health", within) is not None
+        """Does the child's HTTP server answer /health with 200 within `within` seconds?"""
+        session = self._session
+        if session is None or session.closed:
+            return False
+        try:
+            async with session.get(self.base_url + "/health", headers=self._auth,
+                                   timeout=aiohttp.ClientTimeout(total=within)) as response:
+                await response.read()
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError, RuntimeError):
+            return False
 
     def progress(self) -> int | None:
         """CPU ticks of the child's main thread: they move while it works, even when a non-streamed answer or a
@@ -339,18 +348,6 @@ class ProcessChild:
         except (OSError, IndexError):
             return None
         return int(fields[11]) + int(fields[12])  # utime + stime
-
-    async def _get(self, path: str, within: float) -> bytes | None:
-        session = self._session
-        if session is None or session.closed:
-            return None
-        try:
-            async with session.get(self.base_url + path, headers=self._auth,
-                                   timeout=aiohttp.ClientTimeout(total=within)) as response:
-                body = await response.read()
-                return body if response.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError, RuntimeError):
-            return None
 
     def _ask_to_exit(self, proc: asyncio.subprocess.Process) -> None:
         if self.plan.readiness == Readiness.ROUTER_PROTOCOL and self.ready.done() and proc.stdin:
