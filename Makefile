@@ -6,12 +6,15 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: serve test setup lint
+CHROMIUM ?= /usr/bin/chromium
+APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
+
+.PHONY: serve test setup lint browser
 
 serve: setup
 	$(BIN)/modelyard serve $(ARGS)
 
-test: setup lint
+test: setup browser lint
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
@@ -21,6 +24,13 @@ lint: $(VENV)/.installed
 setup: $(VENV)/.installed
 	$(BIN)/modelyard engine install
 	$(BIN)/modelyard demo install
+
+# The dashboard's browser tests drive Debian's chromium (Playwright's own browser download is not reachable
+# everywhere); only `make test` needs it. Installed once; the package lists are fetched only if the first
+# attempt finds none.
+browser:
+	@test -x $(CHROMIUM) || $(APT) install -y -q --no-install-recommends chromium \
+		|| { $(APT) update -q && $(APT) install -y -q --no-install-recommends chromium; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -8,7 +8,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from modelyard.api import auth, cors, management, ollama, openai
+from modelyard.api import auth, cors, management, ollama, openai, ui
 from modelyard.api.context import CONTEXT, AppContext
 from modelyard.api.errors import error_response
 from modelyard.api.json import json_response
@@ -101,6 +101,7 @@ def build_app(context: AppContext) -> web.Application:
     management.add_routes(app)
     openai.add_routes(app)
     ollama.add_routes(app)
+    ui.add_routes(app)
 
     async def start_manager(app: web.Application) -> None:
         await context.manager.start()

@@ -134,6 +134,9 @@ _INFERENCE_POSTS = (  # llama-server's model-routed POST routes (api/openai.py) 
 ROUTE_SCOPES: tuple[Rule, ...] = (
     Rule(_ANY, "/health", None),
     Rule(_ANY, "/v1/health", None),
+    # the dashboard's page and assets hold no data (its data calls carry the key), as router mode's web UI
+    Rule(_GET, "/ui", None),
+    Rule(_GET, "/ui/*", None),
     # management: what changes which models run or a child's shared state affects every user of that model
     Rule(_GET, "/models", Scope.ADMIN, _reload),
     Rule(_GET, "/v1/models", Scope.ADMIN, _reload),

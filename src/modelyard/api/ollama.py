@@ -118,6 +118,9 @@ async def version(request: web.Request) -> web.Response:
 
 
 async def root(request: web.Request) -> web.Response:
+    """A browser (it asks for HTML) goes to the dashboard; Ollama's clients probe this path for its text."""
+    if "text/html" in request.headers.get("Accept", ""):
+        raise web.HTTPFound("/ui")
     return web.Response(text="Ollama is running")
 
 
