@@ -1,1 +1,7 @@
-"""`modelyard bench`: modelyard and llama-server router mode side by side, on the same binary and models."""
+"""`modelyard bench`: modelyard and llama-server router mode side by side, on the same binary and models.
+
+This package's top level holds only the scenario names, so that `modelyard --help` and `modelyard serve` can
+declare the bench command without importing the harness (matplotlib, httpx): `__main__` imports it when run."""
+
+# What `--only` can name, in the order a whole run measures them.
+SCENARIOS = ("hot-path", "swaps", "busy", "resident", "scale", "fresh-swap", "soak")

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import click
 
-from modelyard.bench.run import SoakBarNotMet, run_benchmark
-from modelyard.bench.scenarios import SCENARIOS
+from modelyard.bench import SCENARIOS
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
 
 BAR_NOT_MET = 3
@@ -26,6 +25,10 @@ BAR_NOT_MET = 3
               help="Run only this scenario (repeatable); default: all of them.")
 def main(mode: str, out: Path, llama_server: str | None, only: tuple[str, ...]) -> None:
     """Benchmark modelyard against llama-server router mode, side by side in one run."""
+    # Imported here, not at the top: `modelyard.cli` imports this command, and every `modelyard serve` would
+    # otherwise load the harness (matplotlib, httpx) it never uses.
+    from modelyard.bench.run import SoakBarNotMet, run_benchmark
+
     try:
         report = run_benchmark(mode, out, locate_llama_server(llama_server), lambda line: click.echo(line, err=True),
                                frozenset(only or SCENARIOS))

@@ -9,8 +9,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from modelyard.bench import SCENARIOS
 from modelyard.bench.report import plot, render
-from modelyard.bench.scenarios import PLANS, SCENARIOS, Setup, run_all
+from modelyard.bench.scenarios import PLANS, Setup, run_all
 from modelyard.bench.soak import verdict
 from modelyard.demo import GEMMA3, SMOLLM2, default_models_dir
 from modelyard.engine.install import LLAMA_CPP_BUILD

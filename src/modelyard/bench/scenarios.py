@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from modelyard.bench import SCENARIOS
 from modelyard.bench.fresh import FreshSwap, fresh_swap
 from modelyard.bench.load import POOL_IDLE_S, StatusRecorder, Stream, Timed, new_session, streamed_chat, timed_requests
 from modelyard.bench.processes import MODELYARD, ROUTER_MODE, RouterProcess, start_router
@@ -53,8 +54,6 @@ PLANS = {
     "full": Plan("full", 300, 3, 64, 20, 6, 4, 6, 3, 4000, (1000, 10000), 20.0, 3, 10000, 5),
 }
 
-# What `--only` can name, in the order a whole run measures them.
-SCENARIOS = ("hot-path", "swaps", "busy", "resident", "scale", "fresh-swap", "soak")
 
 
 @dataclass
