@@ -26,6 +26,7 @@ class ErrorKind(Enum):
     REQUEST_TIMEOUT = (408, "invalid_request_error", "request_timeout")
     UNSUPPORTED_MEDIA = (415, "invalid_request_error", "unsupported_media_type")
     FORBIDDEN = (403, "permission_error", "forbidden")
+    CANCELLED = (499, "cancelled_error", "request_cancelled")  # by an admin (POST /activity/{id}/cancel)
 
     @property
     def status(self) -> int:

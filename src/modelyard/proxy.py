@@ -9,12 +9,16 @@ connection, and llama-server stops generating.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict
 
+from modelyard.activity import Record, tokens_in_body
+from modelyard.api.activity import RECORD, cancel_message
+from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_body, error_response
 from modelyard.api.json import dumps
 from modelyard.children import Child, ChildError, Reply
@@ -46,25 +50,59 @@ async def _relay(request: web.Request, upstream: Reply) -> web.StreamResponse:
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP)
     is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     length = upstream.content_length
+    record = request.get(RECORD)
     if length is not None and length <= 1 << 20 and not is_sse:
         payload = await upstream.read()  # a ChildError here is answered by forward(): nothing was sent yet
+        if record is not None:
+            _account(request, record, payload if upstream.status == 200 else b"")
         return web.Response(status=upstream.status, body=payload, headers=headers)
     response = web.StreamResponse(status=upstream.status, headers=headers)
     await response.prepare(request)
+    capture = record.capture if record is not None else None
+    # The last three chunks hold the final events (timings, then usage with include_usage, then [DONE]):
+    # only they are searched for the token counts, once the stream is over.
+    first, older, old, last = True, b"", b"", b""
     try:
         async for chunk in upstream.chunks():
+            if first and record is not None:
+                request.app[CONTEXT].activity.first_byte(record)
+                first = False
+            older, old, last = old, last, chunk
+            if capture is not None:
+                capture.add(chunk)
             await response.write(chunk)
     except ChildError as exc:
         message = f"the model's server failed mid-stream: {exc}"
         log.warning("%s %s: %s", request.method, request.path, message)
-        if is_sse:
-            event = dumps(error_body(ErrorKind.UPSTREAM, message))
-            # The llama.cpp web UI only finalises a message after [DONE].
-            await response.write(b"data: " + event + b"\n\ndata: [DONE]\n\n")
-        else:
-            # Not SSE: no in-band way to report it; cut the connection so the client sees a truncated body.
-            if request.transport is not None:
-                request.transport.close()
-            return response
+        if record is not None:
+            record.error = message
+        return await _end_early(request, response, is_sse, ErrorKind.UPSTREAM, message)
+    except asyncio.CancelledError:
+        if record is None or not record.cancelled:
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # an admin's cancel, not the client's: end the stream in-band
+        return await _end_early(request, response, is_sse, ErrorKind.CANCELLED, cancel_message(record.id))
+    if record is not None and upstream.status == 200:
+        record.count(tokens_in_body(older + old + last))
     await response.write_eof()
+    return response
+
+
+def _account(request: web.Request, record: Record, payload: bytes) -> None:
+    request.app[CONTEXT].activity.first_byte(record)
+    record.count(tokens_in_body(payload))
+
+
+async def _end_early(request: web.Request, response: web.StreamResponse, is_sse: bool, kind: ErrorKind,
+                     message: str) -> web.StreamResponse:
+    """End a stream that has started: with an error event for SSE, by cutting the connection otherwise."""
+    if is_sse:
+        # The llama.cpp web UI only finalises a message after [DONE].
+        await response.write(b"data: " + dumps(error_body(kind, message)) + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+    elif request.transport is not None:
+        # Not SSE: no in-band way to report it; cut the connection so the client sees a truncated body.
+        request.transport.close()
     return response

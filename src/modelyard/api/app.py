@@ -3,12 +3,14 @@ middlewares."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from modelyard.api import auth, cors, management, ollama, openai, ui
+from modelyard.api import activity, auth, cors, management, ollama, openai, ui
 from modelyard.api.context import CONTEXT, AppContext
 from modelyard.api.errors import error_response
 from modelyard.api.json import json_response
@@ -92,6 +94,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(ErrorKind.TOO_LARGE, f"request body larger than {limit // 2**20} MiB")
 
 
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_coro(), exc_info=task.exception())
+
+
 def build_app(context: AppContext) -> web.Application:
     app = web.Application(middlewares=[browser_guard_middleware, preflight_middleware, error_middleware,
                                        api_key_middleware, tolerant_path_middleware],
@@ -101,6 +108,7 @@ def build_app(context: AppContext) -> web.Application:
     management.add_routes(app)
     openai.add_routes(app)
     ollama.add_routes(app)
+    activity.add_routes(app)
     ui.add_routes(app)
 
     async def start_manager(app: web.Application) -> None:
@@ -111,8 +119,16 @@ def build_app(context: AppContext) -> web.Application:
 
     async def end_streams(app: web.Application) -> None:
         context.manager.end_subscriptions()  # long-lived /models/sse streams must not hold up shutdown
+        context.activity.end_followers()  # and /activity/sse ones
+
+    async def count_status_changes(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(context.metrics.follow())
+        task.add_done_callback(_log_failure)
+        yield
+        task.cancel()
 
     app.on_startup.append(start_manager)
     app.on_shutdown.append(end_streams)
+    app.cleanup_ctx.append(count_status_changes)
     app.on_cleanup.append(close_manager)
     return app

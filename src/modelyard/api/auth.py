@@ -145,17 +145,20 @@ ROUTE_SCOPES: tuple[Rule, ...] = (
     Rule(_POST, "/props", Scope.ADMIN),  # sets a child's default generation settings
     Rule(_POST, "/slots/*", Scope.ADMIN),  # saves, restores or erases a child's slots (files on disk)
     Rule(_POST, "/lora-adapters", Scope.ADMIN),  # changes the adapter scales every request gets
+    Rule(_POST, "/activity/*", Scope.ADMIN),  # cancels someone's request
+    Rule(_ANY, "/capture", Scope.ADMIN),  # shows (or starts recording) everyone's prompts and answers
     *(Rule(_ANY, path, Scope.ADMIN) for path in ("/api/pull", "/api/push", "/api/create", "/api/copy",
                                                   "/api/delete", "/api/blobs/*")),
     # inference: the model routes
     *(Rule(_POST, path, Scope.INFERENCE) for path in _INFERENCE_POSTS),
     *(Rule(_GET, path, Scope.INFERENCE, _has_model) for path in ("/props", "/slots", "/metrics", "/lora-adapters")),
     Rule(_GET, "/slots", Scope.INFERENCE),  # without ?model= they answer 400 saying so
-    Rule(_GET, "/metrics", Scope.INFERENCE),
+    Rule(_GET, "/metrics", Scope.READ),  # the router's own metrics (Prometheus), per key's models
     Rule(_GET, "/lora-adapters", Scope.INFERENCE),
     # read: listings
     *(Rule(_GET, path, Scope.READ) for path in ("/", "/models", "/v1/models", "/v1/models/*", "/models/sse",
-                                                "/props", "/api/tags", "/api/ps", "/api/version")),
+                                                "/props", "/api/tags", "/api/ps", "/api/version", "/activity",
+                                                "/activity/sse")),
     Rule(_POST, "/api/show", Scope.READ),
 )
 DEFAULT_SCOPE = Scope.READ  # a path in no rule is answered 404 by its handler; any valid key may learn that

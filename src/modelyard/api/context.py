@@ -1,4 +1,5 @@
-"""What every HTTP front-end shares: the manager and the server settings."""
+"""What every HTTP front-end shares: the manager, the server settings, and the activity records and metrics
+that every model request feeds."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from modelyard.activity import Activity
 from modelyard.api.auth import ApiKey
 from modelyard.api.cors import CorsPolicy
 from modelyard.manager import ModelManager
+from modelyard.metrics import Metrics
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,11 @@ class ServerSettings:
 class AppContext:
     manager: ModelManager
     settings: ServerSettings
+    activity: Activity = field(default_factory=Activity)
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.manager, self.activity)  # counts each request as its record ends
 
 
 CONTEXT = web.AppKey("modelyard", AppContext)

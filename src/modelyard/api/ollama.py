@@ -7,6 +7,7 @@ Open WebUI and the ollama clients expect.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -22,7 +23,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from modelyard import __version__
+from modelyard.activity import Record, token_counts
 from modelyard.api import auth
+from modelyard.api.activity import RECORD, acquire, cancel_message, tracked
 from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
 from modelyard.api.json import dumps, json_response
@@ -151,10 +154,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/tags", tags)
     app.router.add_get("/api/ps", ps)
     app.router.add_post("/api/show", show)
-    app.router.add_post("/api/chat", chat)
-    app.router.add_post("/api/generate", generate)
-    app.router.add_post("/api/embed", embed)
-    app.router.add_post("/api/embeddings", embeddings)
+    for path, handler in (("/api/chat", chat), ("/api/generate", generate), ("/api/embed", embed),
+                          ("/api/embeddings", embeddings)):
+        app.router.add_post(path, tracked(path, handler, ollama=True))  # each one gets an activity record
     for path, message in _UNSUPPORTED.items():
         app.router.add_route("*", path, _unsupported(message))
 
@@ -346,8 +348,8 @@ def _ollama_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _final_fields(started: float, load_ns: int, finish: str | None, timings: dict[str, Any],
                   usage: dict[str, Any]) -> dict[str, Any]:
     # Ollama counts every prompt token; llama-server's prompt_n leaves out those its prompt cache already had.
-    prompt_n = int(usage.get("prompt_tokens") or (timings.get("cache_n", 0) or 0) + (timings.get("prompt_n", 0) or 0))
-    predicted_n = int(timings.get("predicted_n", usage.get("completion_tokens", 0)) or 0)
+    counts = token_counts(usage, timings)
+    prompt_n, predicted_n = counts.tokens_in or 0, counts.tokens_out or 0
     return {"done": True, "done_reason": "length" if finish == "length" else "stop",
             "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": load_ns,
             "prompt_eval_count": prompt_n, "prompt_eval_duration": int(float(timings.get("prompt_ms", 0)) * 1e6),
@@ -396,7 +398,7 @@ async def _complete(request: web.Request, kind: str) -> web.StreamResponse:
     path, upstream_body = _upstream_request(payload, kind)
     _check_images(manager.resolve(model), payload, kind)
     acquired = time.perf_counter()
-    lease = await manager.acquire(model, keep_alive=keep_alive)
+    lease = await acquire(request, model, keep_alive=keep_alive, stream=payload.get("stream", True) is not False)
     load_ns = int((time.perf_counter() - acquired) * 1e9)
     try:
         return await _relay(request, lease, path, upstream_body, kind, payload, started, load_ns)
@@ -454,6 +456,10 @@ async def _relay(request: web.Request, lease: Lease, path: str, body: dict[str, 
     async with _upstream(lease, path, body) as upstream:
         if not body["stream"]:
             reply = orjson.loads(await upstream.read())
+            record = request.get(RECORD)
+            if record is not None:
+                request.app[CONTEXT].activity.first_byte(record)
+                record.count(token_counts(reply.get("usage"), reply.get("timings")))
             return json_response(_whole_answer(reply, path, kind, model, started, load_ns))
         return await _stream(request, upstream, path, kind, model, started, load_ns)
 
@@ -478,13 +484,30 @@ async def _stream(request: web.Request, upstream: Reply, path: str, kind: str, m
                   started: float, load_ns: int) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
+    record = request.get(RECORD)
+    capture = record.capture if record is not None else None
+    first = record is not None
     try:
-        async for line in _ndjson_lines(upstream, path, kind, model, started, load_ns):
+        async for line in _ndjson_lines(upstream, path, kind, model, started, load_ns, record):
+            if first and record is not None:  # the first token, as the client sees it
+                request.app[CONTEXT].activity.first_byte(record)
+                first = False
+            if capture is not None:
+                capture.add(line)
             await response.write(line)
     except (ChildError, UpstreamError) as exc:
         # Ollama's in-band error: clients raise it (ollama-python, Continue) instead of a cut stream.
         log.warning("%s %s: the model's server failed mid-stream: %s", request.method, request.path, exc)
-        await response.write(orjson.dumps({"error": f"the model's server failed mid-stream: {exc}"}) + b"\n")
+        message = f"the model's server failed mid-stream: {exc}"
+        if record is not None:
+            record.error = message
+        await response.write(orjson.dumps({"error": message}) + b"\n")
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if record is None or not record.cancelled or task is None:
+            raise
+        task.uncancel()  # an admin's cancel, not the client's: end the stream with Ollama's error line
+        await response.write(orjson.dumps({"error": cancel_message(record.id)}) + b"\n")
     await response.write_eof()
     return response
 
@@ -523,7 +546,8 @@ def _whole_answer(reply: dict[str, Any], path: str, kind: str, model: str, start
 
 
 async def _ndjson_lines(upstream: Reply, path: str, kind: str, model: str, started: float,
-                        load_ns: int) -> Any:
+                        load_ns: int, record: Record | None = None) -> Any:
+    """`record`: the request's activity record, which gets the token counts."""
     finish: str | None = None
     timings: dict[str, Any] = {}
     usage: dict[str, Any] = {}
@@ -565,6 +589,8 @@ async def _ndjson_lines(upstream: Reply, path: str, kind: str, model: str, start
         final["message"] = {"role": "assistant", "content": ""}
     else:
         final["response"] = ""
+    if record is not None:
+        record.count(token_counts(usage, timings))
     yield orjson.dumps({**final, **_final_fields(started, load_ns, finish, timings, usage)}) + b"\n"
 
 
@@ -655,13 +681,17 @@ async def _embed(request: web.Request, legacy: bool) -> web.Response:
         raise OllamaError(400, "input must be a string or a list of strings")
     check_embeddings(manager.resolve(payload["model"]))  # before loading: llama-server would answer 501
     acquired = time.perf_counter()
-    lease = await manager.acquire(payload["model"], keep_alive=keep_alive)
+    lease = await acquire(request, payload["model"], keep_alive=keep_alive)
     load_ns = int((time.perf_counter() - acquired) * 1e9)
     try:
         async with _upstream(lease, "/v1/embeddings", {"input": inputs}) as upstream:
             reply = orjson.loads(await upstream.read())
     finally:
         manager.release(lease)
+    record = request.get(RECORD)
+    if record is not None:
+        request.app[CONTEXT].activity.first_byte(record)
+        record.count(token_counts(reply.get("usage"), None))
     vectors = [item["embedding"] for item in sorted(reply["data"], key=lambda d: d["index"])]
     if legacy:
         return json_response({"embedding": vectors[0]})

@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 
 from modelyard.api import auth
+from modelyard.api.activity import acquire, router_metrics, tracked
 from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_response, from_model_error
@@ -46,13 +47,13 @@ def _forward_query(request: web.Request) -> dict[str, str]:
     return {k: v for k, v in request.query.items() if k != "autoload"}
 
 
-async def _proxy(request: web.Request, model: str, body: bytes, keep_alive: float | None = None
-                 ) -> web.StreamResponse:
+async def _proxy(request: web.Request, model: str, body: bytes, keep_alive: float | None = None,
+                 stream: bool = False) -> web.StreamResponse:
     context = request.app[CONTEXT]
     manager = context.manager
     try:
         auth.require_named(request, model, manager.resolve)
-        lease = await manager.acquire(model, autoload_flag(request, context.settings.autoload), keep_alive)
+        lease = await acquire(request, model, autoload_flag(request, context.settings.autoload), keep_alive, stream)
     except ModelError as error:
         return from_model_error(error)
     try:
@@ -87,7 +88,7 @@ async def post_by_body_model(request: web.Request) -> web.StreamResponse:
         except ValueError as exc:
             return error_response(ErrorKind.BAD_REQUEST, str(exc), param="keep_alive")
         body = orjson.dumps(payload)
-    return await _proxy(request, model, body, keep_alive)
+    return await _proxy(request, model, body, keep_alive, payload.get("stream") is True)
 
 
 async def get_by_query_model(request: web.Request) -> web.StreamResponse:
@@ -98,8 +99,15 @@ async def get_by_query_model(request: web.Request) -> web.StreamResponse:
     return await _proxy(request, model, b"")
 
 
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """The child's own metrics with `?model=`, the router's (Prometheus) without."""
+    if request.query.get("model"):
+        return await get_by_query_model(request)
+    return await router_metrics(request)
+
+
 def add_routes(app: web.Application) -> None:
     for path in POST_ROUTES:
-        app.router.add_post(path, post_by_body_model)
+        app.router.add_post(path, tracked(path, post_by_body_model))  # each one gets an activity record
     for path in GET_ROUTES:
-        app.router.add_get(path, get_by_query_model)
+        app.router.add_get(path, metrics if path == "/metrics" else get_by_query_model)

@@ -1,0 +1,215 @@
+"""The router's Prometheus metrics (`GET /metrics` without `?model=`), in a registry of its own (no global).
+
+State (each model's status, memory, in-flight and queued requests, the memory budgets) is read from the
+manager's snapshots when Prometheus scrapes, by a custom collector, so nothing is kept in step by hand. What
+happens (requests, their durations, queue waits, first tokens, tokens, loads, evictions, load failures) is
+counted as it happens: requests as each activity record ends (modelyard.activity), loads, evictions and
+failures from the manager's status feed, each classified by the pure `classify` below.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from modelyard.activity import Activity, Record
+from modelyard.manager import ModelManager, ModelsReloaded, StatusEvent
+from modelyard.scheduler import Status
+
+log = logging.getLogger(__name__)
+
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, float("inf"))
+_LOAD_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
+
+
+# --- the pure part: what a status change counts as ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Counted:
+    kind: str  # "load" (loaded), "eviction", "load_failure"
+    reason: str = ""
+
+
+def eviction_reason(text: str) -> str | None:
+    """The scheduler's reason for stopping a model, as a small label set; None when it is not an eviction
+    (an unload asked for, a configuration change, a shutdown, a kill)."""
+    if "least recently used" in text:
+        return "lru"
+    if "max-wait" in text:
+        return "max_wait"
+    if "keep-alive" in text:
+        return "keep_alive"
+    return None
+
+
+def failure_reason(text: str) -> str:
+    lowered = text.lower()
+    if "load-timeout" in lowered or "timed out" in lowered or "did not load within" in lowered:
+        return "timeout"
+    if "could not start" in lowered or "could not prepare" in lowered:
+        return "start"
+    if "killed" in lowered or "unhealthy" in lowered:
+        return "killed"
+    return "exited"
+
+
+def classify(event: StatusEvent, loading: bool) -> Counted | None:
+    """What one status event adds to the counters; `loading`: whether the model was loading before it."""
+    if event.status == Status.LOADED and loading:
+        return Counted("load")
+    if event.status == Status.FAILED:
+        return Counted("load_failure", failure_reason(event.reason))
+    if event.status == Status.STOPPING:
+        reason = eviction_reason(event.reason)
+        return Counted("eviction", reason) if reason else None
+    return None
+
+
+# --- the collector of state, read at scrape time ---------------------------------------------------------------
+
+class _StateCollector(Collector):
+    def __init__(self, manager: ModelManager) -> None:
+        self._manager = manager
+
+    def collect(self) -> Iterable[Metric]:
+        status = GaugeMetricFamily("modelyard_model_status", "1 for the model's current status, 0 for the others",
+                                   labels=["model", "status"])
+        memory = GaugeMetricFamily("modelyard_model_memory_bytes", "memory a model uses (measured) or is expected "
+                                   "to use (estimated), in host memory or on GPUs", labels=["model", "kind", "device"])
+        in_flight = GaugeMetricFamily("modelyard_in_flight", "requests being answered by the model",
+                                      labels=["model"])
+        queued = GaugeMetricFamily("modelyard_queued", "requests waiting for the model", labels=["model"])
+        for view in self._manager.models():
+            name, state = view.config.name, view.state
+            for value in Status:
+                status.add_metric([name, value.value], 1.0 if value == state.status else 0.0)
+            memory.add_metric([name, "estimated", "host"], state.estimated)
+            memory.add_metric([name, "measured", "host"], state.measured)
+            memory.add_metric([name, "estimated", "gpu"], state.estimated_gpu)
+            memory.add_metric([name, "measured", "gpu"], state.measured_gpu)
+            in_flight.add_metric([name], state.in_flight)
+            queued.add_metric([name], state.queued)
+        use = self._manager.memory()
+        budget = GaugeMetricFamily("modelyard_memory_budget_bytes", "the memory budget (only where one is set)",
+                                   labels=["device"])
+        used = GaugeMetricFamily("modelyard_memory_used_bytes", "memory the running models use, as the scheduler "
+                                 "counts it against the budget", labels=["device"])
+        for device, limit, amount in (("host", use.budget, use.used), ("gpu", use.gpu_budget, use.gpu_used)):
+            if limit:
+                budget.add_metric([device], limit)
+            used.add_metric([device], amount)
+        return [status, memory, in_flight, queued, budget, used]
+
+
+class Metrics:
+    """The registry, its counters and histograms, and the bookkeeping of loads from the status feed."""
+
+    def __init__(self, manager: ModelManager, activity: Activity, clock: Callable[[], float] = time.monotonic) -> None:
+        self._manager = manager
+        self._clock = clock
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("modelyard_requests", "model requests answered", ["model", "route", "status"],
+                                registry=r)
+        self.duration = Histogram("modelyard_request_duration_seconds", "from arrival to the last byte",
+                                  ["model"], buckets=_REQUEST_BUCKETS, registry=r)
+        self.queue_wait = Histogram("modelyard_queue_wait_seconds", "time waiting for the model (load included)",
+                                    ["model"], buckets=_REQUEST_BUCKETS, registry=r)
+        self.ttft = Histogram("modelyard_time_to_first_token_seconds", "from arrival to the child's first byte",
+                              ["model"], buckets=_REQUEST_BUCKETS, registry=r)
+        self.tokens = Counter("modelyard_tokens", "prompt (in) and generated (out) tokens", ["model", "direction"],
+                              registry=r)
+        self.loads = Counter("modelyard_loads", "models loaded", ["model"], registry=r)
+        self.evictions = Counter("modelyard_evictions", "models stopped by the scheduler (lru, max_wait, "
+                                 "keep_alive)", ["model", "reason"], registry=r)
+        self.load_failures = Counter("modelyard_load_failures", "loads or children that failed",
+                                     ["model", "reason"], registry=r)
+        self.load_duration = Histogram("modelyard_load_duration_seconds", "from the start of a load to ready",
+                                       ["model"], buckets=_LOAD_BUCKETS, registry=r)
+        r.register(_StateCollector(manager))
+        self._loading_since: dict[str, float] = {}
+        # The labelled children, looked up once per label set: labels() takes a lock and builds a tuple
+        self._per_model: dict[str, tuple[Histogram, Histogram, Histogram, Counter, Counter]] = {}
+        self._per_request: dict[tuple[str, str, int | None], Counter] = {}
+        activity.listeners.append(self.observe)
+
+    def exposition(self, visible: Callable[[str], bool] | None = None) -> bytes:
+        """The text format; `visible` keeps only the samples of the models it accepts (a key's patterns)."""
+        if visible is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Filtered(self.registry, visible))
+
+    # -- requests, as they end --
+    def observe(self, record: Record) -> None:
+        model = record.model or ""
+        key = (model, record.route, record.status)
+        counter = self._per_request.get(key)
+        if counter is None:
+            counter = self._per_request[key] = self.requests.labels(model, record.route,
+                                                                    str(record.status or "none"))
+        counter.inc()
+        if not model:
+            return
+        series = self._per_model.get(model)
+        if series is None:
+            series = self._per_model[model] = (self.duration.labels(model), self.queue_wait.labels(model),
+                                               self.ttft.labels(model), self.tokens.labels(model, "in"),
+                                               self.tokens.labels(model, "out"))
+        duration, wait, ttft, tokens_in, tokens_out = series
+        if record.duration is not None:
+            duration.observe(record.duration)
+        if record.queue_wait is not None:
+            wait.observe(record.queue_wait)
+        if record.ttft is not None:
+            ttft.observe(record.ttft)
+        if record.tokens_in:
+            tokens_in.inc(record.tokens_in)
+        if record.tokens_out:
+            tokens_out.inc(record.tokens_out)
+
+    # -- the status feed --
+    def on_status(self, event: StatusEvent) -> None:
+        model = event.model
+        counted = classify(event, model in self._loading_since)
+        if event.status == Status.LOADING:
+            self._loading_since.setdefault(model, self._clock())
+        elif model in self._loading_since:
+            since = self._loading_since.pop(model)
+            if event.status == Status.LOADED:
+                self.load_duration.labels(model).observe(self._clock() - since)
+        if counted is None:
+            return
+        if counted.kind == "load":
+            self.loads.labels(model).inc()
+        elif counted.kind == "eviction":
+            self.evictions.labels(model, counted.reason).inc()
+        else:
+            self.load_failures.labels(model, counted.reason).inc()
+
+    async def follow(self) -> None:
+        """Count from the manager's status feed until it closes."""
+        async with self._manager.subscribe() as events:
+            while (event := await events.get()) is not None:
+                if not isinstance(event, ModelsReloaded):
+                    self.on_status(event)
+        log.debug("metrics: the status feed closed")
+
+
+class _Filtered:
+    """A registry view with only some models' samples (those without a model label are kept)."""
+
+    def __init__(self, registry: CollectorRegistry, visible: Callable[[str], bool]) -> None:
+        self._registry = registry
+        self._visible = visible
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [s for s in family.samples if "model" not in s.labels or self._visible(s.labels["model"])]
+            yield kept
