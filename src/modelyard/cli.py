@@ -29,9 +29,12 @@ from modelyard.demo import default_models_dir, install_demo_models
 from modelyard.engine.install import LLAMA_CPP_BUILD, install_engine
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
 from modelyard.errors import ModelError
+from modelyard.logformat import stderr_handler
 from modelyard.manager import ModelManager
 from modelyard.memory import gpu_total_memory, parse_size, system_memory
+from modelyard.notify import Notifier, status_line
 from modelyard.scheduler import Limits
+from modelyard.service import service as service_command
 from modelyard.watchdog import WatchdogSettings
 
 log = logging.getLogger("modelyard")
@@ -129,8 +132,8 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
     Any other llama-server flag (for example `-c 4096 --jinja`) is a default for every model instance:
     router command line > model section > [*].
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[stderr_handler(os.environ)])
+    notifier = Notifier.take_from_environ(os.environ)  # before any child or worker inherits the environment
     try:
         if models_dir is None and models_preset is None:
             models_dir = default_models_dir()
@@ -180,7 +183,7 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
                f"listening on {scheme}://{host}:{port}", err=True)
     tls = _tls_context(ssl_cert_file, ssl_key_file) if ssl_cert_file and ssl_key_file else None
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_serve(AppContext(manager, settings), host, port, tls, grace))
+        runner.run(_serve(AppContext(manager, settings), host, port, tls, grace, notifier))
 
 
 def _api_keys(api_key: str | None, api_key_file: Path | None) -> tuple[ApiKey, ...]:
@@ -215,10 +218,11 @@ def _loop_factory() -> type[asyncio.AbstractEventLoop] | None:
     return uvloop.Loop
 
 
-async def _serve(context: AppContext, host: str, port: int, tls: ssl.SSLContext | None, grace: float) -> None:
+async def _serve(context: AppContext, host: str, port: int, tls: ssl.SSLContext | None, grace: float,
+                 notifier: Notifier | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain: no new model requests (503), in-flight ones get `grace` seconds
     (a second signal cuts it short), what is left ends with an error event, every child stops, exit 0.
-    SIGHUP re-reads the model sources, as GET /models?reload=1 does."""
+    SIGHUP re-reads the model sources, as GET /models?reload=1 does. Under systemd, `notifier` tells it."""
     from aiohttp import web
 
     limits = ConnectionLimits.for_descriptor_limit(raise_descriptor_limit())  # before any child inherits it
@@ -227,6 +231,8 @@ async def _serve(context: AppContext, host: str, port: int, tls: ssl.SSLContext 
                            shutdown_timeout=HANDLER_GRACE_S, keepalive_timeout=limits.keepalive_timeout)
     await runner.setup()
     manager = context.manager
+    notifier = notifier or Notifier(None)
+    listening = f"{'https' if tls else 'http'}://{host}:{port}"
     stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -235,14 +241,19 @@ async def _serve(context: AppContext, host: str, port: int, tls: ssl.SSLContext 
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_stop_signal)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(manager))
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(manager, notifier, listening))
+    statuses: asyncio.Task[None] | None = None
     try:
         try:
             await LimitedSite(runner, host, port, limits=limits, reuse_address=True, ssl_context=tls).start()
         except OSError as exc:  # in use, a low port, a bad --host: one line, and `finally` stops the children
             raise click.ClickException(bind_error_message(host, port, exc)) from None
+        if notifier.active:  # listening, and the startup loads are queued (the app's on_startup)
+            notifier.ready(_status(manager, listening))
+            statuses = asyncio.create_task(_keep_status(manager, notifier, listening))
         await stop.wait()
         log.info("draining: no new model requests; %d in flight get up to %g s", manager.in_flight(), grace)
+        notifier.stopping(f"draining: {manager.in_flight()} request(s) in flight get up to {grace:g} s")
         manager.begin_drain()
         if not await manager.wait_idle(grace, hurry):
             log.warning("shutdown grace over: ending %d request(s) still in flight", manager.in_flight())
@@ -250,15 +261,32 @@ async def _serve(context: AppContext, host: str, port: int, tls: ssl.SSLContext 
     finally:
         await runner.cleanup()
         manager.kill_all()
+        if statuses is not None:
+            statuses.cancel()
+        notifier.close()
 
 
-def _reload(manager: ModelManager) -> None:
+def _status(manager: ModelManager, listening: str) -> str:
+    return status_line((view.status.value for view in manager.models()), listening)
+
+
+async def _keep_status(manager: ModelManager, notifier: Notifier, listening: str) -> None:
+    """STATUS= after every model status change, until the drain begins (STOPPING=1 says the rest)."""
+    async with manager.subscribe() as feed:
+        while await feed.get() is not None and not manager.draining:
+            notifier.status(_status(manager, listening))
+
+
+def _reload(manager: ModelManager, notifier: Notifier, listening: str) -> None:
+    notifier.reloading()
     try:
         manager.reload()
     except ConfigError as exc:
         log.error("SIGHUP: reload failed, keeping the current models: %s", exc)
     else:
         log.info("SIGHUP: model sources re-read (%d models)", len(manager.catalog.models))
+    if not manager.draining:  # a reload during the drain must not tell systemd it is ready again
+        notifier.ready(_status(manager, listening))
 
 
 @main.group()
@@ -305,6 +333,7 @@ def demo_install(models_dir: Path | None) -> None:
 
 
 main.add_command(bench_command, name="bench")
+main.add_command(service_command, name="service")
 
 if __name__ == "__main__":
     sys.exit(main())
