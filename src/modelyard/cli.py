@@ -25,6 +25,7 @@ from modelyard.api.server import ConnectionLimits, LimitedSite, bind_error_messa
 from modelyard.bench.__main__ import main as bench_command
 from modelyard.config.durations import parse_duration
 from modelyard.config.presets import ConfigError
+from modelyard.console.commands import COMMANDS as console_commands
 from modelyard.demo import default_models_dir, install_demo_models
 from modelyard.engine.install import LLAMA_CPP_BUILD, install_engine
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
@@ -333,6 +334,8 @@ def demo_install(models_dir: Path | None) -> None:
 
 
 main.add_command(bench_command, name="bench")
+for console_command in console_commands:  # ps, ls, load, unload, logs, chat, top: over HTTP only
+    main.add_command(console_command)
 main.add_command(service_command, name="service")
 
 if __name__ == "__main__":
