@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -53,6 +54,7 @@ from modelyard.service import (
     stop_timeout_sec,
     unreachable,
 )
+from tests.conftest import free_port
 
 EXECUTABLE = installed_command(Path(sys.executable))
 NO_BUS = Outcome(1, "System has not been booted with systemd as init system (PID 1). Can't operate.\n"
@@ -449,3 +451,31 @@ def test_serve_notifies_ready_reloading_and_stopping(notify_socket: tuple[socket
     router.proc.send_signal(signal.SIGTERM)
     assert receive_until(sock, "STOPPING")["STATUS"].startswith("draining: 0 request(s) in flight")
     assert router.proc.wait(30) == 0
+
+
+def test_serve_logs_in_journald_form_to_the_journal_stream(notify_socket: tuple[socket.socket, str],
+                                                          tmp_path: Path, models_dir: Path,
+                                                          llama_server: Path) -> None:
+    sock, name = notify_socket
+    log_path = tmp_path / "journal-stream"
+    with log_path.open("wb") as stream:
+        info = os.fstat(stream.fileno())
+        # --api-key on the command line: serve warns about it, so one line of each priority is expected
+        proc = subprocess.Popen([sys.executable, "-m", "modelyard.cli", "serve", "--port", str(free_port()),
+                                 "--models-dir", str(models_dir), "--llama-server", str(llama_server),
+                                 "--api-key", "k"], stdout=stream, stderr=stream,
+                                env={**os.environ, "NOTIFY_SOCKET": name,
+                                     "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"})
+        try:
+            receive_until(sock, "READY")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lines = log_path.read_text().splitlines()
+    logged = [line for line in lines if re.match(r"<\d>", line)]
+    assert any(line.startswith("<4>WARNING modelyard: --api-key on the command line") for line in logged), lines
+    assert any(line.startswith("<6>INFO modelyard: draining") for line in logged), lines
+    assert not [line for line in lines if re.match(r"\d{4}-\d\d-\d\d ", line)]  # journald stamps them itself
