@@ -79,7 +79,8 @@ export function mount(root, page, filter) {
     fill(recentBody, recent.map((r) => h("tr", { dataset: { id: r.id, status: r.status ?? "" } },
       h("td", {}, clock(r.time)), h("td", {}, r.client ?? "–"), h("td", {}, r.model ?? "–"),
       h("td", { class: "route" }, r.route),
-      h("td", { title: r.error ?? "" }, h("span", { class: `badge http-${String(r.status ?? 0)[0]}` }, r.status ?? "–")),
+      h("td", { class: "status" }, h("span", { class: `badge http-${String(r.status ?? 0)[0]}` }, r.status ?? "–"),
+        r.error ? h("div", { class: "error", title: r.error }, r.error) : null),
       h("td", { class: "num" }, seconds(r.queue_wait)), h("td", { class: "num" }, seconds(r.ttft)),
       h("td", { class: "num" }, seconds(r.duration)), h("td", { class: "num" }, number(r.tokens_in)),
       h("td", { class: "num" }, number(r.tokens_out)), h("td", { class: "num" }, number(r.tokens_per_s, 1)))));

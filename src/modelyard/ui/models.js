@@ -135,7 +135,9 @@ function memoryCell(memory, totals) {
       { value: memory.measured_gpu, kind: "measured" }], totals.gpu_budget),
     `GPU ${bytes(memory.measured_gpu ?? memory.estimated_gpu)}`)
     : null;
-  return [bar(host, totals.budget), h("div", { class: "hint" }, text), gpu];
+  const share = totals.budget && (memory.measured || memory.estimated)
+    ? ` · ${((100 * (memory.measured || memory.estimated)) / totals.budget).toFixed(1)}% of the budget` : "";
+  return [bar(host, totals.budget), h("div", { class: "hint" }, text + share), gpu];
 }
 
 function bar(parts, budget) {

@@ -82,12 +82,11 @@ export function mount(root, page, chosen) {
     const content = h("div", { class: "content" });
     const stats = h("div", { class: "stats" }, "waiting…");
     const bubble = h("div", { class: "message assistant streaming", dataset: { model } }, h("div", { class: "who" }, model), content, stats);
-    transcript.append(bubble);
-    transcript.scrollTop = transcript.scrollHeight;
-
     running = new AbortController();
     running.model = model;
-    if (statuses.get(model) !== "loaded") startLoadNote(model);
+    if (statuses.get(model) !== "loaded") startLoadNote(model); // above the reply it holds up
+    transcript.append(bubble);
+    transcript.scrollTop = transcript.scrollHeight;
     send.disabled = true;
     stop.disabled = false;
     const started = performance.now();

@@ -1,0 +1,183 @@
+"""The dashboard at /ui in a real headless Chromium (Debian's, driven by Playwright) against a real
+`modelyard serve` with the demo models and an API key: the key prompt, the model list, a load changing a status
+live, the playground streaming a reply while its model loads, and that request and load on the activity and
+decisions pages. One server and one browser for the module, the tests run in order on one page (each builds on
+the state the previous one left), synchronised on what the page shows, never on sleeps.
+
+Screenshots go to tests/artifacts/ (ignored by git) for inspection; docs/dashboard.png is a copy of
+tests/artifacts/models.png, made by hand when the page changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+
+from modelyard.api.ui import CONTENT_SECURITY_POLICY
+from modelyard.demo import GEMMA3, SMOLLM2
+from tests.conftest import Router
+
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+# Without these Chromium opens many connections to Google at start, which are refused here (no internet).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(__file__).parent / "artifacts"
+KEY = "dashboard-test-key"
+LOAD_TIMEOUT_MS = 90_000  # a model load on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path]) -> Iterator[Router]:
+    tmp = tmp_path_factory.mktemp("dashboard")
+    models = tmp / "models"
+    models.mkdir()
+    for name, path in demo_models.items():
+        (models / f"{name}.gguf").symlink_to(path)
+    router = Router(["--models-dir", str(models), "--threads", "1"], tmp, env={"LLAMA_API_KEY": KEY})
+    try:
+        yield router.wait_ready()
+    finally:
+        router.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing (`make test` installs Debian's chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def dashboard(browser: Browser, router: Router) -> Iterator[Page]:
+    ARTIFACTS.mkdir(exist_ok=True)
+    context = browser.new_context(base_url=router.url, viewport={"width": 1360, "height": 760})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"the page threw: {errors}"
+
+
+def shoot(page: Page, name: str) -> None:
+    page.screenshot(path=ARTIFACTS / f"{name}.png")
+
+
+def model_row(page: Page, model: str) -> Locator:
+    return page.locator(f'#models tr[data-model="{model}"]')
+
+
+def test_root_sends_browsers_to_the_dashboard_and_assets_are_strict(router: Router) -> None:
+    with httpx.Client(base_url=router.url) as client:
+        key = {"Authorization": f"Bearer {KEY}"}
+        redirect = client.get("/", headers={**key, "Accept": "text/html,application/xhtml+xml"})
+        assert (redirect.status_code, redirect.headers["Location"]) == (302, "/ui")
+        assert client.get("/", headers=key).text == "Ollama is running"  # Ollama's clients probe it
+        page = client.get("/ui")  # no key: the assets hold no data
+        assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+        assert page.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+        assert "script-src 'self';" in CONTENT_SECURITY_POLICY and "unsafe-inline" not in CONTENT_SECURITY_POLICY
+        script = client.get("/ui/app.js")
+        assert script.headers["Content-Type"].startswith("text/javascript")
+        assert script.headers["X-Content-Type-Options"] == "nosniff"
+        assert client.get("/ui/__init__.py").status_code == 404  # in the package, but not an asset
+        assert client.get("/models").status_code == 401  # every data call needs the key
+
+
+def test_models_page_asks_for_the_key_once_and_lists_both_models(dashboard: Page) -> None:
+    refused: list[str] = []
+    dashboard.on("response", lambda r: refused.append(r.url) if r.status == 401 else None)
+    dashboard.goto("/ui", wait_until="load")
+    dialog = dashboard.locator("#key-dialog")
+    expect(dialog).to_be_visible()
+    dashboard.fill("#key-input", KEY)
+    dashboard.click("#key-dialog button[value=ok]")
+    expect(dialog).not_to_be_visible()
+    for model in (SMOLLM2, GEMMA3):
+        expect(model_row(dashboard, model).locator('[data-role="status"]')).to_have_text("unloaded")
+    expect(dashboard.locator("#live")).to_have_text("live")
+    assert len(refused) >= 2  # the listing and the stream were both refused, and one prompt served both
+    assert dashboard.evaluate("localStorage.getItem('modelyard.apiKey')") == KEY
+
+    dashboard.reload(wait_until="load")  # the key is kept: no prompt again
+    expect(model_row(dashboard, SMOLLM2)).to_be_visible()
+    expect(dialog).not_to_be_visible()
+
+
+def test_load_button_changes_the_status_live(dashboard: Page) -> None:
+    row = model_row(dashboard, GEMMA3)
+    row.get_by_role("button", name="Load", exact=True).click()
+    status = row.locator('[data-role="status"]')
+    expect(status).to_have_text("loaded", timeout=LOAD_TIMEOUT_MS)
+    expect(row.locator(".memory")).to_contain_text("measured")
+    expect(row.get_by_role("button", name="Unload", exact=True)).to_be_enabled()
+    shoot(dashboard, "models-loaded")
+
+
+def test_playground_streams_a_reply_while_its_model_loads(dashboard: Page) -> None:
+    dashboard.goto(f"/ui#/playground/{SMOLLM2}", wait_until="load")
+    expect(dashboard.locator("#live")).to_have_text("live")
+    dashboard.fill("#max-tokens", "60")
+    dashboard.fill("#prompt", "Count from one to ten.")
+    with dashboard.expect_response("**/v1/chat/completions") as answer:
+        dashboard.click("#send")
+    response = answer.value
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert json.loads(response.request.post_data or "{}")["stream"] is True
+    # the text shows while the reply is still streaming, not only at its end
+    expect(dashboard.locator(".message.assistant.streaming .content")).to_have_text(re.compile(r"\S"),
+                                                                                    timeout=LOAD_TIMEOUT_MS)
+    reply = dashboard.locator(".message.assistant.done")
+    expect(reply.locator(".stats")).to_contain_text("tokens out", timeout=LOAD_TIMEOUT_MS)
+    assert reply.locator(".content").inner_text().strip()
+    expect(dashboard.locator(".note.loaded")).to_contain_text(f"{SMOLLM2} loaded in")  # it watched the load
+    shoot(dashboard, "playground")
+
+    dashboard.goto("/ui#/models", wait_until="load")
+    expect(model_row(dashboard, SMOLLM2).locator('[data-role="status"]')).to_have_text("loaded")
+    shoot(dashboard, "models")
+
+
+def _stream_until_it_ends(url: str, model: str, seen: list[str]) -> None:
+    """A long streamed generation, read to its end (the test cancels it from the page)."""
+    body = {"model": model, "stream": True, "max_tokens": 4000, "messages": [{"role": "user", "content": "Go on."}]}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        seen.extend(line for line in response.iter_lines() if line)
+
+
+def test_activity_page_shows_that_request_and_cancels_one_in_flight(dashboard: Page, router: Router) -> None:
+    dashboard.goto("/ui#/activity", wait_until="load")
+    chat = dashboard.locator("#activity tbody tr", has_text=SMOLLM2).filter(has_text="/v1/chat/completions")
+    expect(chat.locator(".badge")).to_have_text("200")  # the playground's request
+    expect(dashboard.locator("#live")).to_have_text("live")
+
+    seen: list[str] = []
+    generation = threading.Thread(target=_stream_until_it_ends, args=(router.url, GEMMA3, seen))
+    generation.start()
+    try:
+        running = dashboard.locator('#in-flight tr[data-state="running"]', has_text=GEMMA3)
+        running.get_by_role("button", name="Cancel").click(timeout=LOAD_TIMEOUT_MS)
+        expect(running).to_have_count(0)
+        cancelled = dashboard.locator("#activity tbody tr", has_text=GEMMA3)
+        expect(cancelled.locator(".error")).to_contain_text("cancelled by an admin")
+    finally:
+        generation.join(timeout=60)
+    assert not generation.is_alive() and seen[-1] == "data: [DONE]"
+    assert any("cancelled" in line for line in seen)
+
+    dashboard.select_option("#page select", GEMMA3)  # the model filter
+    expect(dashboard.locator("#activity tbody tr", has_text=GEMMA3)).to_have_count(1)
+    expect(dashboard.locator("#activity tbody tr", has_text=SMOLLM2)).to_have_count(0)
+    shoot(dashboard, "activity")
