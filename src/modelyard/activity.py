@@ -129,7 +129,7 @@ def redact_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     shown: dict[str, str] = {}
     for name, value in headers:
         secret = name.lower() in _SECRET_HEADERS or _KEY_LOOKING.search(value.strip()) is not None
-        shown[name] = REDACTED if secret else value
+        shown[str(name)] = REDACTED if secret else str(value)  # str: CIMultiDict keys are istr, not str
     return shown
 
 

@@ -95,6 +95,14 @@ async def _finish_capture(request: web.Request, response: web.StreamResponse, dr
         draft.add(response.body)
 
 
+def names_model(request: web.Request, model: str) -> None:
+    """The request names its model (as asked; `acquire` puts the canonical name): a refusal before it queues
+    (an unknown model, a bad option) is then recorded under that name."""
+    record = request.get(RECORD)
+    if record is not None:
+        record.model = model
+
+
 def _canonical(request: web.Request, model: str) -> str:
     try:
         return request.app[CONTEXT].manager.resolve(model).name

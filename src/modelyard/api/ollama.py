@@ -25,7 +25,7 @@ from aiohttp.typedefs import Handler
 from modelyard import __version__
 from modelyard.activity import Record, token_counts
 from modelyard.api import auth
-from modelyard.api.activity import RECORD, acquire, cancel_message, tracked
+from modelyard.api.activity import RECORD, acquire, cancel_message, names_model, tracked
 from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
 from modelyard.api.json import dumps, json_response
@@ -223,6 +223,7 @@ async def _read_request(request: web.Request) -> dict[str, Any]:
     if stream is not None and not isinstance(stream, bool):
         raise OllamaError(400, "stream must be true or false")
     payload["model"] = model
+    names_model(request, model)
     return payload
 
 

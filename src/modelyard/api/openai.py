@@ -9,7 +9,7 @@ import orjson
 from aiohttp import web
 
 from modelyard.api import auth
-from modelyard.api.activity import acquire, router_metrics, tracked
+from modelyard.api.activity import acquire, names_model, router_metrics, tracked
 from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_response, from_model_error
@@ -76,6 +76,7 @@ async def post_by_body_model(request: web.Request) -> web.StreamResponse:
                               "set \"model\" to one of the ids listed by GET /v1/models", param="model")
     if not isinstance(model, str):
         return error_response(ErrorKind.BAD_REQUEST, "\"model\" must be a string", param="model")
+    names_model(request, model)
     if request.path in EMBEDDING_PATHS:
         try:
             check_embeddings(request.app[CONTEXT].manager.resolve(model))
