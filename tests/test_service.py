@@ -71,7 +71,7 @@ COMMON = ["Type=notify", "NotifyAccess=main", "ExecReload=/bin/kill -HUP $MAINPI
           "KillSignal=SIGTERM", "TimeoutStopSec=57", "Restart=on-failure", "NoNewPrivileges=yes"]
 # Would hide the models, the engine cache or the GPU from the engine.
 NEVER = ("ProtectHome", "PrivateDevices", "ProtectClock", "DeviceAllow", "DevicePolicy", "ProtectSystem=strict",
-         "MemoryDenyWriteExecute", "PrivateUsers", "ProtectKernelLogs")
+         "MemoryDenyWriteExecute", "PrivateUsers", "ProtectKernelLogs", "ProtectKernelModules")
 
 
 @pytest.mark.parametrize(("spec", "present", "absent"), [
@@ -153,12 +153,12 @@ def test_flag_value_takes_the_last() -> None:
     assert flag_value(["--models-preset"], "--models-preset") is None
 
 
-@pytest.mark.parametrize(("mode", "owner", "service_uid", "problem"), [
-    (0o100600, 1000, 1000, None), (0o100400, 0, None, None), (0o100600, 0, None, None),
-    (0o100644, 1000, 1000, "chmod 600"), (0o100640, 0, None, "chmod 600"), (0o100600, 0, 1000, "chown alice"),
+@pytest.mark.parametrize(("mode", "owner", "owner_uid", "problem"), [
+    (0o100600, 1000, 1000, None), (0o100400, 0, None, None), (0o100600, 7, None, None),
+    (0o100644, 1000, 1000, "chmod 600"), (0o100640, 0, None, "chmod 600"), (0o100600, 0, 1000, "chown alice /k"),
 ])
-def test_secret_file_permissions(mode: int, owner: int, service_uid: int | None, problem: str | None) -> None:
-    found = permission_problem("--api-key-file", Path("/k"), mode, owner, service_uid, "alice")
+def test_secret_file_permissions(mode: int, owner: int, owner_uid: int | None, problem: str | None) -> None:
+    found = permission_problem("--api-key-file", Path("/k"), mode, owner, owner_uid, "alice")
     assert (found is None) if problem is None else (found is not None and problem in found)
 
 
@@ -296,6 +296,10 @@ def test_install_a_system_unit_with_an_environment_file(host: FakeHost, tmp_path
     env.chmod(0o644)
     one_line_error(service(host, "install", "--environment-file", str(env)), "chmod 600")
     env.chmod(0o600)
+    if os.getuid() == 0:  # its owner sets a root service's environment: it must be root
+        os.chown(env, 65534, -1)
+        one_line_error(service(host, "install", "--environment-file", str(env)), f"chown root {env}")
+        os.chown(env, 0, -1)
     result = service(host, "install", "--environment-file", str(env), "--run-as", "root")
     assert result.exit_code == 0, result.stderr
     lines = unit_lines((host.root / "system" / UNIT_NAME).read_text())

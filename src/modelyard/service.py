@@ -137,15 +137,14 @@ def _absolute(flag: str, value: str, cwd: Path) -> str:
     return os.path.normpath(cwd / Path(value).expanduser())
 
 
-def permission_problem(what: str, path: Path, mode: int, owner: int, service_uid: int | None,
-                       service_user: str) -> str | None:
-    """Why a secrets file is not fit for the service: others can read it, or the service's user cannot.
-    `service_uid` None: the service runs as root, which reads any file."""
+def permission_problem(what: str, path: Path, mode: int, owner: int, owner_uid: int | None,
+                       owner_name: str) -> str | None:
+    """Why a secrets file is not fit for the service: other users can read it, or it does not belong to whom it
+    must (`owner_uid`; None: anyone)."""
     if mode & 0o077:
         return f"{what} {path} can be read by other users (mode {mode & 0o777:o}): chmod 600 {path}"
-    if service_uid is not None and owner != service_uid:
-        return f"{what} {path} is 0600 but not owned by {service_user}, whom the service runs as: " \
-               f"chown {service_user} {path}"
+    if owner_uid is not None and owner != owner_uid:
+        return f"{what} {path} must belong to {owner_name} (it belongs to uid {owner}): chown {owner_name} {path}"
     return None
 
 
@@ -172,8 +171,7 @@ def journalctl_argv(scope: Scope, follow: bool, lines: int | None, priority: str
 
 def render_unit(spec: UnitSpec) -> str:
     system = spec.scope == Scope.SYSTEM
-    unit = ["[Unit]", "Description=modelyard: one OpenAI-compatible endpoint for local LLMs",
-]
+    unit = ["[Unit]", "Description=modelyard: one OpenAI-compatible endpoint for local LLMs"]
     if system:  # a --host other than loopback needs its address; user managers have no network targets
         unit += ["Wants=network-online.target", "After=network-online.target"]
     service = [
@@ -197,11 +195,12 @@ def render_unit(spec: UnitSpec) -> str:
         # A path, taken whole (no quotes); only specifiers are expanded.
         service.append(f"EnvironmentFile={_one_line(str(spec.environment_file)).replace('%', '%%')}")
     # Hardening that the engine survives: no device or home restrictions (models, ~/.cache/modelyard and
-    # /dev/nvidia* stay reachable; ProtectClock= and PrivateDevices= would close the device list).
+    # /dev/nvidia* stay reachable; ProtectClock= and PrivateDevices= would close the device list), and no
+    # ProtectKernelModules= (CUDA may load nvidia-uvm on its first use).
     service += ["NoNewPrivileges=yes", "LockPersonality=yes", "RestrictRealtime=yes", "RestrictSUIDSGID=yes"]
     if system:  # mount namespaces: a user manager cannot set them up without user namespaces
-        service += ["PrivateTmp=yes", "ProtectSystem=full", "ProtectKernelTunables=yes",
-                    "ProtectKernelModules=yes", "ProtectControlGroups=yes", "RestrictNamespaces=yes"]
+        service += ["PrivateTmp=yes", "ProtectSystem=full", "ProtectKernelTunables=yes", "ProtectControlGroups=yes",
+                    "RestrictNamespaces=yes"]
     install = ["[Install]", f"WantedBy={'multi-user.target' if system else 'default.target'}"]
     header = [f"# Written by `modelyard service install` (modelyard {__version__}); "
               f"`modelyard service uninstall{' --user' if not system else ''}` removes it."]
@@ -278,21 +277,22 @@ def write_unit(path: Path, text: str) -> None:
         raise
 
 
-def _check_secret_file(what: str, path: Path, scope: Scope, run_as: str | None) -> None:
+def _check_secret_file(what: str, path: Path, owner_uid: int | None) -> None:
     try:
         info = path.stat()
     except OSError as exc:
         raise ServiceError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if scope == Scope.USER:
-        uid: int | None = os.getuid()
-        user = pwd.getpwuid(os.getuid()).pw_name
-    elif run_as:
-        uid, user = pwd.getpwnam(run_as).pw_uid, run_as
-    else:
-        uid, user = None, "root"
-    problem = permission_problem(what, path, info.st_mode, info.st_uid, uid, user)
+    name = _user_name(owner_uid) if owner_uid is not None else ""
+    problem = permission_problem(what, path, info.st_mode, info.st_uid, owner_uid, name)
     if problem:
         raise ServiceError(problem)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a container's uid without a passwd entry: the number names it
+        return str(uid)
 
 
 def _serve_flags(ctx: click.Context, args: tuple[str, ...]) -> tuple[float, list[str]]:
@@ -378,10 +378,13 @@ def install(ctx: click.Context, user: bool, now: bool, environment_file: Path | 
     grace, from_env = _serve_flags(ctx, args)
     key_file = flag_value(args, "--api-key-file")
     if key_file:
-        _check_secret_file("--api-key-file", Path(key_file), scope, run_as)
+        # Read by serve, as the service's user (root reads any file).
+        reader = os.getuid() if scope == Scope.USER else pwd.getpwnam(run_as).pw_uid if run_as else None
+        _check_secret_file("--api-key-file", Path(key_file), reader)
     if environment_file:
+        # Read by the service manager, and whoever owns it sets the service's environment (LD_PRELOAD=...).
         environment_file = Path(os.path.abspath(environment_file))
-        _check_secret_file("--environment-file", environment_file, scope, None)
+        _check_secret_file("--environment-file", environment_file, os.getuid() if scope == Scope.USER else 0)
     spec = UnitSpec(scope=scope, command=(*installed_command(Path(sys.executable)), "serve", *args),
                     stop_timeout_s=stop_timeout_sec(grace, _child_stop_timeout(args)),
                     environment_file=environment_file, run_as=run_as)
