@@ -18,6 +18,7 @@ from typing import Any
 from modelyard.children import ChildError, ChildExited, ProgressCallback, Reply
 from modelyard.config.catalog import Catalog, ModelConfig
 from modelyard.engine.command import LaunchPlan
+from modelyard.logbook import ModelLog
 
 
 class FakeTimer:
@@ -131,7 +132,7 @@ class FakeChild:
     """One fake child. Its requests are answered by `handler` (by default a small JSON body at once)."""
 
     def __init__(self, model: str, plan: LaunchPlan, port: int, on_progress: ProgressCallback,
-                 clock: FakeClock) -> None:
+                 clock: FakeClock, log: ModelLog | None = None) -> None:
         self.model = model
         self.plan = plan
         self.argv = plan.argv
@@ -151,7 +152,9 @@ class FakeChild:
         self.ignores_stop = False
         self.replies: list[FakeReply] = []
         self.received: list[tuple[str, str, Mapping[str, str]]] = []
-        self.lines: list[str] = ["fake: loading"]
+        self.log = log or ModelLog(model, clock.now)
+        self._log_mark = self.log.mark()
+        self.say("fake: loading")
         self.start_error: Exception | None = None
         self._why_gone = ""
 
@@ -163,8 +166,13 @@ class FakeChild:
     def load_seconds(self) -> float:
         return 0.0
 
+    @property
+    def lines(self) -> list[str]:
+        """What this child said (into its model's ring, as a real child does)."""
+        return self.log.since(self._log_mark)
+
     def log_tail(self) -> list[str]:
-        return list(self.lines)
+        return self.lines
 
     def failure_summary(self, exit_code: int | None) -> str:
         return f"fake exited with code {exit_code}: " + " | ".join(self.lines[-8:])
@@ -174,6 +182,11 @@ class FakeChild:
             raise self.start_error
 
     # -- what the test does to it --
+    def say(self, *lines: str) -> None:
+        """Output lines, as the child's stdout/stderr would carry them."""
+        for line in lines:
+            self.log.append(line)
+
     def become_ready(self, info: Mapping[str, Any] | None = None) -> None:
         self.info = info or {}
         if not self.ready.done():
@@ -181,7 +194,7 @@ class FakeChild:
 
     def die(self, code: int = 1, *lines: str) -> None:
         """The process ends: pending reads fail, the shell learns of it through `exited`."""
-        self.lines += lines
+        self.say(*lines)
         if self.exited.done():
             return
         error = self.error()
@@ -242,8 +255,9 @@ class FakeFleet:
         self._made = asyncio.Condition()
         self.prepare: Callable[[FakeChild], None] = lambda child: None
 
-    def __call__(self, model: str, plan: LaunchPlan, port: int, on_progress: ProgressCallback) -> FakeChild:
-        child = FakeChild(model, plan, port, on_progress, self.clock)
+    def __call__(self, model: str, plan: LaunchPlan, port: int, on_progress: ProgressCallback,
+                 log: ModelLog) -> FakeChild:
+        child = FakeChild(model, plan, port, on_progress, self.clock, log)
         self.prepare(child)
         self.children.setdefault(model, []).append(child)
         asyncio.get_running_loop().create_task(self._signal())

@@ -29,6 +29,8 @@ from modelyard.scheduler import (
     Action,
     Cancel,
     ChildUnhealthy,
+    Decided,
+    DecisionKind,
     Event,
     Grant,
     InstanceExited,
@@ -78,6 +80,11 @@ def summarize(actions: list[Action]) -> list[Summary]:
             case StatusChanged():
                 pass
     return out
+
+
+def effects(actions: list[Action]) -> list[Action]:
+    """The actions without their explanations (`Decided`)."""
+    return [a for a in actions if not isinstance(a, Decided)]
 
 
 def start(model: str) -> Summary:
@@ -857,6 +864,7 @@ class Sim:
                     assert rid in self.waiting, f"reject for a request not waiting: {rid}\n{where}"
                     self.waiting.discard(rid)
                     self.outcomes[rid] += 1
+        check_explained(actions, before, where)
         for rid, count in self.outcomes.items():
             assert count <= 1, f"request {rid} answered {count} times\n{where}"
         queued = {w.request_id for w in sched.queue}
@@ -937,6 +945,59 @@ class Sim:
     def dying(self) -> list[str]:
         """Models whose child was killed and has not exited yet."""
         return sorted(m for m in self.killed if m in self.sched.models and self.sched.models[m].status in RUNNING)
+
+
+CAUSES = {DecisionKind.LOAD: {"request"}, DecisionKind.EVICT: {"lru", "max_wait"},
+          DecisionKind.UNLOAD: {"request"}, DecisionKind.EXPIRE: {"keep_alive"},
+          DecisionKind.KILL: {"load_timeout", "watchdog"}, DecisionKind.FAIL: {"load", "exit"},
+          DecisionKind.DRAIN: {"config_changed", "removed", "shutdown"},
+          DecisionKind.REJECT: {kind.code for kind in ErrorKind}}
+STOPS = {DecisionKind.EVICT, DecisionKind.UNLOAD, DecisionKind.EXPIRE, DecisionKind.DRAIN}
+
+
+def check_explained(actions: list[Action], before: dict[str, tuple[Status, int]], where: str) -> None:
+    """Every decision comes with its explanation and every explanation with its decision: a load, a stop (but
+    the stop of a model drained earlier, explained then), a kill, a failure, a refusal."""
+    decided = [a for a in actions if isinstance(a, Decided)]
+    for d in decided:
+        assert d.cause in CAUSES[d.kind] and d.reason, f"{d}\n{where}"
+
+    def explained(model: str, kinds: set[DecisionKind]) -> bool:
+        return any(d.model == model and d.kind in kinds for d in decided)
+
+    for action in actions:
+        match action:
+            case StartLoad(model=model):
+                assert explained(model, {DecisionKind.LOAD}), where
+            case KillInstance(model=model):
+                assert explained(model, {DecisionKind.KILL}), where
+            case Reject(request_id=rid, kind=kind):
+                assert any(d.kind == DecisionKind.REJECT and d.request_id == rid and d.cause == kind.code
+                           for d in decided), where
+            case StopInstance(model=model):
+                was = before.get(model, (Status.UNLOADED, 0))[0]
+                assert explained(model, STOPS) or was == Status.STOPPING, where
+            case StatusChanged(model=model, status=Status.STOPPING):
+                assert explained(model, STOPS | {DecisionKind.KILL}), where
+            case StatusChanged(model=model, status=Status.FAILED):
+                assert explained(model, {DecisionKind.FAIL}), where
+    for d in decided:
+        assert any(_carries_out(a, d) for a in actions), f"{d} without its action\n{where}"
+
+
+def _carries_out(action: Action, d: Decided) -> bool:
+    match action:
+        case StartLoad(model=model):
+            return d.kind == DecisionKind.LOAD and model == d.model
+        case KillInstance(model=model):
+            return d.kind == DecisionKind.KILL and model == d.model
+        case Reject(request_id=rid):
+            return d.kind == DecisionKind.REJECT and rid == d.request_id
+        case StatusChanged(model=model, status=Status.FAILED):
+            return d.kind == DecisionKind.FAIL and model == d.model
+        case StatusChanged(model=model, status=Status.STOPPING):
+            return d.kind in STOPS and model == d.model
+    return False
 
 
 op_strategy = st.tuples(st.sampled_from(OPS), st.integers(0, 11), st.booleans())
@@ -1732,8 +1793,8 @@ def test_too_big_message_names_the_sizes_and_evicts_nothing() -> None:
     sched.handle(LoadSucceeded("A"), 1.0)
     sched.handle(Release(1), 2.0)
     actions = sched.handle(Acquire(2, "C"), 3.0)
-    assert [type(a) for a in actions] == [Reject]
-    (refusal,) = actions
+    assert [type(a) for a in actions] == [Decided, Reject]
+    (refusal,) = effects(actions)
     assert isinstance(refusal, Reject)
     assert refusal.kind == ErrorKind.TOO_BIG and refusal.kind.status == 507
     assert "'C'" in refusal.message and "12.00 GiB" in refusal.message and "10.00 GiB" in refusal.message
@@ -1742,7 +1803,7 @@ def test_too_big_message_names_the_sizes_and_evicts_nothing() -> None:
 
 def test_too_big_for_the_gpu_names_the_gpu_budget() -> None:
     sched = Scheduler([gpu_spec("C", 1, 9)], GB)
-    (refusal,) = sched.handle(Acquire(1, "C"), 0.0)
+    (refusal,) = effects(sched.handle(Acquire(1, "C"), 0.0))
     assert isinstance(refusal, Reject) and refusal.kind == ErrorKind.TOO_BIG
     assert "9.00 GiB of GPU memory" in refusal.message and "8.00 GiB" in refusal.message
     assert "--gpu-memory-budget" in refusal.message
@@ -1753,7 +1814,7 @@ def test_too_big_beside_pinned_models_names_what_the_pins_hold() -> None:
     sched.handle(Acquire(1, "P"), 0.0)
     sched.handle(LoadSucceeded("P"), 1.0)
     sched.handle(Release(1), 2.0)
-    (refusal,) = sched.handle(Acquire(2, "C"), 3.0)
+    (refusal,) = effects(sched.handle(Acquire(2, "C"), 3.0))
     assert isinstance(refusal, Reject) and refusal.kind == ErrorKind.TOO_BIG
     assert "5.00 GiB" in refusal.message and "10.00 GiB" in refusal.message
     assert "6.00 GiB held by pinned models" in refusal.message
@@ -1776,7 +1837,7 @@ def test_a_waiter_is_refused_too_big_when_a_pinned_model_grows() -> None:
 def test_concurrency_limit_rejects_with_busy_and_429() -> None:
     sched = Scheduler([spec("A", concurrency_limit=1)], Limits(max_models=1))
     sched.handle(Acquire(1, "A"), 0.0)
-    (refusal,) = sched.handle(Acquire(2, "A"), 0.0)
+    (refusal,) = effects(sched.handle(Acquire(2, "A"), 0.0))
     assert isinstance(refusal, Reject) and refusal.kind == ErrorKind.BUSY and refusal.kind.status == 429
     assert "'A'" in refusal.message and "1" in refusal.message
 

@@ -110,7 +110,7 @@ async def test_a_child_that_cannot_even_start_fails_its_waiters(shell: Shell) ->
 async def test_a_load_that_hangs_is_killed_at_the_load_timeout_naming_it_and_the_log(shell: Shell) -> None:
     waiter = asyncio.ensure_future(shell.manager.acquire("a"))
     child = await shell.fleet.child("a")
-    child.lines.append("load_tensors: loading model tensors, this can take a while")
+    child.say("load_tensors: loading model tensors, this can take a while")
     await shell.clock.advance(599)
     assert not waiter.done() and not child.exited.done()
     await shell.clock.advance(2)

@@ -1,6 +1,6 @@
 """Model children: the small interface the manager drives (start, ready, exited, stop, kill, request, probe,
 log tail), and its implementation for real child processes (llama-server, or any engine started by a preset's
-`cmd`).
+`cmd`). A child writes its output lines into its model's ring (modelyard.logbook), which outlives it.
 
 The interface is the seam for fakes, as httpx has its transport: the manager never touches a process or a
 socket itself, so the shell can be tested in-process with an in-memory child (tests/fakes.py).
@@ -28,7 +28,6 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,12 +37,13 @@ from aiohttp.connector import Connection
 from multidict import CIMultiDictProxy
 
 from modelyard.engine.command import CHILD_KEY_ENV, LaunchPlan, Readiness
+from modelyard.logbook import ModelLog
 
 log = logging.getLogger(__name__)
 
 _STATE_PREFIX = b"cmd_child_to_router:state:"
 _EXIT_COMMAND = b"cmd_router_to_child:exit\n"
-_LOG_TAIL_LINES = 40
+_SUMMARY_LINES = 8  # the child's last lines quoted in its failure message
 _HEALTH_POLL_S = 0.02
 _MAX_LINE = 1 << 20  # as router mode caps child lines
 _PR_SET_PDEATHSIG = 1
@@ -113,8 +113,8 @@ class Child(Protocol):
 
 
 ProgressCallback = Callable[[Mapping[str, Any]], None]
-# (model, plan, port, on_progress) -> a child, not started yet
-ChildFactory = Callable[[str, LaunchPlan, int, ProgressCallback], Child]
+# (model, plan, port, on_progress, the model's log ring) -> a child, not started yet
+ChildFactory = Callable[[str, LaunchPlan, int, ProgressCallback, ModelLog], Child]
 
 
 def _die_with_parent() -> None:
@@ -207,14 +207,16 @@ class _ProcessReply:
 class ProcessChild:
     """A child process serving one model over loopback HTTP."""
 
-    def __init__(self, model: str, plan: LaunchPlan, port: int, on_progress: ProgressCallback | None = None) -> None:
+    def __init__(self, model: str, plan: LaunchPlan, port: int, on_progress: ProgressCallback | None = None,
+                 log: ModelLog | None = None) -> None:
         self.model = model
         self.plan = plan
         self.argv = plan.argv
         self.port: int | None = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.info: Mapping[str, Any] = {}
-        self._log_tail: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
+        self._log = log or ModelLog(model)
+        self._log_mark = self._log.mark()  # its own lines start here
         self.started_at = 0.0
         self.ready_at = 0.0
         self.last_activity = 0.0
@@ -240,7 +242,8 @@ class ProcessChild:
         return self.ready_at - self.started_at if self.ready_at else 0.0
 
     def log_tail(self) -> list[str]:
-        return list(self._log_tail)
+        """What this child said (that its model's ring still holds)."""
+        return self._log.since(self._log_mark)
 
     async def start(self) -> None:
         self.started_at = time.monotonic()
@@ -259,7 +262,7 @@ class ProcessChild:
             self._tasks.append(asyncio.create_task(self._poll_health()))
 
     def failure_summary(self, exit_code: int | None) -> str:
-        tail = " | ".join(line for line in list(self._log_tail)[-8:] if line.strip())
+        tail = " | ".join(line for line in self.log_tail()[-_SUMMARY_LINES:] if line.strip())
         code = "was killed by a signal" if exit_code is not None and exit_code < 0 else f"exited with code {exit_code}"
         return f"{os.path.basename(self.plan.argv[0])} {code}" + (f": {tail}" if tail else "")
 
@@ -385,7 +388,7 @@ class ProcessChild:
 
     def _remember(self, raw: bytes) -> None:
         line = raw.decode(errors="replace").rstrip()
-        self._log_tail.append(line)
+        self._log.append(line)
         log.debug("[%s] %s", self.model, line)
 
     async def _watch_exit(self) -> None:

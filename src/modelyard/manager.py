@@ -7,9 +7,10 @@
     await manager.close()                              # stops every child
 
 It is the imperative shell: it feeds events to `Scheduler`, runs the actions it returns (start a child,
-stop a child, kill a wedged one, hand a lease to a waiting request), and publishes every status change. The
-constructor does no I/O (`create` reads the sources and asks nvidia-smi); children come from a factory (real
-processes, or fakes in tests) and time from an injected clock.
+stop a child, kill a wedged one, hand a lease to a waiting request), and publishes every status change and
+every decision with its reason (`Decision`, the last 500 kept); each model's child output is kept in
+`logbook` across restarts. The constructor does no I/O (`create` reads the sources and asks nvidia-smi);
+children come from a factory (real processes, or fakes in tests) and time from an injected clock.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +33,14 @@ from modelyard.children import Child, ChildExited, ChildFactory, ProcessChild, f
 from modelyard.clock import Clock, MonotonicClock, Timer
 from modelyard.config.catalog import Catalog, ModelConfig, Sources, parse_engine_args
 from modelyard.config.options import load_option_table
+from modelyard.decisions import Waiting, explain_waiting
 from modelyard.digests import FileDigests
 from modelyard.engine.command import Engine, launch_plan
 from modelyard.engine.install import cache_root
 from modelyard.engine.locate import locate_llama_server
 from modelyard.errors import ErrorKind, ModelError
+from modelyard.feed import Feed
+from modelyard.logbook import Logbook
 from modelyard.memory import (
     Footprint,
     GgufCache,
@@ -53,6 +59,8 @@ from modelyard.scheduler import (
     Action,
     Cancel,
     ChildUnhealthy,
+    Decided,
+    DecisionKind,
     Event,
     Grant,
     InstanceExited,
@@ -126,6 +134,20 @@ class ModelsReloaded:
     """What `/models/sse` publishes after the model sources were re-read (models may have come and gone)."""
 
 
+@dataclass(frozen=True)
+class Decision:
+    """One decision of the scheduler, as GET /decisions shows it and metrics count it: `kind` and `cause`
+    (a few fixed words per kind, see scheduler.DecisionKind), `reason` for people, `request` the id of the
+    request it was for (Lease.request_id), if any."""
+
+    time: float  # Unix seconds
+    kind: DecisionKind
+    cause: str
+    model: str
+    reason: str
+    request: int | None = None
+
+
 FeedEvent = StatusEvent | ModelsReloaded  # the status feed: one union, no sentinel model name
 
 
@@ -160,6 +182,7 @@ class MemoryUse:
 
 _MEASURE_EVERY_S = 5.0
 _ESTIMATE_WAIT_S = 2.0
+DECISIONS_KEPT = 500
 
 
 class ModelManager:
@@ -174,6 +197,9 @@ class ModelManager:
         self._gpus = gpus
         self._engine = engine
         self._clock: Clock = clock or MonotonicClock()
+        self._epoch = time.time() - self._clock.now()  # Unix time = epoch + the clock's time (moments shown)
+        self.logbook = Logbook(self.wall)
+        self._decisions: deque[Decision] = deque(maxlen=DECISIONS_KEPT)
         self._new_child = child_factory
         self._watchdog = watchdog or WatchdogSettings()
         self._gguf = gguf_cache or GgufCache(cache_root())
@@ -192,7 +218,8 @@ class ModelManager:
         self._waiting: dict[int, asyncio.Future[Lease]] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._subscribers: set[asyncio.Queue[FeedEvent | None]] = set()
+        self._feed: Feed[FeedEvent] = Feed()
+        self._decision_feed: Feed[Decision] = Feed()
         self._timer: Timer | None = None
         self._idle = asyncio.Event()  # set while no request holds a lease, once draining
         self.draining = False
@@ -338,8 +365,10 @@ class ModelManager:
         return self._scheduler.leases_out()
 
     def end_subscriptions(self) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(None)
+        """End every feed's streams (long-lived SSE streams must not hold up shutdown)."""
+        self._feed.close()
+        self._decision_feed.close()
+        self.logbook.close()
 
     async def close(self) -> None:
         """Refuse new work, then stop every child (graceful first, SIGKILL after its stop-timeout)."""
@@ -419,6 +448,16 @@ class ModelManager:
 
         self._spawn(load_and_release())
 
+    def unload_all(self, which: Callable[[ModelConfig], bool] = lambda config: True) -> list[str]:
+        """Drain and stop every loading or loaded model that `which` admits (POST /models/unload {"all": true});
+        the names of those it unloads."""
+        names = [name for name, state in self._scheduler.snapshot().items()
+                 if state.status in (Status.LOADING, Status.LOADED) and name in self.catalog.models
+                 and which(self.catalog.models[name])]
+        for name in names:
+            self._dispatch(UnloadRequested(name, "unloaded by request (all models)"))
+        return names
+
     def unload(self, name: str) -> None:
         """Drain and stop a running model; its in-flight requests finish first."""
         config = self.resolve(name)
@@ -474,6 +513,18 @@ class ModelManager:
         return MemoryUse(scheduler.memory_used(), scheduler.limits.memory_budget, scheduler.gpu_memory_used(),
                          scheduler.limits.gpu_memory_budget)
 
+    def wall(self) -> float:
+        """The time now, in Unix seconds, by the manager's clock (what records show as moments)."""
+        return self._epoch + self._clock.now()
+
+    def decisions(self, limit: int = DECISIONS_KEPT) -> list[Decision]:
+        """The last decisions, newest first."""
+        return list(itertools.islice(reversed(self._decisions), max(0, limit)))
+
+    def waiting(self) -> list[Waiting]:
+        """Why each waiting request still waits (modelyard.decisions), in queue order."""
+        return explain_waiting(self._scheduler.board(), self._clock.now())
+
     def status_of(self, name: str) -> Status:
         return self._status(self.resolve(name).name)
 
@@ -483,13 +534,15 @@ class ModelManager:
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[FeedEvent | None]]:
-        """Status events as they happen; None means the manager is closing."""
-        queue: asyncio.Queue[FeedEvent | None] = asyncio.Queue(maxsize=1000)
-        self._subscribers.add(queue)
-        try:
+        """Status events as they happen; None means the manager is closing (or the subscriber fell behind)."""
+        async with self._feed.subscribe() as queue:
             yield queue
-        finally:
-            self._subscribers.discard(queue)
+
+    @asynccontextmanager
+    async def follow_decisions(self) -> AsyncIterator[asyncio.Queue[Decision | None]]:
+        """Decisions as they are taken; None means the manager is closing (or the subscriber fell behind)."""
+        async with self._decision_feed.subscribe() as queue:
+            yield queue
 
     # -- the shell: events in, actions executed --
     def _dispatch(self, event: Event) -> None:
@@ -557,6 +610,11 @@ class ModelManager:
 
     def _execute(self, action: Action) -> None:
         match action:
+            case Decided(kind=kind, cause=cause, model=model, reason=reason, request_id=rid):
+                decision = Decision(self.wall(), kind, cause, model, reason, rid)
+                self._decisions.append(decision)
+                log.debug("decided %s of %s (%s): %s", kind.value, model, cause, reason)
+                self._decision_feed.publish(decision)
             case Grant(request_id=rid, model=model):
                 self._grant(rid, model)
             case Reject(request_id=rid, kind=kind, message=message, retry_after=retry):
@@ -599,7 +657,7 @@ class ModelManager:
             settings = self.launch_settings(config)
             plan = launch_plan(dataclasses.replace(config, settings=settings), self._engine, port, new_child_key())
             child = self._new_child(model, plan, port, lambda p: self._publish(
-                StatusEvent(model, Status.LOADING, progress=p)))
+                StatusEvent(model, Status.LOADING, progress=p)), self.logbook.of(model))
         except Exception as exc:
             log.exception("could not prepare the child of %s", model)
             self._dispatch(InstanceExited(model, None, f"could not start model '{model}': {exc}"))
@@ -642,15 +700,7 @@ class ModelManager:
         await record.child.stop(record.config.stop_timeout)
 
     def _publish(self, event: FeedEvent) -> None:
-        for queue in list(self._subscribers):
-            try:
-                queue.put_nowait(event)
-            except asyncio.QueueFull:
-                # Too slow to follow: end its stream rather than let it miss a status change silently.
-                self._subscribers.discard(queue)
-                while not queue.empty():
-                    queue.get_nowait()
-                queue.put_nowait(None)
+        self._feed.publish(event)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)

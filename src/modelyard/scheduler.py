@@ -23,12 +23,17 @@ Invariants kept here:
 - no request waits on a wedged child: a load that is not ready within its `load_timeout` is killed and its
   waiters get the reason; a loaded child the shell's watchdog reports unhealthy (`ChildUnhealthy`) is killed,
   takes no new requests, and its next request loads it again.
+
+Every decision is explained where it is taken: next to the actions that carry it out, the core emits one
+`Decided` (a load started, a model chosen to stop or be killed, a child that failed, a request refused) with its
+kind, a short fixed cause (for metrics labels) and a sentence for people; `board()` is a frozen copy of the
+state from which modelyard.decisions explains why each waiting request still waits.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -130,7 +135,7 @@ class ChildUnhealthy:
 @dataclass(frozen=True)
 class UnloadRequested:
     model: str
-    reason: str = "unload requested"
+    reason: str = "unloaded by request"
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,31 @@ class StatusChanged:
     reason: str = ""
 
 
-Action = StartLoad | StopInstance | KillInstance | Grant | Reject | StatusChanged
+class DecisionKind(StrEnum):
+    LOAD = "load"  # a load started (cause: request)
+    EVICT = "evict"  # chosen to stop to make room for another model (cause: lru, max_wait)
+    UNLOAD = "unload"  # an explicit unload (cause: request)
+    EXPIRE = "expire"  # its keep-alive ended (cause: keep_alive)
+    KILL = "kill"  # its child is killed at once (cause: load_timeout, watchdog)
+    FAIL = "fail"  # its child ended without being asked to (cause: load, while loading; exit, afterwards)
+    DRAIN = "drain"  # stops once its requests finish (cause: config_changed, removed, shutdown)
+    REJECT = "reject"  # a request refused (cause: the error code, e.g. queue_full)
+
+
+@dataclass(frozen=True)
+class Decided:
+    """Why the core did what it did, for people (GET /decisions) and for metrics: one per decision. `cause` is
+    one of a few fixed words per kind (a metrics label); `reason` says it in full; `request_id` is the request
+    it was for (a load's or an eviction's oldest waiter, a refused request), if any."""
+
+    kind: DecisionKind
+    cause: str
+    model: str
+    reason: str
+    request_id: int | None = None
+
+
+Action = StartLoad | StopInstance | KillInstance | Grant | Reject | StatusChanged | Decided
 
 
 # --- state ------------------------------------------------------------------------------------------------
@@ -232,6 +261,7 @@ class ModelState:
     expires_at: float | None = None  # when an idle loaded model's keep-alive ends
     load_deadline: float | None = None  # when a loading model's load-timeout ends
     kill_reason: str = ""  # why its current child is being killed (load timeout, watchdog)
+    since: float = 0.0  # when it entered its current status
 
     @property
     def name(self) -> str:
@@ -243,15 +273,15 @@ class ModelState:
 
     @property
     def footprint(self) -> int:
-        return self.measured or self.spec.footprint
+        return self.room.memory
 
     @property
     def gpu_footprint(self) -> int:
-        return self.measured_gpu if self.measured else self.spec.gpu_footprint
+        return self.room.gpu_memory
 
     @property
     def room(self) -> Room:
-        return Room(self.footprint, self.gpu_footprint, 1)
+        return room_of(self.spec.footprint, self.spec.gpu_footprint, self.measured, self.measured_gpu)
 
 
 @dataclass(frozen=True)
@@ -267,6 +297,11 @@ class Room:
 
     def __sub__(self, other: Room) -> Room:
         return Room(self.memory - other.memory, self.gpu_memory - other.gpu_memory, self.slots - other.slots)
+
+
+def room_of(estimated: int, estimated_gpu: int, measured: int, measured_gpu: int) -> Room:
+    """What one running model takes: what its child was measured using once it was, its estimate until then."""
+    return Room(measured or estimated, measured_gpu if measured else estimated_gpu, 1)
 
 
 @dataclass(frozen=True)
@@ -286,6 +321,14 @@ class ModelSnapshot:
     measured_gpu: int
     keep_alive: float  # effective: the last request's, the preset's or the default
     expires_at: float | None
+    pinned: bool = False
+    priority: int = 0
+    since: float = 0.0  # when it entered its current status
+    stopping_reason: str = ""  # why it is stopping (drained or killed), while it is
+
+    @property
+    def room(self) -> Room:
+        return room_of(self.estimated, self.estimated_gpu, self.measured, self.measured_gpu)
 
 
 @dataclass(frozen=True)
@@ -314,6 +357,28 @@ class Waiter:
     since: float
     autoload: bool = True
     keep_alive: float | None = None
+
+
+@dataclass(frozen=True)
+class Board:
+    """A frozen copy of the core's state: its limits, every model and the queue in order (for explanations)."""
+
+    limits: Limits
+    models: Mapping[str, ModelSnapshot]
+    queue: tuple[Waiter, ...]
+
+
+def load_order(queue: Iterable[Waiter], needs_load: Callable[[str], bool], priority: Callable[[str], int],
+               now: float, max_wait: float) -> list[tuple[str, bool]]:
+    """The models with waiters and no instance, in the order they get room, each with whether it is overdue
+    (its oldest request waited `max_wait`): overdue ones first, then by priority, then the oldest waiter."""
+    oldest: dict[str, float] = {}
+    for waiter in queue:
+        if needs_load(waiter.model):
+            oldest.setdefault(waiter.model, waiter.since)
+    deadline = now - max_wait
+    order = sorted(oldest, key=lambda n: (oldest[n] > deadline, -priority(n), oldest[n]))
+    return [(name, oldest[name] <= deadline) for name in order]
 
 
 class Scheduler:
@@ -363,17 +428,23 @@ class Scheduler:
         model = self.models.get(name)
         if model is None:
             return None
-        return ModelSnapshot(model.name, model.status, model.in_flight, self.queued_for(name), model.last_used,
-                             model.exit_code, model.failure, model.spec.footprint, model.spec.gpu_footprint,
-                             model.measured, model.measured_gpu, self.effective_keep_alive(model), model.expires_at)
+        return self._snapshot_of(model, self.queued_for(name))
 
     def snapshot(self) -> dict[str, ModelSnapshot]:
         """Every model as the shell may see it, in one pass over the queue."""
         queued = Counter(w.model for w in self.queue)
-        return {name: ModelSnapshot(name, m.status, m.in_flight, queued[name], m.last_used, m.exit_code, m.failure,
-                                    m.spec.footprint, m.spec.gpu_footprint, m.measured, m.measured_gpu,
-                                    self.effective_keep_alive(m), m.expires_at)
-                for name, m in self.models.items()}
+        return {name: self._snapshot_of(m, queued[name]) for name, m in self.models.items()}
+
+    def board(self) -> Board:
+        """Everything modelyard.decisions needs to explain the waiting requests, as frozen copies."""
+        return Board(self.limits, self.snapshot(), tuple(self.queue))
+
+    def _snapshot_of(self, m: ModelState, queued: int) -> ModelSnapshot:
+        stopping = m.kill_reason or (m.drain_reason if m.status == Status.STOPPING else "")
+        return ModelSnapshot(m.name, m.status, m.in_flight, queued, m.last_used, m.exit_code, m.failure,
+                             m.spec.footprint, m.spec.gpu_footprint, m.measured, m.measured_gpu,
+                             self.effective_keep_alive(m), m.expires_at, pinned=m.spec.pinned,
+                             priority=m.spec.priority, since=m.since, stopping_reason=stopping)
 
     def leases_out(self) -> int:
         """Requests holding a lease (in flight on a child)."""
@@ -438,7 +509,7 @@ class Scheduler:
         refusal = self._refusal(event, model)
         if refusal is not None:
             kind, message = refusal
-            actions.append(Reject(event.request_id, kind, message, retry_after(kind)))
+            self._reject(event.request_id, event.model, kind, message, actions)
         else:
             self.queue.append(Waiter(event.request_id, event.model, self.now, event.autoload, event.keep_alive))
 
@@ -524,13 +595,17 @@ class Scheduler:
         else:
             model.failure = reason
             self._set_status(model, Status.FAILED, actions, event.exit_code, reason)
+            loading = was == Status.LOADING
+            actions.append(Decided(DecisionKind.FAIL, "load" if loading else "exit", model.name,
+                                   f"{'failed to load' if loading else 'exited'}: {reason or 'no reason given'}"))
         if was == Status.LOADING:
             # Killed (by a signal, or by modelyard at its load-timeout), the child died under its waiters: 502,
             # as for any request whose child dies. Exiting by itself, it could not load the model: 500.
             died = killed or (event.exit_code is not None and event.exit_code < 0)
             kind = ErrorKind.UPSTREAM if died else ErrorKind.LOAD_FAILED
             for waiter in self._take_waiters(event.model):
-                actions.append(Reject(waiter.request_id, kind, f"model '{event.model}' failed to load: {reason}"))
+                self._reject(waiter.request_id, event.model, kind, f"model '{event.model}' failed to load: {reason}",
+                             actions)
         if model.removed:
             del self.models[event.model]
 
@@ -540,9 +615,10 @@ class Scheduler:
         model = self.models.get(name)
         if model is None or model.status not in RUNNING or model.kill_reason:
             return
-        self._kill(model, reason, actions)
+        self._kill(model, "watchdog", reason, actions)
 
-    def _kill(self, model: ModelState, reason: str, actions: list[Action]) -> None:
+    def _kill(self, model: ModelState, cause: str, reason: str, actions: list[Action]) -> None:
+        actions.append(Decided(DecisionKind.KILL, cause, model.name, reason))
         model.kill_reason = reason
         self._set_expiry(model, None)
         self._set_load_deadline(model, None)
@@ -555,18 +631,22 @@ class Scheduler:
         """An explicit unload of a loading model cancels the load: its waiters fail instead of reloading it."""
         if self.models[name].status == Status.LOADING:
             for waiter in self._take_waiters(name):
-                actions.append(Reject(waiter.request_id, ErrorKind.UNLOADED,
-                                      f"model '{name}' was unloaded while it was loading"))
-        self._drain(name, reason, actions)
+                self._reject(waiter.request_id, name, ErrorKind.UNLOADED,
+                             f"model '{name}' was unloaded while it was loading", actions)
+        self._drain(self.models[name], DecisionKind.UNLOAD, "request", reason, actions)
 
-    def _drain(self, name: str, reason: str, actions: list[Action]) -> None:
-        model = self.models[name]
+    def _drain(self, model: ModelState, kind: DecisionKind, cause: str, reason: str, actions: list[Action],
+               request_id: int | None = None) -> None:
+        """Stop `model` now if nothing runs on it, else once its in-flight requests are done; explained as
+        `kind`/`cause` (nothing is decided for a model that is not loading or loaded)."""
         self._set_expiry(model, None)
-        if model.status == Status.LOADING:
-            # A loading child cannot serve anyone yet: stop it now.
-            self._stop(model, reason, actions)
+        if model.status == Status.LOADING or (model.status == Status.LOADED and model.in_flight == 0):
+            # A loading child cannot serve anyone yet, an idle one serves no one: stop it now.
+            self._stop(model, kind, cause, reason, actions, request_id)
         elif model.status == Status.LOADED:
             # Stopping from now on: it takes no new requests; the child stops when the in-flight ones finish.
+            busy = f"{reason}; finishing {model.in_flight} request(s) first"
+            actions.append(Decided(kind, cause, model.name, busy, request_id))
             self._set_draining(model, True)
             model.drain_reason = reason
             self._set_status(model, Status.STOPPING, actions, reason=reason)
@@ -585,7 +665,7 @@ class Scheduler:
         if restart:
             model.measured = model.measured_gpu = 0  # another configuration: the old measurement says nothing
             if model.status in (Status.LOADING, Status.LOADED):
-                self._drain(spec.name, "configuration changed", actions)
+                self._drain(model, DecisionKind.DRAIN, "config_changed", "configuration changed", actions)
         elif model.status == Status.LOADED and model.in_flight == 0:
             self._start_idle_timer(model)  # a new keep-alive or pin applies to the running timer
 
@@ -594,29 +674,29 @@ class Scheduler:
         if model is None:
             return
         for waiter in self._take_waiters(name):
-            actions.append(Reject(waiter.request_id, ErrorKind.UNKNOWN_MODEL,
-                                  f"model '{name}' was removed from the configuration"))
+            self._reject(waiter.request_id, name, ErrorKind.UNKNOWN_MODEL,
+                         f"model '{name}' was removed from the configuration", actions)
         if model.status in RUNNING:
             model.removed = True
-            self._drain(name, "removed from the configuration", actions)
+            self._drain(model, DecisionKind.DRAIN, "removed", "removed from the configuration", actions)
         else:
             del self.models[name]
 
     def _shutdown(self, actions: list[Action]) -> None:
         self.shutting_down = True
-        for waiter in self.queue:
-            actions.append(Reject(waiter.request_id, ErrorKind.SHUTTING_DOWN, "modelyard is shutting down",
-                                  retry_after(ErrorKind.SHUTTING_DOWN)))
-        self.queue = []
+        waiters, self.queue = self.queue, []
+        for waiter in waiters:
+            self._reject(waiter.request_id, waiter.model, ErrorKind.SHUTTING_DOWN, "modelyard is shutting down",
+                         actions)
         for model in self.models.values():
-            self._drain(model.name, "shutting down", actions)
+            self._drain(model, DecisionKind.DRAIN, "shutdown", "shutting down", actions)
 
     def _expire_loads(self, actions: list[Action]) -> None:
         for model in [self.models[n] for n in self._loading]:
             deadline = model.load_deadline
             if deadline is not None and deadline <= self.now and model.status == Status.LOADING:
                 timeout = self._load_timeout(model)
-                self._kill(model, f"not ready within {timeout:g} s (load-timeout)", actions)
+                self._kill(model, "load_timeout", f"not ready within {timeout:g} s (load-timeout)", actions)
 
     def _load_timeout(self, model: ModelState) -> float:
         timeout = model.spec.load_timeout
@@ -654,7 +734,7 @@ class Scheduler:
         for name in [n for n in self._draining if self.models[n].in_flight == 0]:
             model = self.models[name]
             self._set_draining(model, False)
-            actions.append(StopInstance(name, model.drain_reason))
+            actions.append(StopInstance(name, model.drain_reason))  # decided (and explained) when it was drained
 
     def _expire_keep_alive(self, actions: list[Action]) -> None:
         for model in [self.models[n] for n in self._expiring]:
@@ -662,15 +742,16 @@ class Scheduler:
             if (expires is not None and expires <= self.now and model.status == Status.LOADED
                     and model.in_flight == 0 and not model.spec.pinned and self.queued_for(model.name) == 0):
                 keep_alive = self.effective_keep_alive(model)
-                self._stop(model, f"idle for {keep_alive:g} s (keep-alive)", actions)
+                self._stop(model, DecisionKind.EXPIRE, "keep_alive",
+                           f"idle for {human_duration(keep_alive)} (keep-alive)", actions)
 
     def _reject_without_autoload(self, actions: list[Action]) -> None:
         """A request sent with autoload off never causes a load, even if the load it waited for was stopped."""
         for waiter in [w for w in self.queue if not w.autoload]:
             if self.models[waiter.model].status in (Status.UNLOADED, Status.FAILED):
                 self.queue.remove(waiter)
-                actions.append(Reject(waiter.request_id, ErrorKind.NOT_LOADED,
-                                      f"model '{waiter.model}' is not loaded and autoload is off"))
+                self._reject(waiter.request_id, waiter.model, ErrorKind.NOT_LOADED,
+                             f"model '{waiter.model}' is not loaded and autoload is off", actions)
 
     def _start_loads(self, actions: list[Action]) -> None:
         claimed = Room()  # what stopping children hand back that is already promised to earlier waiting models
@@ -679,13 +760,18 @@ class Scheduler:
             too_big = self._never_fits(model)
             if too_big:
                 for waiter in self._take_waiters(name):
-                    actions.append(Reject(waiter.request_id, ErrorKind.TOO_BIG, too_big))
+                    self._reject(waiter.request_id, name, ErrorKind.TOO_BIG, too_big, actions)
                 continue
             if claimed == Room() and self._fits(model, freed=Room()):
                 self._set_status(model, Status.LOADING, actions)
                 timeout = self._load_timeout(model)
                 self._set_load_deadline(model, self.now + timeout if timeout > 0 else None)
-                actions.append(StartLoad(name, f"{self.queued_for(name)} request(s) waiting"))
+                first = self._first_waiter(name)
+                waited = self.now - first.since
+                reason = f"{self.queued_for(name)} request(s) waiting" + (
+                    f", the first for {human_duration(waited)}" if waited >= 1 else "")
+                actions.append(Decided(DecisionKind.LOAD, "request", name, reason, first.request_id))
+                actions.append(StartLoad(name, reason))
                 continue
             room = self._make_room(model, overdue, claimed, actions)
             if room is None:
@@ -694,13 +780,8 @@ class Scheduler:
 
     def _models_needing_load(self) -> list[tuple[str, bool]]:
         """Models with waiters and no instance: overdue ones first, then by priority, then the oldest waiter."""
-        oldest: dict[str, float] = {}
-        for waiter in self.queue:
-            if self.models[waiter.model].status in (Status.UNLOADED, Status.FAILED):
-                oldest.setdefault(waiter.model, waiter.since)
-        deadline = self.now - self.limits.max_wait
-        order = sorted(oldest, key=lambda n: (oldest[n] > deadline, -self.models[n].spec.priority, oldest[n]))
-        return [(name, oldest[name] <= deadline) for name in order]
+        return load_order(self.queue, lambda n: self.models[n].status in (Status.UNLOADED, Status.FAILED),
+                          lambda n: self.models[n].spec.priority, self.now, self.limits.max_wait)
 
     def _fits(self, model: ModelState, freed: Room) -> bool:
         used = Room(self.memory_used(), self.gpu_memory_used(), self.running_count())
@@ -718,13 +799,14 @@ class Scheduler:
             victims.append(victim)
             freed += victim.room
             if self._fits(model, freed):
-                reason = (f"evicted (least recently used) to make room for '{model.name}'" if not overdue else
-                          f"evicted: a request for '{model.name}' waited {self.limits.max_wait:g} s (max-wait)")
+                first = self._first_waiter(model.name)
                 for chosen in victims:
-                    if chosen.in_flight:
-                        self._drain(chosen.name, reason, actions)
-                    else:
-                        self._stop(chosen, reason, actions)
+                    idle = human_duration(self.now - chosen.last_used)
+                    reason = (f"evicted (least recently used) to make room for '{model.name}', idle {idle}"
+                              if not overdue else f"evicted to make room for '{model.name}': its request "
+                              f"waited {human_duration(self.limits.max_wait)} (max-wait)")
+                    self._drain(chosen, DecisionKind.EVICT, "max_wait" if overdue else "lru", reason, actions,
+                                first.request_id)
                 return promised
         return None
 
@@ -764,20 +846,30 @@ class Scheduler:
         else:
             self._draining.discard(model.name)
 
-    def _stop(self, model: ModelState, reason: str, actions: list[Action]) -> None:
+    def _stop(self, model: ModelState, kind: DecisionKind, cause: str, reason: str, actions: list[Action],
+              request_id: int | None = None) -> None:
+        actions.append(Decided(kind, cause, model.name, reason, request_id))
         self._set_expiry(model, None)
+        model.drain_reason = reason  # why it is stopping, for the explanations
         self._set_status(model, Status.STOPPING, actions, reason=reason)
         actions.append(StopInstance(model.name, reason))
+
+    def _reject(self, request_id: int, model: str, kind: ErrorKind, message: str, actions: list[Action]) -> None:
+        actions.append(Decided(DecisionKind.REJECT, kind.code, model, message, request_id))
+        actions.append(Reject(request_id, kind, message, retry_after(kind)))
+
+    def _first_waiter(self, name: str) -> Waiter:
+        return next(w for w in self.queue if w.model == name)
 
     def _take_waiters(self, name: str) -> list[Waiter]:
         taken = [w for w in self.queue if w.model == name]
         self.queue = [w for w in self.queue if w.model != name]
         return taken
 
-    @staticmethod
-    def _set_status(model: ModelState, status: Status, actions: list[Action], exit_code: int | None = None,
+    def _set_status(self, model: ModelState, status: Status, actions: list[Action], exit_code: int | None = None,
                     reason: str = "") -> None:
         model.status = status
+        model.since = self.now
         actions.append(StatusChanged(model.name, status, exit_code, reason))
 
 
@@ -801,3 +893,13 @@ def unload_refusal(status: Status, name: str) -> str:
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
+
+
+def human_duration(seconds: float) -> str:
+    """`7.5 s`, `40 s`, `5m`, `5m30s`, `1h30m`: a duration as people read it in a reason."""
+    if seconds < 120:
+        return f"{max(0.0, seconds):.3g} s"
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs and not hours
+                                                                                 else "")
