@@ -350,7 +350,8 @@ def service() -> None:
     """Run `modelyard serve` as a systemd service."""
 
 
-@service.command("install", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@service.command("install", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                 short_help="Write and load a unit that runs `modelyard serve` with these flags.")
 @user_option
 @click.option("--now", is_flag=True, help="Also enable the unit and (re)start it.")
 @click.option("--environment-file", type=click.Path(dir_okay=False, path_type=Path),
