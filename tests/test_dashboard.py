@@ -37,11 +37,12 @@ LOAD_TIMEOUT_MS = 90_000  # a model load on a busy 2-core machine
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path]) -> Iterator[Router]:
     tmp = tmp_path_factory.mktemp("dashboard")
-    models = tmp / "models"
-    models.mkdir()
-    for name, path in demo_models.items():
-        (models / f"{name}.gguf").symlink_to(path)
-    router = Router(["--models-dir", str(models), "--threads", "1"], tmp, env={"LLAMA_API_KEY": KEY})
+    preset = tmp / "models.ini"  # aliases, a keep-alive and a pin, for the page to show
+    preset.write_text(f"[{SMOLLM2}]\nmodel = {demo_models[SMOLLM2]}\nalias = chat\nkeep-alive = 10m\n\n"
+                      f"[{GEMMA3}]\nmodel = {demo_models[GEMMA3]}\nalias = base\npin = true\npriority = 5\n")
+    # one thread per child: the two models share 2 cores with the browser; a small budget makes the bars visible
+    router = Router(["--models-preset", str(preset), "--threads", "1", "--memory-budget", "2GiB"], tmp,
+                    env={"LLAMA_API_KEY": KEY})
     try:
         yield router.wait_ready()
     finally:
@@ -71,7 +72,7 @@ def dashboard(browser: Browser, router: Router) -> Iterator[Page]:
 
 
 def shoot(page: Page, name: str) -> None:
-    page.screenshot(path=ARTIFACTS / f"{name}.png")
+    page.locator("body").screenshot(path=ARTIFACTS / f"{name}.png")  # the content, not the empty viewport
 
 
 def model_row(page: Page, model: str) -> Locator:
@@ -104,8 +105,10 @@ def test_models_page_asks_for_the_key_once_and_lists_both_models(dashboard: Page
     dashboard.fill("#key-input", KEY)
     dashboard.click("#key-dialog button[value=ok]")
     expect(dialog).not_to_be_visible()
-    for model in (SMOLLM2, GEMMA3):
+    for model, alias in ((SMOLLM2, "chat"), (GEMMA3, "base")):
         expect(model_row(dashboard, model).locator('[data-role="status"]')).to_have_text("unloaded")
+        expect(model_row(dashboard, model).locator(".aliases")).to_have_text(f"aka {alias}")
+    expect(model_row(dashboard, GEMMA3)).to_contain_text("priority 5")
     expect(dashboard.locator("#live")).to_have_text("live")
     assert len(refused) >= 2  # the listing and the stream were both refused, and one prompt served both
     assert dashboard.evaluate("localStorage.getItem('modelyard.apiKey')") == KEY
@@ -146,6 +149,9 @@ def test_playground_streams_a_reply_while_its_model_loads(dashboard: Page) -> No
 
     dashboard.goto("/ui#/models", wait_until="load")
     expect(model_row(dashboard, SMOLLM2).locator('[data-role="status"]')).to_have_text("loaded")
+    # its preset's 10 minutes, counting down since the reply ended
+    expect(model_row(dashboard, SMOLLM2).locator(".keepalive")).to_have_text(re.compile(r"unloads in 9:[0-5]\d"))
+    expect(model_row(dashboard, GEMMA3).locator(".keepalive")).to_have_text("pinned")
     shoot(dashboard, "models")
 
 
