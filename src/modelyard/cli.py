@@ -120,6 +120,9 @@ def main() -> None:
                    "progress, is killed; its requests end with an error and the next one loads it again (0 = off).")
 @click.option("--shutdown-grace", default="30s", envvar="MODELYARD_SHUTDOWN_GRACE",
               help="On SIGTERM/SIGINT, how long in-flight requests may finish before they are ended with an error.")
+@click.option("--send-loading-state", is_flag=True, envvar="MODELYARD_SEND_LOADING_STATE",
+              help="A streamed chat completion whose model is not loaded yet gets the load's progress and why it "
+                   "waits as reasoning_content while it waits (per request: header X-Modelyard-Loading-State: 1).")
 @click.option("-v", "--verbose", is_flag=True, help="Log child output and every request decision.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, models_autoload: bool,
@@ -127,7 +130,8 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
           cors_origins: str | None,
           ssl_key_file: str | None, ssl_cert_file: str | None, llama_server: str | None, max_queue: int,
           memory_budget: str, gpu_memory_budget: str, keep_alive: str, max_wait: str, load_timeout: str,
-          stall_timeout: str, shutdown_grace: str, verbose: bool, engine_args: tuple[str, ...]) -> None:
+          stall_timeout: str, shutdown_grace: str, send_loading_state: bool, verbose: bool,
+          engine_args: tuple[str, ...]) -> None:
     """Serve every model in --models-dir / --models-preset behind one OpenAI-compatible endpoint.
 
     Any other llama-server flag (for example `-c 4096 --jinja`) is a default for every model instance:
@@ -176,6 +180,7 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
     settings = ServerSettings(autoload=models_autoload, api_keys=keys,
                               cors=CorsPolicy.from_settings(cors_origins, os.environ.get("OLLAMA_ORIGINS", "")),
                               bind_host=host, allowed_hosts=parse_allowed_hosts(allowed_hosts),
+                              send_loading_state=send_loading_state,
                               build_info=f"modelyard {__version__}, llama.cpp {LLAMA_CPP_BUILD} "
                                          f"({manager.engine.binary})")
     names = ", ".join(manager.catalog.models) or "none"

@@ -36,28 +36,42 @@ _RESPONSE_DROP = frozenset({"server", "date", "transfer-encoding", "connection",
                             "access-control-allow-headers"})
 
 
-async def forward(request: web.Request, child: Child, body: bytes, query: Mapping[str, str]) -> web.StreamResponse:
+async def forward(request: web.Request, child: Child, body: bytes, query: Mapping[str, str],
+                  started: web.StreamResponse | None = None) -> web.StreamResponse:
+    """`started`: an SSE answer already sent (api/loading.py's load messages), which the child's stream
+    continues; a child's error then ends it in-band."""
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP}
     try:
         async with child.request(request.method, request.path, params=query, body=body or None,
                                  headers=headers) as upstream:
-            return await _relay(request, upstream)
+            return await _relay(request, upstream, started)
     except ChildError as exc:  # _relay reports failures once it has started answering; this is before
+        if started is not None:
+            return await _end_early(request, started, True, ErrorKind.UPSTREAM, str(exc))
         return error_response(ErrorKind.UPSTREAM, str(exc))
 
 
-async def _relay(request: web.Request, upstream: Reply) -> web.StreamResponse:
+async def _relay(request: web.Request, upstream: Reply, started: web.StreamResponse | None = None
+                 ) -> web.StreamResponse:
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP)
     is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     length = upstream.content_length
     record = request.get(RECORD)
-    if length is not None and length <= 1 << 20 and not is_sse:
+    if started is not None and (upstream.status != 200 or not is_sse):
+        payload = await upstream.read()  # the child refused (a bad parameter): say so in the stream
+        kind = ErrorKind.BAD_REQUEST if 400 <= upstream.status < 500 else ErrorKind.UPSTREAM
+        message = f"the model's server answered {upstream.status}: {payload[:2000].decode(errors='replace')}"
+        if record is not None:
+            record.error = message
+        return await _end_early(request, started, True, kind, message)
+    if length is not None and length <= 1 << 20 and not is_sse and started is None:
         payload = await upstream.read()  # a ChildError here is answered by forward(): nothing was sent yet
         if record is not None:
             _account(request, record, payload if upstream.status == 200 else b"")
         return web.Response(status=upstream.status, body=payload, headers=headers)
-    response = web.StreamResponse(status=upstream.status, headers=headers)
-    await response.prepare(request)
+    response = started or web.StreamResponse(status=upstream.status, headers=headers)
+    if started is None:
+        await response.prepare(request)
     capture = record.capture if record is not None else None
     # The last three chunks hold the final events (timings, then usage with include_usage, then [DONE]):
     # only they are searched for the token counts, once the stream is over.

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from modelyard.api import activity, auth, cors, management, ollama, openai, ui
+from modelyard.api import activity, auth, cors, insight, management, ollama, openai, ui
 from modelyard.api.context import CONTEXT, AppContext
 from modelyard.api.errors import error_response
 from modelyard.api.json import json_response
@@ -110,6 +110,7 @@ def build_app(context: AppContext) -> web.Application:
     ollama.add_routes(app)
     activity.add_routes(app)
     ui.add_routes(app)
+    insight.add_routes(app)
 
     async def start_manager(app: web.Application) -> None:
         await context.manager.start()

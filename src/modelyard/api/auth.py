@@ -159,6 +159,7 @@ ROUTE_SCOPES: tuple[Rule, ...] = (
     *(Rule(_GET, path, Scope.READ) for path in ("/", "/models", "/v1/models", "/v1/models/*", "/models/sse",
                                                 "/props", "/api/tags", "/api/ps", "/api/version", "/activity",
                                                 "/activity/sse")),
+    *(Rule(_GET, path, Scope.READ) for path in ("/decisions", "/decisions/sse", "/logs/*")),
     Rule(_POST, "/api/show", Scope.READ),
 )
 DEFAULT_SCOPE = Scope.READ  # a path in no rule is answered 404 by its handler; any valid key may learn that

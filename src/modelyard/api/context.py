@@ -23,6 +23,7 @@ class ServerSettings:
     bind_host: str = "127.0.0.1"  # decides whether Host is checked (loopback binds refuse foreign names)
     allowed_hosts: tuple[str, ...] = ()  # --allowed-hosts; `*` = any
     max_body_bytes: int = 256 * 2**20
+    send_loading_state: bool = False  # --send-loading-state (api/loading.py)
     build_info: str = ""
     started_at: float = field(default_factory=time.time)
 

@@ -115,8 +115,16 @@ async def load_model(request: web.Request) -> web.Response:
 
 
 async def unload_model(request: web.Request) -> web.Response:
+    """One model (`{"model": "x"}`), or every running model the key may use (`{"all": true}`)."""
     manager = request.app[CONTEXT].manager
     try:
+        payload = await read_json_object(request, ' with a "model" field or "all": true')
+        if "all" in payload:
+            if payload["all"] is not True or payload.get("model") not in (None, ""):
+                raise ModelError(ErrorKind.BAD_REQUEST, 'give either "model" or "all": true, not both; '
+                                 '"all" takes only true')
+            unloaded = manager.unload_all(lambda config: auth.may_use(request, config))
+            return json_response({"success": True, "unloaded": unloaded})
         manager.unload(await _model_from_body(request))
     except ModelError as error:
         return from_model_error(error)

@@ -8,7 +8,7 @@ import os
 import orjson
 from aiohttp import web
 
-from modelyard.api import auth
+from modelyard.api import auth, loading
 from modelyard.api.activity import acquire, names_model, router_metrics, tracked
 from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
@@ -17,6 +17,7 @@ from modelyard.config.catalog import ModelConfig
 from modelyard.config.durations import parse_duration
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.proxy import forward
+from modelyard.scheduler import Status
 
 POST_ROUTES = (
     "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions", "/completion",
@@ -51,9 +52,16 @@ async def _proxy(request: web.Request, model: str, body: bytes, keep_alive: floa
                  stream: bool = False) -> web.StreamResponse:
     context = request.app[CONTEXT]
     manager = context.manager
+    autoload = autoload_flag(request, context.settings.autoload)
     try:
         auth.require_named(request, model, manager.resolve)
-        lease = await acquire(request, model, autoload_flag(request, context.settings.autoload), keep_alive, stream)
+        if (stream and autoload and request.path in loading.CHAT_PATHS
+                and loading.wanted(request, context.settings.send_loading_state)
+                and manager.status_of(model) != Status.LOADED):
+            return await loading.stream_while_loading(
+                request, manager, model, acquire(request, model, autoload, keep_alive, stream),
+                lambda lease, started: forward(request, lease.child, body, _forward_query(request), started))
+        lease = await acquire(request, model, autoload, keep_alive, stream)
     except ModelError as error:
         return from_model_error(error)
     try:
