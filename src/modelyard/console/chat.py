@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -80,6 +80,7 @@ class Delta:
     error: str = ""
     done: bool = False
     finish_reason: str = ""
+    usage: Mapping[str, Any] | None = None  # the last chunk's, as stream_options.include_usage asks
 
 
 def chunk_delta(data: str) -> Delta:
@@ -98,7 +99,8 @@ def chunk_delta(data: str) -> Delta:
     choices = chunk.get("choices") or [{}]
     choice = choices[0] if isinstance(choices[0], dict) else {}
     content = (choice.get("delta") or {}).get("content") or ""
-    return Delta(text=str(content), finish_reason=str(choice.get("finish_reason") or ""))
+    usage = chunk.get("usage") if isinstance(chunk.get("usage"), dict) else None
+    return Delta(text=str(content), finish_reason=str(choice.get("finish_reason") or ""), usage=usage)
 
 
 # --- the shell ------------------------------------------------------------------------------------------------
@@ -108,15 +110,21 @@ class Reply:
     text: str
     finish: str  # stop, length, interrupted, error
     error: str = ""
+    usage: Mapping[str, Any] | None = None
 
 
 def stream_reply(client: Client, model: str, messages: list[dict[str, str]], write: Callable[[str], None],
-                 on_first: Callable[[], None]) -> Reply:
+                 on_first: Callable[[], None], max_tokens: int | None = None) -> Reply:
     """One streamed answer; Ctrl-C stops it and keeps what came so far."""
     parts: list[str] = []
     finish = "stop"
+    usage = None
     first = True
-    body = {"model": model, "messages": messages, "stream": True}
+    # include_usage: the token counts come back (in --json, and in the server's activity records)
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
     try:
         with client.events("/v1/chat/completions", body=body) as frames:
             for frame in frames:
@@ -126,25 +134,33 @@ def stream_reply(client: Client, model: str, messages: list[dict[str, str]], wri
                     first = False
                 if delta.error:
                     return Reply("".join(parts), "error", delta.error)
-                if delta.done:
-                    break
+                if delta.done:  # read on to the end of the answer: closing now would look like a client gone
+                    continue
                 if delta.text:
                     parts.append(delta.text)
                     write(delta.text)
                 finish = delta.finish_reason or finish
+                usage = delta.usage or usage
     except KeyboardInterrupt:
         on_first()
         return Reply("".join(parts), "interrupted")
     finally:
         on_first()
-    return Reply("".join(parts), finish)
+    return Reply("".join(parts), finish, usage=usage)
 
 
 def _read(prompt: str, show_prompt: bool) -> str:
     return input(prompt if show_prompt else "")
 
 
-def run_chat(client: Client, model: str, out: Console, err: Console, as_json: bool) -> int:
+@dataclass(frozen=True)
+class ChatSettings:
+    as_json: bool = False
+    max_tokens: int | None = None  # None: the engine's own limit
+
+
+def run_chat(client: Client, model: str, out: Console, err: Console, settings: ChatSettings) -> int:
+    as_json = settings.as_json
     entry = resolve(client, model)
     name = str(entry["id"])
     interactive = sys.stdin.isatty()
@@ -155,22 +171,23 @@ def run_chat(client: Client, model: str, out: Console, err: Console, as_json: bo
             if exc.exit_code != ExitCode.REFUSED:  # a key without `admin` cannot load: the request autoloads
                 raise
     if not interactive:
-        return _answer_once(client, name, sys.stdin.read(), out, err, as_json)
+        return _answer_once(client, name, sys.stdin.read(), out, err, settings)
     if not as_json:
         err.print(f"[dim]chatting with [bold]{name}[/bold] at {client.conn.url}; /? for help, /bye quits[/dim]")
-    return _repl(client, name, out, err, as_json)
+    return _repl(client, name, out, err, settings)
 
 
-def _answer_once(client: Client, name: str, text: str, out: Console, err: Console, as_json: bool) -> int:
+def _answer_once(client: Client, name: str, text: str, out: Console, err: Console, settings: ChatSettings) -> int:
     if not text.strip():
         raise ConsoleError("nothing to send: stdin was empty", ExitCode.USAGE)
-    reply = _turn(client, name, [{"role": "user", "content": text.strip()}], out, err, as_json)
+    reply = _turn(client, name, [{"role": "user", "content": text.strip()}], out, err, settings)
     if reply.finish == "error":
         raise ConsoleError(reply.error, ExitCode.SERVER)
     return int(ExitCode.OK)
 
 
-def _repl(client: Client, name: str, out: Console, err: Console, as_json: bool) -> int:
+def _repl(client: Client, name: str, out: Console, err: Console, settings: ChatSettings) -> int:
+    as_json = settings.as_json
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
     history: list[dict[str, str]] = []
@@ -202,7 +219,7 @@ def _repl(client: Client, name: str, out: Console, err: Console, as_json: bool) 
             continue
         messages = [*history, {"role": "user", "content": action.text}]
         try:
-            reply = _turn(client, name, messages, out, err, as_json)
+            reply = _turn(client, name, messages, out, err, settings)
         except ConsoleError as exc:  # the REPL stays up: the server may come back, the model may load later
             err.print(f"[red]Error:[/red] {exc.format_message()}", highlight=False)
             continue
@@ -214,7 +231,8 @@ def _repl(client: Client, name: str, out: Console, err: Console, as_json: bool) 
 
 
 def _turn(client: Client, name: str, messages: list[dict[str, str]], out: Console, err: Console,
-          as_json: bool) -> Reply:
+          settings: ChatSettings) -> Reply:
+    as_json = settings.as_json
     status = err.status("waiting for the model...", spinner="dots") if not as_json else None
     if status is not None:
         status.start()
@@ -228,7 +246,7 @@ def _turn(client: Client, name: str, messages: list[dict[str, str]], out: Consol
             out.file.write(text)
             out.file.flush()
 
-    reply = stream_reply(client, name, messages, write, first)
+    reply = stream_reply(client, name, messages, write, first, settings.max_tokens)
     if as_json:
         out.file.write(orjson.dumps(_reply_json(name, reply)).decode() + "\n")
         out.file.flush()
@@ -243,4 +261,4 @@ def _turn(client: Client, name: str, messages: list[dict[str, str]], out: Consol
 
 def _reply_json(name: str, reply: Reply) -> dict[str, Any]:
     return {"model": name, "role": "assistant", "content": reply.text, "finish_reason": reply.finish,
-            "error": reply.error or None}
+            "error": reply.error or None, "usage": reply.usage}

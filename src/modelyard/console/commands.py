@@ -193,16 +193,17 @@ def _print_logs(entries: Iterable[Mapping[str, Any]], as_json: bool) -> None:
 
 @click.command("chat", epilog=EXIT_CODES_HELP, context_settings=_SETTINGS)
 @_server_options
+@click.option("--max-tokens", type=click.IntRange(min=1), help="The most tokens a reply may have.")
 @click.argument("model")
-def chat(url: str, api_key_file: Path | None, as_json: bool, model: str) -> None:
+def chat(url: str, api_key_file: Path | None, as_json: bool, max_tokens: int | None, model: str) -> None:
     """Chat with MODEL, streaming, keeping the conversation. \"\"\" starts and ends a multi-line message; /bye
     or Ctrl-D quits; Ctrl-C stops a reply. With --json each reply is one JSON line; with stdin not a
     terminal, stdin is one message, answered once."""
-    from modelyard.console.chat import run_chat
+    from modelyard.console.chat import ChatSettings, run_chat
 
     out, err = _consoles(as_json)
     with _client(url, api_key_file) as client:
-        code = run_chat(client, model, out, err, as_json)
+        code = run_chat(client, model, out, err, ChatSettings(as_json, max_tokens))
     if code:
         raise SystemExit(code)
 

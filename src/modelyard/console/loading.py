@@ -57,7 +57,7 @@ def load_with_progress(client: Client, name: str, err: Console, show: bool) -> f
     """Load `name`, with a progress bar when `show`; the seconds it took. ConsoleError (exit 1) with the
     server's reason when the load fails."""
     started = time.monotonic()
-    columns = (SpinnerColumn(), TextColumn("loading [bold]{task.fields[model]}[/] {task.fields[stage]}"),
+    columns = (SpinnerColumn(), TextColumn("loading {task.fields[model]} {task.fields[stage]}"),
                BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not show) as progress:
         task = progress.add_task("load", total=None, model=name, stage="")

@@ -318,12 +318,12 @@ def top_view(state: TopState, now: float, url: str) -> RenderableType:
     for record in sorted(state.in_flight.values(), key=lambda r: r.get("id", 0)):
         started = record.get("time")
         age = human_seconds(max(0.0, now - started)) if isinstance(started, int | float) else "-"
-        requests.add_row(str(record.get("id")), str(record.get("model", "")), str(record.get("route", "")),
+        requests.add_row(str(record.get("id")), str(record.get("model") or "-"), str(record.get("route", "")),
                          str(record.get("state", "")), str(record.get("client") or "-"), age,
                          _seconds(record.get("ttft")), _tokens(record), _number(record.get("tokens_per_s"), "{:.1f}"))
     recent = _plain_table("ID", "MODEL", "ROUTE", "STATUS", "DURATION", "TTFT", "TOKENS", "TOK/S", "ERROR")
     for record in state.recent:
-        recent.add_row(str(record.get("id")), str(record.get("model", "")), str(record.get("route", "")),
+        recent.add_row(str(record.get("id")), str(record.get("model") or "-"), str(record.get("route", "")),
                        str(record.get("status") or "-"), _seconds(record.get("duration")),
                        _seconds(record.get("ttft")), _tokens(record),
                        _number(record.get("tokens_per_s"), "{:.1f}"), str(record.get("error") or ""))
