@@ -231,3 +231,33 @@ def test_top_in_a_terminal(router: Router) -> None:
         top.close(force=True)
         worker.join(timeout=10)
     assert top.exitstatus == 0
+
+
+def test_logs_of_a_model(router: Router) -> None:
+    result = run(router, "logs", "broken", "--json")  # the engine's own words, from the earlier failed loads
+    assert result.exit_code == 0, result.output
+    lines = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert any("asked to fail" in line["line"] for line in lines) and all(line["time"] > 0 for line in lines)
+    one = run(router, "logs", "smol", "-n", "1")
+    assert one.exit_code == 0 and len(one.stdout.splitlines()) == 1
+
+
+def test_logs_follow_prints_new_lines(router: Router) -> None:
+    logs = spawn(router, "logs", "-f", "-n", "1", "broken")
+    try:
+        logs.expect_exact("asked to fail")  # the last line so far
+        router.client.post("/models/load", json={"model": "broken"})
+        logs.expect_exact("asked to fail")  # the new failure's, from /logs/sse
+        logs.sendintr()
+        logs.expect(pexpect.EOF)
+    finally:
+        logs.close(force=True)
+    assert logs.exitstatus == 0
+
+
+def test_unload_all(router: Router) -> None:
+    assert router.status("smol") == "loaded"
+    result = run(router, "unload", "--all", "--json")
+    assert result.exit_code == 0 and "smol" in json_of(result)["unloaded"]
+    router.wait_status("smol", "unloaded", timeout=20)
+    assert run(router, "unload", "--all").stdout.startswith("unloading nothing")

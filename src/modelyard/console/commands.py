@@ -142,7 +142,9 @@ def unload(url: str, api_key_file: Path | None, as_json: bool, unload_all: bool,
     if as_json:
         _emit({"model": name, "all": unload_all, **(answer if isinstance(answer, dict) else {})})
     else:
-        _consoles(as_json)[0].print(f"unloading {name or 'every model'} (requests in flight finish first)")
+        names = [name] if name else list(answer.get("unloaded") or []) if isinstance(answer, dict) else []
+        shown = ", ".join(names) if names else "nothing: no model is loaded"
+        _consoles(as_json)[0].print(f"unloading {shown}" + (" (requests in flight finish first)" if names else ""))
 
 
 @click.command("logs", epilog=EXIT_CODES_HELP, context_settings=_SETTINGS)
