@@ -46,12 +46,12 @@ def fresh_env(home: Path, base: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def fresh_copies(directory: Path, a_source: Path, b_source: Path) -> Path:
-    """A models dir holding real copies (not links) of the two files, as models A and B, and EXTRA_COPIES more
-    of B's file that are never requested."""
+def fresh_copies(directory: Path, a_source: Path, b_source: Path, extra_copies: int = EXTRA_COPIES) -> Path:
+    """A models dir holding real copies (not links) of the two files, as models A and B, and `extra_copies`
+    more of B's file that are never requested."""
     models = directory / "models"
     models.mkdir(parents=True)
-    extras = [(b_source, f"fresh-extra-{i}") for i in range(EXTRA_COPIES)]
+    extras = [(b_source, f"fresh-extra-{i}") for i in range(extra_copies)]
     for source, name in ((a_source, A), (b_source, B), *extras):
         copy = models / f"{name}.gguf"
         shutil.copyfile(source.resolve(), copy)
@@ -72,10 +72,10 @@ async def _a_then_b(router: RouterProcess) -> tuple[float, float, float]:
 
 
 def fresh_swap(kind: str, binary: Path, workdir: Path, a_source: Path, b_source: Path,
-               engine_args: list[str]) -> FreshSwap:
+               engine_args: list[str], extra_copies: int = EXTRA_COPIES) -> FreshSwap:
     """One measurement: copies, a router over them, the two requests; the router and copies are removed."""
     home = workdir / f"home-{kind.replace(' ', '-')}-{time.monotonic_ns()}"
-    models = fresh_copies(home, a_source, b_source)
+    models = fresh_copies(home, a_source, b_source, extra_copies)
     router = start_router(kind, binary, ["--models-dir", str(models)], 1, workdir, engine_args,
                           env=fresh_env(home, dict(os.environ)))
     try:

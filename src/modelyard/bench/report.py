@@ -10,10 +10,10 @@ from typing import Any
 
 from modelyard import __version__
 from modelyard.bench import soak
-from modelyard.bench.fresh import AFTER_HEALTH_S, EXTRA_COPIES
+from modelyard.bench.fresh import AFTER_HEALTH_S
 from modelyard.bench.processes import MODELYARD, ROUTER_MODE
 from modelyard.bench.scenarios import KINDS, SCALE_START_LIMIT_S, Plan, Results
-from modelyard.demo import GEMMA3, SMOLLM2
+from modelyard.demo import SMOLLM2
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -53,8 +53,8 @@ def render(results: Results, plan: Plan, model: str, build: str, command: str) -
         (results.overhead, lambda: _overhead(results)), (results.streams, lambda: _streaming(results)),
         (results.cold, lambda: _cold(results)), (results.mixed, lambda: _mixed(results)),
         (results.rate, lambda: _cost(results)), (results.scale, lambda: _scale(results)),
-        (results.starved_wait, lambda: _busy(results, plan)), (results.fresh, lambda: _fresh(results)),
-        (results.soak, lambda: _soak(results.soak))]
+        (results.starved_wait, lambda: _busy(results, plan)), (results.fresh, lambda: _fresh(results, plan)),
+        (results.soak, lambda: _soak(results.soak, plan))]
     for figures, section in sections:
         if figures:
             lines += section()
@@ -82,14 +82,15 @@ def _overhead(results: Results) -> list[str]:
 
 
 def _streaming(results: Results) -> list[str]:
+    together = max(concurrency for concurrency, _, _ in results.throughput)  # the plan's streams_together
     out = ["## 2. Streaming", "",
            "| router | route | time to first token p50 | inter-token gap p50 | gap p99 | tokens/s, 1 stream | "
-           "tokens/s, 8 streams |", "|---|---|---|---|---|---|---|"]
+           f"tokens/s, {together} streams |", "|---|---|---|---|---|---|---|"]
     for (kind, route), streams in sorted(results.streams.items()):
         gaps = [g for s in streams for g in s.gaps]
         out.append(f"| {kind} | {route} | {ms(statistics.median(s.first_token for s in streams))} | "
                    f"{ms(pct(gaps, .5))} | {ms(pct(gaps, .99))} | {results.throughput[(1, kind, route)]:.1f} | "
-                   f"{results.throughput[(8, kind, route)]:.1f} |")
+                   f"{results.throughput[(together, kind, route)]:.1f} |")
     return [*out, ""]
 
 
@@ -157,10 +158,10 @@ def _busy(results: Results, plan: Plan) -> list[str]:
             f"| modelyard | {ours:.2f} s | {ratio(ours, theirs)} |", f"| llama-server router | {theirs:.2f} s | |", ""]
 
 
-def _fresh(results: Results) -> list[str]:
+def _fresh(results: Results, plan: Plan) -> list[str]:
     out = ["## 8. Swap right after start-up, over files never seen before", "",
-           f"Each router starts over fresh copies of {SMOLLM2} (model A) and {GEMMA3} (model B, and "
-           f"{EXTRA_COPIES} more copies never requested), with an empty "
+           f"Each router starts over fresh copies of {SMOLLM2} (model A) and {plan.model} (model B, and "
+           f"{plan.fresh_extra_copies} more copies never requested), with an empty "
            f"cache directory and HOME; {AFTER_HEALTH_S:g} s after /health answers, a streamed request for A "
            "(a cold load), then one for B (a swap, --models-max 1). Median of the rounds "
            "(each round on new copies).", "",
@@ -187,13 +188,13 @@ def _fresh(results: Results) -> list[str]:
     return [*out, ""]
 
 
-def _soak(result: soak.SoakResult | None) -> list[str]:
+def _soak(result: soak.SoakResult | None, plan: Plan) -> list[str]:
     assert result is not None
     totals = result.totals()
     failures = soak.verdict(result)
     outcomes = sorted(totals, key=lambda o: (not o.startswith("2"), o))
     out = ["## 9. Soak (modelyard only)", "",
-           f"{result.requests} requests over 4 model names ({SMOLLM2} and {GEMMA3} under two names each, one with "
+           f"{result.requests} requests over 4 model names ({SMOLLM2} and {plan.model} under two names each, one with "
            f"embeddings on), one route each, at concurrency {soak.CONCURRENCY} with --models-max "
            f"{soak.MODELS_MAX}; children SIGKILLed at seeded random moments: {len(result.kills)} (at requests "
            f"{', '.join(str(k[0]) for k in result.kills) or 'none'}). A request with no answer within "

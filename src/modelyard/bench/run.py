@@ -13,7 +13,7 @@ from modelyard.bench import SCENARIOS
 from modelyard.bench.report import plot, render
 from modelyard.bench.scenarios import PLANS, Setup, run_all
 from modelyard.bench.soak import verdict
-from modelyard.demo import GEMMA3, SMOLLM2, default_models_dir
+from modelyard.demo import SMOLLM2, default_models_dir
 from modelyard.engine.install import LLAMA_CPP_BUILD
 
 # Given to both routers, so every child runs with the same flags (modelyard would add --threads-http 64 itself).
@@ -34,7 +34,7 @@ def run_benchmark(mode: str, out: Path, binary: Path, log: Callable[[str], None]
     if unknown:
         raise RuntimeError(f"unknown scenario {', '.join(unknown)}: choose from {', '.join(SCENARIOS)}")
     plan = PLANS[mode]
-    model = default_models_dir() / f"{GEMMA3}.gguf"
+    model = default_models_dir() / f"{plan.model}.gguf"  # models a, b and c, and more (see Plan.model)
     smollm2 = default_models_dir() / f"{SMOLLM2}.gguf"
     for path in (model, smollm2):
         if not path.is_file():
@@ -53,7 +53,7 @@ def run_benchmark(mode: str, out: Path, binary: Path, log: Callable[[str], None]
     command = shlex.join(["modelyard", "bench", "--mode", mode, *sys.argv[sys.argv.index(mode) + 1:]]
                          if mode in sys.argv else ["modelyard", "bench", "--mode", mode])
     report = directory / "report.md"
-    report.write_text(render(results, plan, f"{GEMMA3} ({model.stat().st_size / 1e6:.0f} MB)",
+    report.write_text(render(results, plan, f"{plan.model} ({model.stat().st_size / 1e6:.0f} MB)",
                              f"{LLAMA_CPP_BUILD} ({binary})", command))
     for path in plot(results, directory):
         log(f"plot: {path}")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,11 @@ from typing import Any
 import httpx
 
 from modelyard.bench import SCENARIOS
-from modelyard.bench.fresh import FreshSwap, fresh_swap
+from modelyard.bench.fresh import EXTRA_COPIES, FreshSwap, fresh_swap
 from modelyard.bench.load import POOL_IDLE_S, StatusRecorder, Stream, Timed, new_session, streamed_chat, timed_requests
 from modelyard.bench.processes import MODELYARD, ROUTER_MODE, RouterProcess, start_router
 from modelyard.bench.soak import MODELS_MAX, SoakResult, run_soak, write_sources
+from modelyard.demo import GEMMA3, SMOLLM2
 
 KINDS = (MODELYARD, ROUTER_MODE)
 
@@ -45,11 +46,23 @@ class Plan:
     # check of the harness (in the test suite) measures nothing and skips them.
     pool_idle_s: float = POOL_IDLE_S
     overhead_concurrency: tuple[int, ...] = (1, 32)  # the smoke check uses (1, 4): 32 x 2 chats per target are slow
+    fresh_extra_copies: int = EXTRA_COPIES  # the smoke check copies none (each is 250 MB written and synced)
+    # The smoke check runs the four scenarios over all-resident or one-at-a-time models on two router pairs
+    # instead of four (see `run_all`): every pair costs two start-ups and its own loads.
+    share_routers: bool = False
+    streams_together: int = 8  # the throughput of this many concurrent streams (and of one); smoke: 2
+    # The larger demo model: behind a, b and c, the fresh swap's B, the soak's embeddings and tokenize names.
+    # The smoke check uses SmolLM2 there too (every scenario then runs SmolLM2 only: it loads in 0.5 s, not 1.8).
+    model: str = GEMMA3
 
 
+# The smoke plan checks that the harness runs end to end in the test suite: every scenario runs, as few loads
+# and start-ups as that takes (a load is 1 to 2 s on 2 busy cores): one swap, three mixed clients with one
+# request each (one per model), a 2 s busy phase, a 20-request soak, and only the smaller demo model.
 PLANS = {
-    "smoke": Plan("smoke", 4, 1, 4, 1, 2, 2, 3, 1, 64, (50,), 4.0, 1, 50, 1, pool_idle_s=0.0,
-                  overhead_concurrency=(1, 4)),
+    "smoke": Plan("smoke", 4, 1, 4, 1, 1, 3, 1, 1, 64, (10,), 2.0, 1, 20, 1, pool_idle_s=0.0,
+                  overhead_concurrency=(1, 4), fresh_extra_copies=0, share_routers=True,
+                  streams_together=2, model=SMOLLM2),
     "quick": Plan("quick", 40, 2, 32, 6, 4, 4, 6, 1, 600, (1000,), 12.0, 2, 1000, 5),
     "full": Plan("full", 300, 3, 64, 20, 6, 4, 6, 3, 4000, (1000, 10000), 20.0, 3, 10000, 5),
 }
@@ -63,7 +76,7 @@ class Setup:
     workdir: Path
     engine_args: list[str]
     smollm2: Path
-    gemma3: Path
+    larger: Path  # the plan's `model`
     models: tuple[str, ...] = ("a", "b", "c")
 
 
@@ -151,7 +164,7 @@ async def streaming(session: Any, targets: list[Target], plan: Plan, results: Re
         for kind, route, base, headers in targets:
             stream = await streamed_chat(session, base, "a", plan.stream_tokens, headers=headers)
             results.streams.setdefault((kind, route), []).append(stream)
-    for concurrency in (1, 8):
+    for concurrency in (1, plan.streams_together):
         for kind, route, base, headers in targets:
             started = time.perf_counter()
             streams = await asyncio.gather(*(streamed_chat(session, base, "a", plan.stream_tokens,
@@ -285,8 +298,6 @@ def scale(setup: Setup, sizes: tuple[int, ...], results: Results) -> None:
                 router.stop()
 
 
-# -- everything, in one run ---------------------------------------------------------------------------------
-
 # -- 8. a swap right after start-up over never-seen files -------------------------------------------------
 
 def fresh_swaps(setup: Setup, plan: Plan, results: Results) -> None:
@@ -294,47 +305,73 @@ def fresh_swaps(setup: Setup, plan: Plan, results: Results) -> None:
     for round_no in range(plan.fresh_rounds):
         for kind in KINDS if round_no % 2 == 0 else tuple(reversed(KINDS)):
             results.fresh.setdefault(kind, []).append(
-                fresh_swap(kind, setup.binary, setup.workdir, setup.smollm2, setup.gemma3, setup.engine_args))
+                fresh_swap(kind, setup.binary, setup.workdir, setup.smollm2, setup.larger, setup.engine_args,
+                           plan.fresh_extra_copies))
 
 
 # -- 9. soak (modelyard only) ----------------------------------------------------------------------------------
 
 def soak(setup: Setup, plan: Plan, results: Results, log: Any) -> None:
-    sources = write_sources(setup.workdir, setup.smollm2, setup.gemma3)
+    sources = write_sources(setup.workdir, setup.smollm2, setup.larger)
     router = start_router(MODELYARD, setup.binary, sources, MODELS_MAX, setup.workdir, setup.engine_args)
     try:
         router.wait_ready(120)
-        results.soak = asyncio.run(run_soak(router, plan.soak_requests, plan.soak_kills, log))
+        results.soak = asyncio.run(run_soak(router, plan.soak_requests, plan.soak_kills, log, plan.pool_idle_s))
     finally:
         router.stop()
 
 
 # -- everything, in one run ---------------------------------------------------------------------------------
 
+Pair = AbstractContextManager[dict[str, RouterProcess]]
+
+
+def _pairs(setup: Setup, plan: Plan, shared: ExitStack) -> Callable[..., Pair]:
+    """What starts the router pair of a scenario: a pair of its own, stopped after it; with the smoke plan's
+    `share_routers`, one of two pairs kept in `shared` (stopped when it closes): --models-max 4 for the
+    scenarios with every model resident, --models-max 1 and modelyard's --max-wait for those with one at a
+    time (the first scenario on a pair still finds it fresh: the hot path, then the cold load)."""
+    kept: dict[int, dict[str, RouterProcess]] = {}
+
+    def pair(max_models: int, modelyard_args: tuple[str, ...] = ()) -> Pair:
+        if not plan.share_routers:
+            return routers(setup, max_models, modelyard_args=modelyard_args)
+        resident = max_models > 1
+        key = 4 if resident else 1
+        if key not in kept:
+            flags = () if resident else ("--max-wait", str(MAX_WAIT_S))
+            kept[key] = shared.enter_context(routers(setup, key, modelyard_args=flags))
+        return nullcontext(kept[key])
+
+    return pair
+
+
 def run_all(setup: Setup, plan: Plan, log: Any, only: frozenset[str] = frozenset(SCENARIOS)) -> Results:
     """Every scenario named in `only` (all by default), in SCENARIOS' order."""
     results = Results()
-    if "hot-path" in only:
-        log("1-2, 5: hot path, streaming and request rate (all models resident)")
-        with routers(setup, 4) as running:
-            asyncio.run(hot_path(running, plan, results))
-            for kind, router in running.items():
-                results.cost.setdefault(kind, {})["peak_rss"] = float(router.rss_bytes())
-    if "swaps" in only:
-        log("3-4: cold load, swaps and mixed workload with --models-max 1")
-        with routers(setup, 1) as running:
-            asyncio.run(cold_and_swaps(running, plan, results))
-            asyncio.run(mixed(running, plan, "--models-max 1", setup.models, results, preload=False))
-            for kind, router in running.items():
-                results.cost.setdefault(kind, {})["cpu_seconds_models_max_1"] = router.cpu_seconds()
-    if "busy" in only:
-        log(f"7: a request for b while a is kept busy (--models-max 1, modelyard --max-wait {MAX_WAIT_S:g})")
-        with routers(setup, 1, modelyard_args=("--max-wait", str(MAX_WAIT_S))) as running:
-            asyncio.run(busy_model(running, plan, results))
-    if "resident" in only:
-        log("4: mixed workload with all three models resident")
-        with routers(setup, len(setup.models)) as running:
-            asyncio.run(mixed(running, plan, "all resident", setup.models, results, preload=True))
+    with ExitStack() as shared:
+        pair = _pairs(setup, plan, shared)
+        if "hot-path" in only:
+            log("1-2, 5: hot path, streaming and request rate (all models resident)")
+            with pair(4) as running:
+                asyncio.run(hot_path(running, plan, results))
+                for kind, router in running.items():
+                    results.cost.setdefault(kind, {})["peak_rss"] = float(router.rss_bytes())
+        if "swaps" in only:
+            log("3-4: cold load, swaps and mixed workload with --models-max 1")
+            with pair(1) as running:
+                asyncio.run(cold_and_swaps(running, plan, results))
+                asyncio.run(mixed(running, plan, "--models-max 1", setup.models, results, preload=False))
+                for kind, router in running.items():
+                    results.cost.setdefault(kind, {})["cpu_seconds_models_max_1"] = router.cpu_seconds()
+        if "busy" in only:
+            log(f"7: a request for b while a is kept busy (--models-max 1, modelyard --max-wait {MAX_WAIT_S:g})")
+            with pair(1, ("--max-wait", str(MAX_WAIT_S))) as running:
+                asyncio.run(busy_model(running, plan, results))
+        if "resident" in only:
+            log("4: mixed workload with all three models resident")
+            with pair(len(setup.models)) as running:
+                asyncio.run(mixed(running, plan, "all resident", setup.models, results, preload=True))
     if "scale" in only:
         log(f"6: scale ({', '.join(str(s) for s in plan.scale_sizes)} registered models)")
         scale(setup, plan.scale_sizes, results)
