@@ -35,8 +35,13 @@ class Feed(Generic[T]):
                 self._cut(queue)
 
     def close(self) -> None:
+        """End every stream after the events already queued (dropped only where no room is left for the end)."""
         for queue in list(self._subscribers):
-            self._cut(queue)
+            self._subscribers.discard(queue)
+            if queue.full():
+                self._cut(queue)
+            else:
+                queue.put_nowait(None)
 
     def _cut(self, queue: asyncio.Queue[T | None]) -> None:
         self._subscribers.discard(queue)

@@ -24,7 +24,7 @@ from aiohttp import web
 from modelyard.api.errors import error_body, from_model_error
 from modelyard.api.json import dumps
 from modelyard.errors import ModelError
-from modelyard.manager import Lease, ModelManager, StatusEvent
+from modelyard.manager import FeedEvent, Lease, ModelManager, StatusEvent
 from modelyard.scheduler import Status
 
 Send = Callable[[Lease, web.StreamResponse | None], Awaitable[web.StreamResponse]]
@@ -96,6 +96,22 @@ async def stream_while_loading(request: web.Request, manager: ModelManager, mode
             manager.release(task.result())
 
 
+async def _next_event(events: asyncio.Queue[FeedEvent | None], task: asyncio.Future[Lease], feed_open: bool
+                      ) -> tuple[FeedEvent | None, bool]:
+    """The next status event, or None when the lease came or a recheck is due; and whether the feed is open."""
+    if not feed_open:
+        await asyncio.wait({task}, timeout=_RECHECK_S)
+        return None, False
+    getter = asyncio.ensure_future(events.get())
+    waits: set[asyncio.Future[Any]] = {task, getter}
+    await asyncio.wait(waits, timeout=_RECHECK_S, return_when=asyncio.FIRST_COMPLETED)
+    if not getter.done():
+        getter.cancel()
+        return None, True
+    event = getter.result()
+    return event, event is not None
+
+
 async def _prepared(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
@@ -105,35 +121,28 @@ async def _prepared(request: web.Request) -> web.StreamResponse:
 
 async def _stream(request: web.Request, manager: ModelManager, model: str, task: asyncio.Future[Lease],
                   send: Send, started_at: float) -> web.StreamResponse:
-    response = await _prepared(request)
-    created = int(time.time())
-    first = True
+    async with manager.subscribe() as events:  # before the answer starts: no progress is missed
+        response = await _prepared(request)
+        created = int(time.time())
+        first = True
 
-    async def say(text: str) -> None:
-        nonlocal first
-        await response.write(chunk(model, created, text + "\n", first))
-        first = False
+        async def say(text: str) -> None:
+            nonlocal first
+            await response.write(chunk(model, created, text + "\n", first))
+            first = False
 
-    await say(f"Loading model '{model}'...")
-    said: dict[str, str] = {}  # what was last said of the progress and of why it waits
-    quiet_since = time.monotonic()
-    async with manager.subscribe() as events:
+        await say(f"Loading model '{model}'...")
+        said: dict[str, str] = {}  # what was last said of the progress and of why it waits
+        quiet_since = time.monotonic()
+        event: FeedEvent | None = None
         feed_open = True
-        while not task.done():
-            getter = asyncio.ensure_future(events.get()) if feed_open else None
-            waits: set[asyncio.Future[Any]] = {task} if getter is None else {task, getter}
-            await asyncio.wait(waits, timeout=_RECHECK_S, return_when=asyncio.FIRST_COMPLETED)
+        while True:
             lines = []
-            if getter is not None and getter.done():
-                event = getter.result()
-                feed_open = event is not None
-                if isinstance(event, StatusEvent) and event.model == model and event.progress is not None:
-                    text = progress_text(event.progress)
-                    if text is not None and text != said.get("progress"):
-                        said["progress"] = text
-                        lines.append(text)
-            elif getter is not None:
-                getter.cancel()
+            if isinstance(event, StatusEvent) and event.model == model and event.progress is not None:
+                text = progress_text(event.progress)
+                if text is not None and text != said.get("progress"):
+                    said["progress"] = text
+                    lines.append(text)
             reason = _why(manager, model) if not task.done() else None
             if reason is not None and _shape(reason) != _shape(said.get("why", "")):
                 said["why"] = reason
@@ -144,6 +153,9 @@ async def _stream(request: web.Request, manager: ModelManager, model: str, task:
             if time.monotonic() - quiet_since >= _KEEPALIVE_S:
                 await response.write(b": keepalive\n\n")  # clients ignore comments; proxies see traffic
                 quiet_since = time.monotonic()
+            if task.done():
+                break
+            event, feed_open = await _next_event(events, task, feed_open)
     error = task.exception()
     if error is not None:
         message = error.message if isinstance(error, ModelError) else str(error)
