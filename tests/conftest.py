@@ -49,8 +49,17 @@ def demo_models() -> dict[str, Path]:
 @pytest.fixture
 def models_dir(tmp_path: Path, demo_models: dict[str, Path]) -> Path:
     """The demo models under several names (symlinks), so swaps between distinct models can be tested."""
-    directory = tmp_path / "models"
-    directory.mkdir()
+    return _link_models(tmp_path / "models", demo_models)
+
+
+@pytest.fixture(scope="module")
+def module_models_dir(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path]) -> Path:
+    """`models_dir` for a router shared by a module's tests."""
+    return _link_models(tmp_path_factory.mktemp("models"), demo_models)
+
+
+def _link_models(directory: Path, demo_models: dict[str, Path]) -> Path:
+    directory.mkdir(exist_ok=True)
     (directory / "smol.gguf").symlink_to(demo_models[SMOLLM2])
     (directory / "smol-b.gguf").symlink_to(demo_models[SMOLLM2])
     (directory / "gemma.gguf").symlink_to(demo_models[GEMMA3])
@@ -115,10 +124,21 @@ class Router:
 
 @pytest.fixture
 def start_router(tmp_path: Path) -> Iterator[object]:
+    yield from _starter(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def start_module_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """`start_router` for routers shared by a module's tests (a start and its first load cost 1 to 3 s): for
+    tests that neither need a fresh router nor leave it in a state that another test could notice."""
+    yield from _starter(tmp_path_factory.mktemp("routers"))
+
+
+def _starter(directory: Path) -> Iterator[object]:
     routers: list[Router] = []
 
     def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> Router:
-        router = Router(list(args), tmp_path, env)
+        router = Router(list(args), directory, env)
         routers.append(router)
         return router.wait_ready() if wait else router
 

@@ -15,21 +15,31 @@ import pytest
 
 from tests.conftest import Router
 
+ARGS = ("--keep-alive", "5m")
+
 
 @pytest.fixture
 def router(models_dir: Path, start_router: Any) -> Router:
-    started: Router = start_router("--models-dir", str(models_dir), "--keep-alive", "5m")
+    """A router of its own, for a test that needs nothing loaded, or counts loads, or kills a child."""
+    started: Router = start_router("--models-dir", str(models_dir), *ARGS)
     return started
 
 
-def test_version_and_root(router: Router) -> None:
-    version = router.client.get("/api/version")
+@pytest.fixture(scope="module")
+def shared(module_models_dir: Path, start_module_router: Any) -> Router:
+    """One router for the tests that work whatever is loaded and leave nothing another test would notice."""
+    started: Router = start_module_router("--models-dir", str(module_models_dir), *ARGS)
+    return started
+
+
+def test_version_and_root(shared: Router) -> None:
+    version = shared.client.get("/api/version")
     assert version.headers["content-type"].startswith("application/json")
     major, minor, patch = version.json()["version"].split(".")
     assert all(part.isdigit() for part in (major, minor, patch))
-    assert router.client.get("/").text == "Ollama is running"
-    assert router.client.head("/api/version").status_code == 200
-    assert router.client.head("/api/tags").status_code == 200
+    assert shared.client.get("/").text == "Ollama is running"
+    assert shared.client.head("/api/version").status_code == 200
+    assert shared.client.head("/api/tags").status_code == 200
 
 
 def wait_for_metadata(client: ollama.Client) -> dict[str, Any]:
@@ -43,8 +53,8 @@ def wait_for_metadata(client: ollama.Client) -> dict[str, Any]:
         time.sleep(0.2)
 
 
-def test_list_with_tagged_names_details_and_digest(router: Router) -> None:
-    models = wait_for_metadata(ollama.Client(host=router.url))
+def test_list_with_tagged_names_details_and_digest(shared: Router) -> None:
+    models = wait_for_metadata(ollama.Client(host=shared.url))
     assert set(models) == {"smol:latest", "smol-b:latest", "gemma:latest"}
     gemma = models["gemma:latest"]
     assert gemma.size == 253_113_024 and len(gemma.digest or "") == 64
@@ -70,30 +80,30 @@ def test_ps_shows_loaded_models_with_expiry(router: Router) -> None:
     assert entry.context_length == 32768
 
 
-def test_openai_model_by_id(router: Router) -> None:
+def test_openai_model_by_id(shared: Router) -> None:
     for name in ("gemma", "gemma:latest"):
-        entry = router.client.get(f"/v1/models/{name}").json()
+        entry = shared.client.get(f"/v1/models/{name}").json()
         assert entry["id"] == "gemma" and entry["object"] == "model"
-    missing = router.client.get("/v1/models/nope")
+    missing = shared.client.get("/v1/models/nope")
     assert missing.status_code == 404 and "not found" in missing.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("method", "path"), [("POST", "/api/pull"), ("POST", "/api/create"),
                                               ("POST", "/api/copy"), ("DELETE", "/api/delete"),
                                               ("POST", "/api/push"), ("POST", "/api/blobs/sha256:00")])
-def test_model_management_endpoints_answer_a_clear_error(router: Router, method: str, path: str) -> None:
-    reply = router.client.request(method, path, json={"model": "gemma"})
+def test_model_management_endpoints_answer_a_clear_error(shared: Router, method: str, path: str) -> None:
+    reply = shared.client.request(method, path, json={"model": "gemma"})
     assert reply.status_code == 400 and "modelyard" in reply.json()["error"]
 
 
-def test_the_ollama_client_raises_the_error_text(router: Router) -> None:
+def test_the_ollama_client_raises_the_error_text(shared: Router) -> None:
     with pytest.raises(ollama.ResponseError, match="--models-dir"):
-        ollama.Client(host=router.url).pull("gemma")
-    assert httpx.get(router.url + "/api/tags").headers["content-type"].startswith("application/json")
+        ollama.Client(host=shared.url).pull("gemma")
+    assert httpx.get(shared.url + "/api/tags").headers["content-type"].startswith("application/json")
 
 
-def test_chat_stream_and_not(router: Router) -> None:
-    client = ollama.Client(host=router.url)
+def test_chat_stream_and_not(shared: Router) -> None:
+    client = ollama.Client(host=shared.url)
     reply = client.chat(model="smol", messages=[{"role": "user", "content": "Say hello."}],
                         options={"num_predict": 8, "temperature": 0}, stream=False)
     assert reply.message.role == "assistant" and reply.message.content
@@ -116,16 +126,16 @@ def test_chat_stream_and_not(router: Router) -> None:
     assert chunks[-1].prompt_eval_count and chunks[-1].prompt_eval_count > 10  # the system prompt is counted
 
 
-def test_ndjson_framing(router: Router) -> None:
+def test_ndjson_framing(shared: Router) -> None:
     body = {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "options": {"num_predict": 4}}
-    with httpx.stream("POST", router.url + "/api/chat", json=body, timeout=60) as response:
+    with httpx.stream("POST", shared.url + "/api/chat", json=body, timeout=60) as response:
         assert response.headers["content-type"] == "application/x-ndjson"
         lines = response.read().decode().split("\n")
     assert lines[-1] == "" and all(line.strip() for line in lines[:-1])  # no blank keep-alive lines
 
 
-def test_generate_plain_and_raw(router: Router) -> None:
-    client = ollama.Client(host=router.url)
+def test_generate_plain_and_raw(shared: Router) -> None:
+    client = ollama.Client(host=shared.url)
     reply = client.generate(model="smol", prompt="Name a colour.", options={"num_predict": 6})
     assert reply.response and reply.done and reply.eval_count
     raw = client.generate(model="gemma", prompt="The capital of France is", raw=True,
@@ -155,15 +165,15 @@ def test_allocation_options_never_reload(router: Router) -> None:
     assert router.log().count("loading smol:") == 1
 
 
-def test_unknown_model_and_bad_requests_get_ollama_errors(router: Router) -> None:
+def test_unknown_model_and_bad_requests_get_ollama_errors(shared: Router) -> None:
     with pytest.raises(ollama.ResponseError) as error:
-        ollama.Client(host=router.url).chat(model="nope", messages=[{"role": "user", "content": "x"}])
+        ollama.Client(host=shared.url).chat(model="nope", messages=[{"role": "user", "content": "x"}])
     assert error.value.status_code == 404 and error.value.error == "model 'nope' not found"
-    bad = router.client.post("/api/chat", content=b"{oops")
+    bad = shared.client.post("/api/chat", content=b"{oops")
     assert bad.status_code == 400 and "invalid JSON" in bad.json()["error"]
-    wrong = router.client.post("/api/chat", json={"model": "smol", "messages": "hi"})
+    wrong = shared.client.post("/api/chat", json={"model": "smol", "messages": "hi"})
     assert wrong.status_code == 400 and "messages" in wrong.json()["error"]
-    ka = router.client.post("/api/generate", json={"model": "smol", "prompt": "x", "keep_alive": "soon"})
+    ka = shared.client.post("/api/generate", json={"model": "smol", "prompt": "x", "keep_alive": "soon"})
     assert ka.status_code == 400 and "keep_alive" in ka.json()["error"]
 
 
@@ -180,12 +190,13 @@ def test_unknown_model_and_bad_requests_get_ollama_errors(router: Router) -> Non
     ("/api/generate", {"prompt": 5}, "prompt must be a string"),
     ("/api/embed", {"input": [1, 2]}, "input must be a string or a list of strings"),
 ])
-def test_wrong_types_are_400_saying_what_to_send(router: Router, path: str, extra: dict[str, Any],
+def test_wrong_types_are_400_saying_what_to_send(shared: Router, path: str, extra: dict[str, Any],
                                                  message: str) -> None:
-    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "stream": False, **extra}
-    reply = router.client.post(path, json=body)
+    # smol-b: the one model no other test on the shared router loads
+    body = {"model": "smol-b", "messages": [{"role": "user", "content": "hi"}], "stream": False, **extra}
+    reply = shared.client.post(path, json=body)
     assert reply.status_code == 400 and message in reply.json()["error"], reply.text
-    assert router.children() == []  # refused before any load
+    assert shared.status("smol-b") == "unloaded"  # refused before any load
 
 
 def test_embed_and_legacy_embeddings(tmp_path: Path, demo_models: dict[str, Path], start_router: Any) -> None:
