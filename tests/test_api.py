@@ -15,11 +15,12 @@ from modelyard.api.cors import CorsPolicy
 from tests.conftest import Router, fake_cmd
 
 
-@pytest.fixture
-def router(tmp_path: Path, start_router: Any) -> Router:
-    preset = tmp_path / "fleet.ini"
+@pytest.fixture(scope="module")
+def router(tmp_path_factory: pytest.TempPathFactory, start_module_router: Any) -> Router:
+    """One router for the module: its tests only read, or load a model that no other test needs unloaded."""
+    preset = tmp_path_factory.mktemp("fleet") / "fleet.ini"
     preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\nalias = first\n[slow]\ncmd = {fake_cmd('slow', 3.0)}\n")
-    started: Router = start_router("--models-preset", str(preset))
+    started: Router = start_module_router("--models-preset", str(preset))
     return started
 
 
