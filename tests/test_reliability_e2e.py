@@ -137,7 +137,8 @@ def test_a_child_answers_only_modelyard(models_dir: Path, start_router: Any) -> 
 # -- 2. wedged children and load timeouts --
 
 def test_a_stopped_child_ends_its_requests_and_is_loaded_again(models_dir: Path, start_router: Any) -> None:
-    router: Router = start_router("--models-dir", str(models_dir), "--stall-timeout", "4")
+    # 2 s: each of the three STOPs below is caught within a few seconds (the wait dominated this test at 4 s).
+    router: Router = start_router("--models-dir", str(models_dir), "--stall-timeout", "2")
     long = {"model": SMOL, **CHAT, "max_tokens": 4000, "ignore_eos": True}
     assert router.client.post("/v1/chat/completions", json={**long, "max_tokens": 2}).status_code == 200
 
@@ -228,7 +229,7 @@ def test_requests_racing_a_child_s_death_get_502_or_503_never_500(models_dir: Pa
 def test_a_child_that_answers_health_but_stalls_its_requests_is_killed(tmp_path: Path, start_router: Any) -> None:
     """llama.cpp users report children that answer /health but stall every inference: the fake engine does
     exactly that with a long fake_delay (headers at once for a stream, then nothing)."""
-    router: Router = start_router("--models-preset", str(_fake_preset(tmp_path)), "--stall-timeout", "2")
+    router: Router = start_router("--models-preset", str(_fake_preset(tmp_path)), "--stall-timeout", "1")
     stalled = {"model": "fake", **CHAT, "fake_delay": 120, "fake_chunks": 2}
     with ThreadPoolExecutor(1) as pool:
         plain = pool.submit(router.client.post, "/v1/chat/completions", json=stalled, timeout=60)
@@ -238,23 +239,24 @@ def test_a_child_that_answers_health_but_stalls_its_requests_is_killed(tmp_path:
             events = list(_data_lines(response.iter_lines()))
         reply = plain.result(timeout=60)
     assert time.monotonic() - started < 20
-    assert events[-1] == "[DONE]" and "stall-timeout 2 s" in json.loads(events[-2])["error"]["message"], events
-    assert reply.status_code == 502 and "stall-timeout 2 s" in reply.json()["error"]["message"], reply.text
+    assert events[-1] == "[DONE]" and "stall-timeout 1 s" in json.loads(events[-2])["error"]["message"], events
+    assert reply.status_code == 502 and "stall-timeout 1 s" in reply.json()["error"]["message"], reply.text
     router.wait_status("fake", "failed", timeout=10)
     assert router.client.post("/v1/chat/completions", json={"model": "fake", **CHAT}).status_code == 200
 
 
 def test_a_long_silent_generation_is_not_taken_for_a_stall(models_dir: Path, start_router: Any) -> None:
     """A non-streamed answer sends nothing until it ends; llama-server's /slots counters show it is working."""
-    router: Router = start_router("--models-dir", str(models_dir), "--stall-timeout", "2")
-    body = {"model": SMOL, **CHAT, "max_tokens": 300, "ignore_eos": True}
+    # A 1 s stall-timeout (probes every 0.5 s): 200 tokens take 2 to 8 s here, well past it.
+    router: Router = start_router("--models-dir", str(models_dir), "--stall-timeout", "1")
+    body = {"model": SMOL, **CHAT, "max_tokens": 200, "ignore_eos": True}
     assert router.client.post("/v1/chat/completions", json={**body, "max_tokens": 1}).status_code == 200
     started = time.monotonic()
     reply = router.client.post("/v1/chat/completions", json=body)
     took = time.monotonic() - started
     assert reply.status_code == 200, reply.text
-    assert reply.json()["usage"]["completion_tokens"] == 300
-    assert took > 2, f"{took:.1f} s is too short to show anything with a 2 s stall-timeout"
+    assert reply.json()["usage"]["completion_tokens"] == 200
+    assert took > 1.5, f"{took:.1f} s is too short to show anything with a 1 s stall-timeout"
     assert router.status(SMOL) == "loaded"
 
 
@@ -263,12 +265,13 @@ def test_a_long_prompt_step_is_not_taken_for_a_stall(tmp_path: Path, demo_models
     preset = tmp_path / "big-batch.ini"
     preset.write_text(f"[big-batch]\nmodel = {demo_models['smollm2-135m-instruct']}\nctx-size = 8192\n"
                       "batch-size = 8192\nubatch-size = 8192\nparallel = 1\n")
-    router: Router = start_router("--models-preset", str(preset), "--stall-timeout", "2")
+    router: Router = start_router("--models-preset", str(preset), "--stall-timeout", "1")
     body = {"model": "big-batch", "max_tokens": 2}
     warm = {**body, "messages": [{"role": "user", "content": "hi"}]}
     assert router.client.post("/v1/chat/completions", json=warm).status_code == 200
-    # About 2,300 prompt tokens in one step: 5 to 13 s on this machine, with /slots unanswered meanwhile.
-    prompt = " ".join(f"word{i}" for i in range(500))
+    # About 900 prompt tokens in one step: 2 to 6 s on this machine (2,300 took 5 to 13 s), with /slots
+    # unanswered meanwhile; a 1 s stall-timeout probes every 0.5 s.
+    prompt = " ".join(f"word{i}" for i in range(250))
     reply = router.client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user",
                                                                                    "content": prompt}]})
     assert reply.status_code == 200, reply.text
