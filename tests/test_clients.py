@@ -267,9 +267,10 @@ def test_7_3_suffix_fills_in_the_middle(router: Router) -> None:
     (1800, 1800), ("5m", 300), ("300", 300), ("-1", None), ("-1m", None), (-1, None), ("1h30m", 5400),
 ])
 def test_7_5_keep_alive_is_parsed_leniently(router: Router, keep_alive: Any, seconds: int | None) -> None:
-    reply = router.client.post("/api/generate", json={"model": "gemma", "keep_alive": keep_alive})
+    # smol, not gemma: the other tests keep it loaded, and it reloads in 0.5 s after the unloads below (1.8)
+    reply = router.client.post("/api/generate", json={"model": "smol", "keep_alive": keep_alive})
     assert reply.status_code == 200 and reply.json()["done_reason"] == "load"
-    entry = next(m for m in router.client.get("/api/ps").json()["models"] if m["name"] == "gemma:latest")
+    entry = next(m for m in router.client.get("/api/ps").json()["models"] if m["name"] == "smol:latest")
     expires = datetime.fromisoformat(entry["expires_at"])
     left = (expires - datetime.now(expires.tzinfo)).total_seconds()
     if seconds is None:
@@ -280,10 +281,10 @@ def test_7_5_keep_alive_is_parsed_leniently(router: Router, keep_alive: Any, sec
 
 @pytest.mark.parametrize("keep_alive", [0, "0", "0s"])
 def test_7_5_keep_alive_zero_unloads(router: Router, keep_alive: Any) -> None:
-    router.client.post("/api/generate", json={"model": "gemma"}).raise_for_status()
-    reply = router.client.post("/api/generate", json={"model": "gemma", "keep_alive": keep_alive})
+    router.client.post("/api/generate", json={"model": "smol"}).raise_for_status()
+    reply = router.client.post("/api/generate", json={"model": "smol", "keep_alive": keep_alive})
     assert reply.json()["done_reason"] == "unload"
-    router.wait_status("gemma", "unloaded", timeout=10)
+    router.wait_status("smol", "unloaded", timeout=10)
 
 
 def test_7_6_ndjson_hygiene(router: Router) -> None:
