@@ -20,12 +20,25 @@ from tests.conftest import Router
 SMALL = {"max_tokens": 8, "temperature": 0}
 
 
+@pytest.fixture(scope="module")
+def shared(module_models_dir: Path, start_module_router: Any) -> Router:
+    """One router for the tests that need no fresh one: each leaves every model it uses loaded or reloadable,
+    and none but the load-counting test touches smol-b."""
+    started: Router = start_module_router("--models-dir", str(module_models_dir))
+    return started
+
+
+def loaded_children(router: Router) -> int:
+    """How many models /models shows loaded (one child each, if no process is left over)."""
+    return sum(1 for m in router.client.get("/models").json()["data"] if m["status"]["value"] == "loaded")
+
+
 def client(router: Router) -> openai.OpenAI:
     return openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
 
 
-def test_chat_stream_and_not_with_the_openai_client(models_dir: Path, start_router: Any) -> None:
-    router: Router = start_router("--models-dir", str(models_dir))
+def test_chat_stream_and_not_with_the_openai_client(shared: Router) -> None:
+    router = shared
     api = client(router)
     ids = {m.id for m in api.models.list().data}
     assert ids == {"smol", "smol-b", "gemma"}
@@ -43,15 +56,15 @@ def test_chat_stream_and_not_with_the_openai_client(models_dir: Path, start_rout
     assert chunks[-1].usage is not None  # the usage chunk passes through
 
 
-def test_completions_and_switching_between_models(models_dir: Path, start_router: Any) -> None:
-    router: Router = start_router("--models-dir", str(models_dir))
+def test_completions_and_switching_between_models(shared: Router) -> None:
+    router = shared
     api = client(router)
     for model in ("gemma", "smol", "gemma"):
         completion = api.completions.create(model=model, prompt="The capital of France is", **SMALL)
         assert completion.choices[0].text is not None and completion.usage is not None
         assert completion.usage.completion_tokens > 0
     assert router.status("gemma") == "loaded" and router.status("smol") == "loaded"
-    assert len(router.children()) == 2
+    assert len(router.children()) == loaded_children(router)  # one process per loaded model, none more
 
 
 def test_embeddings_where_the_preset_enables_them(tmp_path: Path, demo_models: dict[str, Path],
@@ -94,17 +107,18 @@ def test_busy_model_survives_a_request_for_another(models_dir: Path, start_route
     assert other.choices[0].text is not None
 
 
-def test_concurrent_requests_for_an_unloaded_model_cause_one_load(models_dir: Path, start_router: Any) -> None:
-    router: Router = start_router("--models-dir", str(models_dir))
+def test_concurrent_requests_for_an_unloaded_model_cause_one_load(shared: Router) -> None:
+    router = shared
+    assert router.status("smol-b") == "unloaded"  # no other test on the shared router uses it
     api = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
 
     async def burst() -> list[Any]:
-        return await asyncio.gather(*(api.completions.create(model="gemma", prompt=f"n{i}", **SMALL)
+        return await asyncio.gather(*(api.completions.create(model="smol-b", prompt=f"n{i}", **SMALL)
                                       for i in range(4)))
 
     assert len(asyncio.run(burst())) == 4
-    assert router.log().count("loading gemma:") == 1
-    assert len(router.children()) == 1
+    assert router.log().count("loading smol-b:") == 1
+    assert len(router.children()) == loaded_children(router)
 
 
 def test_unload_and_reload_of_sources(tmp_path: Path, demo_models: dict[str, Path], start_router: Any) -> None:
@@ -141,9 +155,8 @@ def _child_pid(router: Router, model: str) -> int:
     raise AssertionError(f"no child for {model}")
 
 
-def test_child_killed_mid_stream_gives_an_error_and_the_next_request_recovers(models_dir: Path,
-                                                                               start_router: Any) -> None:
-    router: Router = start_router("--models-dir", str(models_dir))
+def test_child_killed_mid_stream_gives_an_error_and_the_next_request_recovers(shared: Router) -> None:
+    router = shared
     api = client(router)
     api.completions.create(model="smol", prompt="warm", **SMALL)
     pid = _child_pid(router, "smol")
@@ -210,11 +223,10 @@ def test_a_model_that_cannot_load_fails_with_the_engine_s_own_words(tmp_path: Pa
     assert status["value"] == "failed" and status["exit_code"] == 1
 
 
-def test_requests_right_after_a_stream_are_not_sent_on_a_closed_connection(models_dir: Path,
-                                                                            start_router: Any) -> None:
+def test_requests_right_after_a_stream_are_not_sent_on_a_closed_connection(shared: Router) -> None:
     """llama-server closes the connection after a streamed answer without saying so; a request sent on it
     would fail with "Server disconnected"."""
-    router: Router = start_router("--models-dir", str(models_dir))
+    router = shared
     body = {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     with httpx.Client(base_url=router.url, timeout=60) as http:
         for _ in range(15):
@@ -227,18 +239,18 @@ def test_requests_right_after_a_stream_are_not_sent_on_a_closed_connection(model
             assert ollama_plain.status_code == 200, ollama_plain.text
 
 
-def test_the_child_session_never_reuses_a_connection_after_a_stream(models_dir: Path, start_router: Any) -> None:
+def test_the_child_session_never_reuses_a_connection_after_a_stream(shared: Router) -> None:
     """The same, deterministically, on the pooled client modelyard keeps per child: a plain aiohttp session
     sent straight after a stream fails every time on this llama-server; modelyard's never does."""
     import aiohttp
 
     from modelyard.children import new_child_session
 
-    router: Router = start_router("--models-dir", str(models_dir))
+    router = shared
     client(router).completions.create(model="smol", prompt="warm", **SMALL)
     args = next(m for m in router.client.get("/models").json()["data"] if m["id"] == "smol")["status"]["args"]
     url = f"http://127.0.0.1:{args[args.index('--port') + 1]}/v1/chat/completions"
-    (child,) = router.children()
+    child = _child_pid(router, "smol")
     environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
     key = next(e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"LLAMA_API_KEY="))
     auth = {"Authorization": f"Bearer {key}"}  # the child answers only modelyard, which holds its key
