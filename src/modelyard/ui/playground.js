@@ -114,6 +114,7 @@ export function mount(root, page, chosen) {
         if (delta) {
           firstToken ??= performance.now();
           chunks += 1;
+          bubble.dataset.chunks = chunks; // how many pieces the reply came in (1 = not streamed)
           reply += delta;
           content.textContent = reply;
           stats.textContent = `${chunks} chunks…`;
