@@ -1,19 +1,35 @@
-"""Timing-sensitive scheduling through the whole stack (CLI, HTTP, manager, children), using a small fake
-engine plugged in with the preset key `cmd`, so timings are deterministic. The same behaviours are also
-tested with the real llama-server in test_real_engine_e2e.py."""
+"""Scheduling through the shell's HTTP app in-process (the ModelManager over fakes.py's fake children and
+clock, aiohttp's test client): coalesced loads, a busy model not evicted, load failures, the queue limit, a
+client giving up, /models/load in the queue, autoload off, /models/sse, unload (draining, while loading),
+load-on-startup, CORS on streams. Each test makes the fake children ready, answer and die when it says, and
+waits on what the shell shows, never on wall-clock time. A stop that the engine ignores is tested through
+the whole stack, with tests/fake_engine.py as the child process: the SIGTERM, then the SIGKILL, are the point.
+`write_preset`, `chat` and `post` serve test_scheduling_e2e.py's runs of the fake engine."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
+from modelyard.api.app import build_app
+from modelyard.api.context import AppContext, ServerSettings
+from modelyard.config.catalog import Catalog
+from modelyard.config.options import OptionTable
+from modelyard.engine.command import Engine
+from modelyard.manager import ModelManager
+from modelyard.memory import GgufCache
+from modelyard.scheduler import Limits
 from tests.conftest import Router, fake_cmd
+from tests.fakes import FakeChild, FakeClock, FakeFleet, FakeReply, StaticSource, catalog, ok_json, settle
 
 
 def write_preset(tmp_path: Path, models: dict[str, str], extra: str = "") -> Path:
@@ -27,177 +43,272 @@ def chat(model: str, delay: float = 0.0, stream: bool = False) -> dict[str, Any]
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "fake_delay": delay, "stream": stream}
 
 
-@pytest.fixture
-def fleet(tmp_path: Path, start_router: Any) -> Any:
-    def start(*args: str, names: tuple[str, ...] = ("a", "b", "c"), load_delay: float = 0.0) -> Router:
-        preset = write_preset(tmp_path, {n: fake_cmd(n, load_delay) for n in names})
-        router: Router = start_router("--models-preset", str(preset), *args)
-        return router
-    return start
-
-
 async def post(url: str, body: dict[str, Any], **kwargs: Any) -> httpx.Response:
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         return await client.post("/v1/chat/completions", json=body, **kwargs)
 
 
-def test_concurrent_requests_for_one_model_share_one_load(fleet: Any) -> None:
-    router = fleet(load_delay=0.5)
+# -- the shell in-process ---------------------------------------------------------------------------------------
 
-    async def burst() -> list[httpx.Response]:
-        return await asyncio.gather(*(post(router.url, chat("a")) for _ in range(6)))
-
-    responses = asyncio.run(burst())
-    assert [r.status_code for r in responses] == [200] * 6
-    assert len({r.json()["pid"] for r in responses}) == 1
-    assert len(router.children()) == 1
+def held(child: FakeChild, method: str, path: str, body: bytes | None) -> FakeReply:
+    """An answer that stays open until the test calls `finish` on it (as a long generation would)."""
+    return FakeReply(child)
 
 
-def test_busy_model_is_not_evicted_and_waiting_request_follows(fleet: Any) -> None:
-    router = fleet("--models-max", "1")
-
-    async def scenario() -> tuple[httpx.Response, httpx.Response, float, float]:
-        started = time.monotonic()
-        busy = asyncio.create_task(post(router.url, chat("a", delay=2.0)))
-        await asyncio.sleep(0.5)  # a is loaded and busy
-        other = await post(router.url, chat("b"))
-        b_done = time.monotonic() - started
-        first = await busy
-        return first, other, b_done, time.monotonic() - started
-
-    first, other, b_done, _ = asyncio.run(scenario())
-    assert first.status_code == 200 and first.json()["served_by"] == "a"
-    assert other.status_code == 200 and other.json()["served_by"] == "b"
-    assert b_done >= 2.0  # b had to wait for a's request to finish: a was never killed under it
-    assert router.status("a") == "unloaded" and router.status("b") == "loaded"
+def streamed(child: FakeChild, method: str, path: str, body: bytes | None) -> FakeReply:
+    reply = FakeReply(child, headers={"Content-Type": "text/event-stream"})
+    for i in range(3):
+        reply.send(b'data: {"choices": [{"delta": {"content": "c%d"}}]}\n\n' % i)
+    reply.send(b"data: [DONE]\n\n")
+    reply.finish()
+    return reply
 
 
-def test_load_failure_quotes_the_cause_and_the_next_request_retries(tmp_path: Path, start_router: Any) -> None:
-    preset = write_preset(tmp_path, {"broken": fake_cmd("broken", fail=True)})
-    router = start_router("--models-preset", str(preset))
-    response = router.client.post("/v1/chat/completions", json=chat("broken"))
-    assert response.status_code == 500
-    error = response.json()["error"]
+@dataclass
+class Stack:
+    manager: ModelManager
+    fleet: FakeFleet
+    http: TestClient[Any, Any]
+
+    async def entry(self, model: str) -> dict[str, Any]:
+        listing = await (await self.http.get("/models")).json()
+        return dict(next(m for m in listing["data"] if m["id"] == model))
+
+    async def status(self, model: str) -> str:
+        return str((await self.entry(model))["status"]["value"])
+
+    async def until(self, model: str, what: Callable[[dict[str, Any]], bool]) -> None:
+        """Until /models shows `what` for `model` (a bounded poll: the HTTP round trips are real)."""
+        for _ in range(500):
+            if what(await self.entry(model)):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{model} never got there: {await self.entry(model)}")
+
+    async def ready(self, model: str, number: int = 1) -> FakeChild:
+        child = await self.fleet.child(model, number)
+        child.become_ready()
+        await self.until(model, lambda m: m["status"]["value"] == "loaded")
+        return child
+
+
+MakeStack = Callable[..., Awaitable[Stack]]
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
+    made: list[tuple[ModelManager, TestClient[Any, Any]]] = []
+
+    async def make(*, limits: Limits | None = None, settings: ServerSettings | None = None,
+                   models: Catalog | None = None, handler: Any = None) -> Stack:
+        clock = FakeClock()
+        fleet = FakeFleet(clock)
+        if handler is not None:
+            fleet.prepare = lambda child: setattr(child, "handler", handler)
+        source = StaticSource(models or catalog("a", "b", "c", stop_timeout=2.0))
+        manager = ModelManager(source, Engine(Path("/nonexistent/llama-server"), OptionTable([])),
+                               catalog=source.value, limits=limits or Limits(), clock=clock,
+                               gguf_cache=GgufCache(tmp_path), child_factory=fleet)
+        await manager.start()
+        app = build_app(AppContext(manager, settings or ServerSettings()))
+        app.on_startup.clear()  # the manager is started above
+        app.on_cleanup.clear()
+        http: TestClient[Any, Any] = TestClient(TestServer(app))
+        await http.start_server()
+        made.append((manager, http))
+        return Stack(manager, fleet, http)
+
+    yield make
+    for manager, http in made:
+        await http.close()
+        await manager.close()
+
+
+def ask(s: Stack, model: str, **kwargs: Any) -> asyncio.Future[Any]:
+    return asyncio.ensure_future(s.http.post("/v1/chat/completions", json=chat(model), **kwargs))
+
+
+async def test_concurrent_requests_for_one_model_share_one_load(stack: MakeStack) -> None:
+    s = await stack()
+    replies = [ask(s, "a") for _ in range(6)]
+    child = await s.fleet.child("a")
+    await s.until("a", lambda m: m["queued"] == 6)  # all six wait on the one load
+    child.become_ready()
+    assert [r.status for r in await asyncio.gather(*replies)] == [200] * 6
+    assert len(s.fleet.children["a"]) == 1
+    assert all(request[1] == "/v1/chat/completions" for request in child.received) and len(child.received) == 6
+
+
+async def test_busy_model_is_not_evicted_and_waiting_request_follows(stack: MakeStack) -> None:
+    s = await stack(limits=Limits(max_models=1), handler=held)
+    busy = ask(s, "a")
+    a = await s.ready("a")
+    await s.until("a", lambda m: m["in_flight"] == 1)
+    other = ask(s, "b")
+    await s.until("b", lambda m: m["queued"] == 1)
+    await settle()
+    assert not other.done() and not a.stop_requested.is_set()  # a is never stopped under its request
+    a.replies[0].send(b'{"served_by": "a"}')
+    a.replies[0].finish()
+    assert (await busy).status == 200
+    b = await s.ready("b")
+    await s.until("b", lambda m: m["in_flight"] == 1)
+    b.replies[0].finish()
+    assert (await other).status == 200
+    assert await s.status("a") == "unloaded" and await s.status("b") == "loaded"
+
+
+async def test_load_failure_quotes_the_cause_and_the_next_request_retries(stack: MakeStack) -> None:
+    """The process side (a real engine's exit code and last words) is test_real_engine_e2e's corrupt GGUF."""
+    s = await stack()
+    first = ask(s, "a")
+    (await s.fleet.child("a")).die(3, "fake engine: cannot load the model (asked to fail)")
+    response = await first
+    assert response.status == 500
+    error = (await response.json())["error"]
     assert error["code"] == "model_load_failed"
     assert "exited with code 3" in error["message"] and "asked to fail" in error["message"]
-    entry = router.client.get("/models").json()["data"][0]
+    entry = await s.entry("a")
     assert entry["status"]["value"] == "failed" and entry["status"]["failed"] is True
     assert entry["status"]["exit_code"] == 3
-    again = router.client.post("/v1/chat/completions", json=chat("broken"))
-    assert again.status_code == 500  # a new load was tried, and failed again, with the same clear error
+    again = ask(s, "a")
+    (await s.fleet.child("a", 2)).die(3, "fake engine: cannot load the model (asked to fail)")
+    assert (await again).status == 500  # a new load was tried (a second child), and failed the same way
 
 
-def test_queue_limit_answers_503_with_retry_after(fleet: Any) -> None:
-    router = fleet("--max-queue", "1", load_delay=1.0)
-
-    async def scenario() -> list[httpx.Response]:
-        first = asyncio.create_task(post(router.url, chat("a")))
-        await asyncio.sleep(0.3)
-        second = await post(router.url, chat("a"))
-        return [await first, second]
-
-    first, second = asyncio.run(scenario())
-    assert first.status_code == 200
-    assert second.status_code == 503 and second.headers["Retry-After"] == "1"
-    assert second.json()["error"]["code"] == "queue_full"
+async def test_queue_limit_answers_503_with_retry_after(stack: MakeStack) -> None:
+    s = await stack(limits=Limits(max_queue=1))
+    first = ask(s, "a")
+    child = await s.fleet.child("a")
+    await s.until("a", lambda m: m["queued"] == 1)
+    second = await s.http.post("/v1/chat/completions", json=chat("a"))
+    assert second.status == 503 and second.headers["Retry-After"] == "1"
+    assert (await second.json())["error"]["code"] == "queue_full"
+    child.become_ready()
+    assert (await first).status == 200
 
 
-def test_client_that_gives_up_while_queued_leaves_the_queue(fleet: Any) -> None:
-    router = fleet("--models-max", "1")
-
-    async def scenario() -> httpx.Response:
-        busy = asyncio.create_task(post(router.url, chat("a", delay=1.5)))
-        await asyncio.sleep(0.3)
-        with pytest.raises(httpx.TimeoutException):
-            await post(router.url, chat("b"), timeout=0.3)  # gives up while waiting for a
-        await busy
-        return await post(router.url, chat("a"))
-
-    response = asyncio.run(scenario())
-    assert response.status_code == 200
-    time.sleep(0.2)
-    assert router.status("b") == "unloaded"  # the abandoned request did not evict a or load b
-    assert router.status("a") == "loaded"
-
-
-def test_models_load_waits_in_the_queue_instead_of_failing(fleet: Any) -> None:
-    router = fleet("--models-max", "1")
-
-    async def scenario() -> None:
-        busy = asyncio.create_task(post(router.url, chat("a", delay=1.0)))
-        await asyncio.sleep(0.3)
-        async with httpx.AsyncClient(base_url=router.url) as client:
-            response = await client.post("/models/load", json={"model": "b"})
-        assert response.status_code == 200 and response.json() == {"success": True}
-        assert (await busy).status_code == 200
-
-    asyncio.run(scenario())
-    router.wait_status("b", "loaded", timeout=10)
-    assert router.status("a") == "unloaded"
+async def test_client_that_gives_up_while_queued_leaves_the_queue(stack: MakeStack) -> None:
+    s = await stack(limits=Limits(max_models=1), handler=held)
+    busy = ask(s, "a")
+    a = await s.ready("a")
+    await s.until("a", lambda m: m["in_flight"] == 1)
+    gives_up = ask(s, "b")
+    await s.until("b", lambda m: m["queued"] == 1)
+    gives_up.cancel()  # the client goes away while it waits for a
+    await s.until("b", lambda m: m["queued"] == 0)
+    a.replies[0].finish()
+    assert (await busy).status == 200
+    a.handler = ok_json
+    assert (await s.http.post("/v1/chat/completions", json=chat("a"))).status == 200
+    assert await s.status("b") == "unloaded"  # the abandoned request did not evict a or load b
+    assert await s.status("a") == "loaded" and "b" not in s.fleet.children
 
 
-def test_autoload_off(fleet: Any) -> None:
-    router = fleet("--no-models-autoload")
-    refused = router.client.post("/v1/chat/completions", json=chat("a"))
-    assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_loaded"
-    assert router.client.post("/v1/chat/completions?autoload=true", json=chat("a")).status_code == 200
-    assert router.client.post("/v1/chat/completions", json=chat("a")).status_code == 200  # a is loaded now
-    assert router.client.post("/models/load", json={"model": "b"}).json() == {"success": True}
-    router.wait_status("b", "loaded", timeout=10)
+async def test_models_load_waits_in_the_queue_instead_of_failing(stack: MakeStack) -> None:
+    s = await stack(limits=Limits(max_models=1), handler=held)
+    busy = ask(s, "a")
+    a = await s.ready("a")
+    await s.until("a", lambda m: m["in_flight"] == 1)
+    load = asyncio.ensure_future(s.http.post("/models/load", json={"model": "b"}))
+    await s.until("b", lambda m: m["queued"] == 1)
+    a.replies[0].finish()
+    assert (await busy).status == 200
+    await s.ready("b")
+    response = await load
+    assert response.status == 200 and await response.json() == {"success": True}
+    assert await s.status("a") == "unloaded"
 
 
-def test_sse_reports_every_status_change_with_one_event_name(fleet: Any) -> None:
-    router = fleet("--models-max", "1")
+async def test_autoload_off(stack: MakeStack) -> None:
+    s = await stack(settings=ServerSettings(autoload=False))
+    refused = await s.http.post("/v1/chat/completions", json=chat("a"))
+    assert refused.status == 400 and (await refused.json())["error"]["code"] == "model_not_loaded"
+    asked = asyncio.ensure_future(s.http.post("/v1/chat/completions?autoload=true", json=chat("a")))
+    await s.ready("a")
+    assert (await asked).status == 200
+    assert (await s.http.post("/v1/chat/completions", json=chat("a"))).status == 200  # a is loaded now
+    load = asyncio.ensure_future(s.http.post("/models/load", json={"model": "b"}))
+    await s.ready("b")
+    assert await (await load).json() == {"success": True}
+
+
+async def test_sse_reports_every_status_change_with_one_event_name(stack: MakeStack) -> None:
+    s = await stack(limits=Limits(max_models=1))
     events: list[dict[str, Any]] = []
-
-    async def scenario() -> None:
-        async with httpx.AsyncClient(base_url=router.url, timeout=30) as client, \
-                client.stream("GET", "/models/sse") as stream:
-            assert stream.headers["content-type"].startswith("text/event-stream")
-            await post(router.url, chat("a"))
-            await post(router.url, chat("b"))
-            async for line in stream.aiter_lines():
-                if line.startswith("data: "):
-                    events.append(json.loads(line[6:]))
-                if [e["data"]["status"] for e in events if e["model"] == "b"][-1:] == ["loaded"]:
-                    break
-
-    asyncio.run(scenario())
+    async with s.http.get("/models/sse") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        first = ask(s, "a")
+        await s.ready("a")
+        assert (await first).status == 200
+        second = ask(s, "b")
+        await s.ready("b")
+        assert (await second).status == 200
+        async for raw in stream.content:
+            line = raw.decode().strip()
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+            if [e["data"]["status"] for e in events if e["model"] == "b"][-1:] == ["loaded"]:
+                break
     assert {e["event"] for e in events} == {"status_change"}
-    a_states = [e["data"]["status"] for e in events if e["model"] == "a"]
-    assert a_states == ["loading", "loaded", "stopping", "unloaded"]
+    assert [e["data"]["status"] for e in events if e["model"] == "a"] == ["loading", "loaded", "stopping", "unloaded"]
     assert [e["data"]["status"] for e in events if e["model"] == "b"] == ["loading", "loaded"]
 
 
-async def in_flight_on_loaded(client: httpx.AsyncClient, model: str) -> None:
-    """Until a request is in flight on the loaded model (an unload before that would cancel its load)."""
-    for _ in range(1000):
-        entry = next(m for m in (await client.get("/models")).json()["data"] if m["id"] == model)
-        if entry["in_flight"] == 1 and entry["status"]["value"] == "loaded":
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no request in flight on {model}")
+async def test_unload_drains_then_stops(stack: MakeStack) -> None:
+    s = await stack(handler=held)
+    busy = ask(s, "a")
+    a = await s.ready("a")
+    await s.until("a", lambda m: m["in_flight"] == 1)
+    assert await (await s.http.post("/models/unload", json={"model": "a"})).json() == {"success": True}
+    entry = await s.entry("a")  # a busy model shows stopping at once, and keeps its request
+    assert entry["status"]["value"] == "stopping" and entry["in_flight"] == 1
+    await settle()
+    assert not a.stop_requested.is_set()  # drains first
+    a.replies[0].finish()
+    assert (await busy).status == 200  # the in-flight request finished
+    await s.until("a", lambda m: m["status"]["value"] == "unloaded")
+    assert a.stop_requested.is_set() and a.exited.done()
+    not_running = await s.http.post("/models/unload", json={"model": "a"})
+    assert not_running.status == 400 and "not running" in (await not_running.json())["error"]["message"]
+    assert (await s.http.post("/models/unload", json={"model": "zz"})).status == 404
 
 
-def test_unload_drains_then_stops(fleet: Any) -> None:
-    router = fleet()
+async def test_load_on_startup(stack: MakeStack) -> None:
+    early, late = catalog("early", load_on_startup=True), catalog("late")
+    s = await stack(models=Catalog(models={**early.models, **late.models}, by_name={**early.by_name, **late.by_name}))
+    await s.ready("early")
+    assert await s.status("late") == "unloaded" and "late" not in s.fleet.children
 
-    async def scenario() -> None:
-        busy = asyncio.create_task(post(router.url, chat("a", delay=1.0)))
-        async with httpx.AsyncClient(base_url=router.url) as client:
-            await in_flight_on_loaded(client, "a")
-            response = await client.post("/models/unload", json={"model": "a"})
-            assert response.json() == {"success": True}
-        assert (await busy).status_code == 200  # the in-flight request finished
 
-    asyncio.run(scenario())
-    router.wait_status("a", "unloaded", timeout=10)
-    assert router.children() == []
-    not_running = router.client.post("/models/unload", json={"model": "a"})
-    assert not_running.status_code == 400 and "not running" in not_running.json()["error"]["message"]
-    unknown = router.client.post("/models/unload", json={"model": "zz"})
-    assert unknown.status_code == 404
+async def test_unload_while_loading_cancels_the_load_and_fails_its_waiters(stack: MakeStack) -> None:
+    s = await stack()
+    waiting = ask(s, "a")
+    child = await s.fleet.child("a")
+    await s.until("a", lambda m: m["queued"] == 1)
+    assert await (await s.http.post("/models/unload", json={"model": "a"})).json() == {"success": True}
+    response = await waiting
+    assert response.status == 503 and (await response.json())["error"]["code"] == "model_unloaded"
+    await s.until("a", lambda m: m["status"]["value"] == "unloaded")
+    assert child.exited.done()
+    child.become_ready()  # too late: the cancelled load does not come back
+    await settle()
+    assert await s.status("a") == "unloaded" and len(s.fleet.children["a"]) == 1
 
+
+async def test_streamed_answers_carry_cors_headers(stack: MakeStack) -> None:
+    s = await stack(handler=streamed)
+    origin = {"Origin": "http://localhost:5173"}
+    reply = asyncio.ensure_future(s.http.post("/v1/chat/completions", json=chat("a", stream=True), headers=origin))
+    await s.ready("a")
+    response = await reply
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["access-control-allow-origin"] == "http://localhost:5173"
+    lines = [line for line in (await response.text()).splitlines() if line]
+    assert lines[-1] == "data: [DONE]"
+
+
+# -- through the whole stack -------------------------------------------------------------------------------------
 
 def test_a_child_that_ignores_the_stop_is_killed_after_stop_timeout(tmp_path: Path, start_router: Any) -> None:
     preset = tmp_path / "fleet.ini"
@@ -209,54 +320,3 @@ def test_a_child_that_ignores_the_stop_is_killed_after_stop_timeout(tmp_path: Pa
     router.wait_status("hung", "unloaded", timeout=10)
     assert 0.9 < time.monotonic() - started < 5
     assert router.children() == []
-
-
-def test_load_on_startup(tmp_path: Path, start_router: Any) -> None:
-    preset = tmp_path / "fleet.ini"
-    preset.write_text(f"[early]\ncmd = {fake_cmd('early')}\nload-on-startup = true\n[late]\ncmd = {fake_cmd('late')}\n")
-    router: Router = start_router("--models-preset", str(preset))
-    router.wait_status("early", "loaded", timeout=10)
-    assert router.status("late") == "unloaded"
-
-
-def test_unload_while_loading_cancels_the_load_and_fails_its_waiters(fleet: Any) -> None:
-    router = fleet(load_delay=1.5)
-
-    async def scenario() -> httpx.Response:
-        waiting = asyncio.create_task(post(router.url, chat("a")))
-        await asyncio.sleep(0.4)
-        async with httpx.AsyncClient(base_url=router.url) as client:
-            assert (await client.post("/models/unload", json={"model": "a"})).json() == {"success": True}
-        return await waiting
-
-    response = asyncio.run(scenario())
-    assert response.status_code == 503 and response.json()["error"]["code"] == "model_unloaded"
-    router.wait_status("a", "unloaded", timeout=5)
-    time.sleep(0.3)
-    assert router.status("a") == "unloaded" and router.children() == []
-
-
-def test_a_busy_model_shows_stopping_as_soon_as_it_is_unloaded(fleet: Any) -> None:
-    router = fleet()
-
-    async def scenario() -> None:
-        busy = asyncio.create_task(post(router.url, chat("a", delay=1.0)))
-        async with httpx.AsyncClient(base_url=router.url) as client:
-            await in_flight_on_loaded(client, "a")
-            await client.post("/models/unload", json={"model": "a"})
-            entry = (await client.get("/models")).json()["data"][0]
-            assert entry["status"]["value"] == "stopping" and entry["in_flight"] == 1
-        assert (await busy).status_code == 200
-
-    asyncio.run(scenario())
-    router.wait_status("a", "unloaded", timeout=5)
-
-
-def test_streamed_answers_carry_cors_headers(fleet: Any) -> None:
-    router = fleet()
-    origin = {"Origin": "http://localhost:5173"}
-    with router.client.stream("POST", "/v1/chat/completions", json=chat("a", stream=True), headers=origin) as reply:
-        assert reply.headers["content-type"].startswith("text/event-stream")
-        assert reply.headers["access-control-allow-origin"] == "http://localhost:5173"
-        lines = [line for line in reply.iter_lines() if line]
-    assert lines[-1] == "data: [DONE]"
