@@ -66,9 +66,10 @@ export function mount(root, page) {
 function item(decision) {
   return h("li", { dataset: { kind: decision.kind, model: decision.model } },
     h("time", {}, clock(decision.time)),
-    h("span", { class: `badge kind-${decision.kind}` }, decision.kind),
+    h("span", { class: `badge kind-${decision.kind}`, title: decision.cause ?? "" }, decision.kind),
     h("strong", {}, decision.model),
     h("span", { class: "reason" }, decision.reason),
+    // the scheduler's request number (as on the waiting list), not an activity record's id
     decision.request !== null && decision.request !== undefined
-      ? h("a", { href: "#/activity", class: "request" }, `request #${decision.request}`) : null);
+      ? h("span", { class: "request hint" }, `request #${decision.request}`) : null);
 }

@@ -79,9 +79,10 @@ export function mount(root, page, chosen) {
     prompt.value = "";
     history.push({ role: "user", content: text });
     transcript.append(h("div", { class: "message user" }, text));
+    const thinking = h("div", { class: "thinking", hidden: true }); // a reasoning model's reasoning_content
     const content = h("div", { class: "content" });
     const stats = h("div", { class: "stats" }, "waiting…");
-    const bubble = h("div", { class: "message assistant streaming", dataset: { model } }, h("div", { class: "who" }, model), content, stats);
+    const bubble = h("div", { class: "message assistant streaming", dataset: { model } }, h("div", { class: "who" }, model), thinking, content, stats);
     running = new AbortController();
     running.model = model;
     if (statuses.get(model) !== "loaded") startLoadNote(model); // above the reply it holds up
@@ -98,7 +99,8 @@ export function mount(root, page, chosen) {
       const response = await apiFetch("/v1/chat/completions", {
         method: "POST",
         signal: running.signal,
-        headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+        // this page shows the load itself (from /models/sse): no loading messages inside the reply
+        headers: { "Content-Type": "application/json", Accept: "text/event-stream", "X-Modelyard-Loading-State": "0" },
         body: JSON.stringify({ model, messages: history, stream: true, max_tokens: Number(maxTokens.value) || 256 }),
       });
       if (!response.ok) {
@@ -110,6 +112,11 @@ export function mount(root, page, chosen) {
         if (data === "[DONE]") return;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message ?? String(chunk.error));
+        const thought = chunk.choices?.[0]?.delta?.reasoning_content;
+        if (thought) {
+          thinking.hidden = false;
+          thinking.textContent += thought;
+        }
         const delta = chunk.choices?.[0]?.delta?.content;
         if (delta) {
           firstToken ??= performance.now();
