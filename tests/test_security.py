@@ -138,7 +138,7 @@ def test_exposure_warning(bind: str, keys: bool, warned: bool) -> None:
 
 @pytest.mark.parametrize(("method", "path", "query", "scope"), [
     ("GET", "/health", {}, None), ("GET", "/v1/health", {}, None),
-    ("GET", "/", {}, Scope.READ), ("HEAD", "/", {}, Scope.READ),
+    ("GET", "/", {}, None), ("HEAD", "/", {}, None),
     ("GET", "/models", {}, Scope.READ), ("GET", "/v1/models", {}, Scope.READ),
     ("GET", "/models", {"reload": "1"}, Scope.ADMIN), ("GET", "/v1/models", {"reload": "true"}, Scope.ADMIN),
     ("GET", "/models", {"reload": "0"}, Scope.READ),

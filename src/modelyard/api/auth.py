@@ -137,6 +137,9 @@ ROUTE_SCOPES: tuple[Rule, ...] = (
     # the dashboard's page and assets hold no data (its data calls carry the key), as router mode's web UI
     Rule(_GET, "/ui", None),
     Rule(_GET, "/ui/*", None),
+    # "Ollama is running", or a browser's redirect to /ui: no data, and a browser opening the server's address
+    # must reach the dashboard's key prompt instead of a 401 (Ollama's clients probe it without a key too)
+    Rule(_GET, "/", None),
     # management: what changes which models run or a child's shared state affects every user of that model
     Rule(_GET, "/models", Scope.ADMIN, _reload),
     Rule(_GET, "/v1/models", Scope.ADMIN, _reload),
@@ -156,7 +159,7 @@ ROUTE_SCOPES: tuple[Rule, ...] = (
     Rule(_GET, "/metrics", Scope.READ),  # the router's own metrics (Prometheus), per key's models
     Rule(_GET, "/lora-adapters", Scope.INFERENCE),
     # read: listings
-    *(Rule(_GET, path, Scope.READ) for path in ("/", "/models", "/v1/models", "/v1/models/*", "/models/sse",
+    *(Rule(_GET, path, Scope.READ) for path in ("/models", "/v1/models", "/v1/models/*", "/models/sse",
                                                 "/props", "/api/tags", "/api/ps", "/api/version", "/activity",
                                                 "/activity/sse")),
     *(Rule(_GET, path, Scope.READ) for path in ("/decisions", "/decisions/sse", "/logs/*")),
