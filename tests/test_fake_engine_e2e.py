@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class Stack:
     manager: ModelManager
     fleet: FakeFleet
     http: TestClient[Any, Any]
+    clock: FakeClock
 
     async def entry(self, model: str) -> dict[str, Any]:
         listing = await (await self.http.get("/models")).json()
@@ -100,11 +102,18 @@ async def stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
     made: list[tuple[ModelManager, TestClient[Any, Any]]] = []
 
     async def make(*, limits: Limits | None = None, settings: ServerSettings | None = None,
-                   models: Catalog | None = None, handler: Any = None) -> Stack:
+                   models: Catalog | None = None, handler: Any = None, ready: bool = False) -> Stack:
+        """`ready`: every child is ready as soon as it is made (for tests about what happens after loads)."""
         clock = FakeClock()
         fleet = FakeFleet(clock)
-        if handler is not None:
-            fleet.prepare = lambda child: setattr(child, "handler", handler)
+
+        def prepare(child: FakeChild) -> None:
+            if handler is not None:
+                child.handler = handler
+            if ready:
+                child.become_ready()
+
+        fleet.prepare = prepare
         source = StaticSource(models or catalog("a", "b", "c", stop_timeout=2.0))
         manager = ModelManager(source, Engine(Path("/nonexistent/llama-server"), OptionTable([])),
                                catalog=source.value, limits=limits or Limits(), clock=clock,
@@ -116,7 +125,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[MakeStack]:
         http: TestClient[Any, Any] = TestClient(TestServer(app))
         await http.start_server()
         made.append((manager, http))
-        return Stack(manager, fleet, http)
+        return Stack(manager, fleet, http, clock)
 
     yield make
     for manager, http in made:
@@ -306,6 +315,67 @@ async def test_streamed_answers_carry_cors_headers(stack: MakeStack) -> None:
     assert response.headers["access-control-allow-origin"] == "http://localhost:5173"
     lines = [line for line in (await response.text()).splitlines() if line]
     assert lines[-1] == "data: [DONE]"
+
+
+def merged(*catalogs: Catalog) -> Catalog:
+    return Catalog(models={k: v for c in catalogs for k, v in c.models.items()},
+                   by_name={k: v for c in catalogs for k, v in c.by_name.items()})
+
+
+async def test_keep_alive_global_per_model_and_per_request(stack: MakeStack,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="modelyard")  # the unload says why, as modelyard serve logs it
+    bodies: list[dict[str, Any]] = []
+
+    def recording(child: FakeChild, method: str, path: str, body: bytes | None) -> FakeReply:
+        bodies.append(json.loads(body or b"{}"))
+        return ok_json(child, method, path, body)
+
+    s = await stack(limits=Limits(keep_alive=1.0), models=merged(catalog("a", "c"), catalog("b", keep_alive=-1)),
+                    handler=recording, ready=True)
+    for model in ("a", "b"):
+        assert (await s.http.post("/v1/chat/completions", json=chat(model))).status == 200
+    entry = await s.entry("a")
+    assert entry["keep_alive"] == 1 and entry["expires_in"] is not None and entry["expires_in"] <= 1
+    await s.clock.advance(1.1)
+    await s.until("a", lambda m: m["status"]["value"] == "unloaded")  # global keep-alive
+    assert await s.status("b") == "loaded"  # keep-alive = -1 in its preset
+    assert "keep-alive" in caplog.text
+
+    reply = await s.http.post("/v1/chat/completions", json={**chat("c"), "keep_alive": 0})
+    assert reply.status == 200
+    assert "keep_alive" not in bodies[-1] and bodies[-1]["model"] == "c"  # removed before forwarding
+    await s.until("c", lambda m: m["status"]["value"] == "unloaded")  # keep_alive 0: unloaded right after
+    assert (await s.http.post("/v1/chat/completions", json={**chat("c"), "keep_alive": "-1"})).status == 200
+    await s.clock.advance(1.5)
+    assert await s.status("c") == "loaded"  # the request's keep_alive -1 overrides the global 1 s
+    bad = await s.http.post("/v1/chat/completions", json={**chat("c"), "keep_alive": "soon"})
+    assert bad.status == 400 and "keep_alive" in (await bad.json())["error"]["message"]
+
+
+async def test_concurrency_limit_answers_429_with_retry_after(stack: MakeStack) -> None:
+    s = await stack(models=catalog("a", concurrency_limit=2), handler=held, ready=True)
+    replies = [ask(s, "a") for _ in range(3)]
+    limited = await next(asyncio.as_completed(replies))  # the third is refused while two are in flight
+    assert limited.status == 429 and limited.headers["Retry-After"]
+    a = await s.fleet.child("a")
+    await s.until("a", lambda m: m["in_flight"] == 2)
+    for reply in a.replies:
+        reply.finish()
+    assert sorted(r.status for r in await asyncio.gather(*replies)) == [200, 200, 429]
+    a.handler = ok_json
+    # the limit counts only what is in flight or waiting
+    assert (await s.http.post("/v1/chat/completions", json=chat("a"))).status == 200
+
+
+async def test_a_pinned_model_is_not_evicted(stack: MakeStack) -> None:
+    s = await stack(limits=Limits(max_models=2), models=merged(catalog("a", pinned=True), catalog("b", "c")),
+                    ready=True)
+    for model in ("a", "b", "c", "b"):
+        assert (await s.http.post("/v1/chat/completions", json=chat(model))).status == 200
+    entry = await s.entry("a")
+    assert entry["status"]["value"] == "loaded" and entry["pinned"] is True
+    assert len(s.fleet.children["a"]) == 1 and len(s.fleet.children["b"]) == 2  # b and c took turns
 
 
 # -- through the whole stack -------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Issue #4 through the whole stack with the fake engine (deterministic timings): swap-aware batching,
-the max-wait bound, keep-alive, concurrency limits, pins; and the memory budget with the real model."""
+the max-wait bound, pins refused at start; and the memory budget with the real model. Keep-alive, concurrency
+limits and a pinned model kept run in-process in test_fake_engine_e2e.py."""
 
 from __future__ import annotations
 
@@ -78,44 +79,6 @@ def test_a_request_for_another_model_is_served_within_max_wait_while_a_stays_bus
     assert "max-wait" in router.log()
 
 
-def test_keep_alive_global_per_model_and_per_request(tmp_path: Path, start_router: Any) -> None:
-    preset = tmp_path / "fleet.ini"
-    preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\n[b]\ncmd = {fake_cmd('b')}\nkeep-alive = -1\n"
-                      f"[c]\ncmd = {fake_cmd('c')}\n")
-    router: Router = start_router("--models-preset", str(preset), "--keep-alive", "1s")
-    for model in ("a", "b"):
-        assert router.client.post("/v1/chat/completions", json=chat(model)).status_code == 200
-    entry = next(m for m in router.client.get("/models").json()["data"] if m["id"] == "a")
-    assert entry["keep_alive"] == 1 and entry["expires_in"] is not None and entry["expires_in"] <= 1
-    router.wait_status("a", "unloaded", timeout=5)  # global keep-alive
-    assert router.status("b") == "loaded"  # keep-alive = -1 in its preset
-    assert "keep-alive" in router.log()
-
-    reply = router.client.post("/v1/chat/completions", json={**chat("c"), "keep_alive": 0})
-    assert reply.status_code == 200
-    assert "keep_alive" not in reply.json()["received"]  # removed before forwarding
-    router.wait_status("c", "unloaded", timeout=3)  # keep_alive 0: unloaded right after the request
-    router.client.post("/v1/chat/completions", json={**chat("c"), "keep_alive": "-1"}).raise_for_status()
-    time.sleep(1.5)
-    assert router.status("c") == "loaded"  # the request's keep_alive -1 overrides the global 1 s
-    bad = router.client.post("/v1/chat/completions", json={**chat("c"), "keep_alive": "soon"})
-    assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]["message"]
-
-
-def test_concurrency_limit_answers_429_with_retry_after(tmp_path: Path, start_router: Any) -> None:
-    preset = tmp_path / "fleet.ini"
-    preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\nconcurrency-limit = 2\n")
-    router: Router = start_router("--models-preset", str(preset))
-
-    async def scenario() -> list[int]:
-        replies = await asyncio.gather(*(post(router.url, chat("a", delay=1.0)) for _ in range(3)))
-        return sorted(r.status_code for r in replies)
-
-    assert asyncio.run(scenario()) == [200, 200, 429]
-    limited = router.client.post("/v1/chat/completions", json=chat("a"))
-    assert limited.status_code == 200  # the limit counts only what is in flight or waiting
-
-
 def test_pinned_models_beyond_the_cap_are_refused_at_start(tmp_path: Path) -> None:
     from tests.test_api import run_serve
 
@@ -123,18 +86,6 @@ def test_pinned_models_beyond_the_cap_are_refused_at_start(tmp_path: Path) -> No
     preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\npin = true\n[b]\ncmd = {fake_cmd('b')}\npin = true\n")
     result = run_serve("--models-preset", str(preset), "--models-max", "1")
     assert result.returncode != 0 and "2 models are pinned (a, b) but --models-max is 1" in result.stderr
-
-
-def test_a_pinned_model_is_not_evicted(tmp_path: Path, start_router: Any) -> None:
-    preset = tmp_path / "fleet.ini"
-    preset.write_text(f"[a]\ncmd = {fake_cmd('a')}\npin = true\n[b]\ncmd = {fake_cmd('b')}\n"
-                      f"[c]\ncmd = {fake_cmd('c')}\n")
-    router: Router = start_router("--models-preset", str(preset), "--models-max", "2")
-    for model in ("a", "b", "c", "b"):
-        assert router.client.post("/v1/chat/completions", json=chat(model)).status_code == 200
-    assert router.status("a") == "loaded"
-    entry = next(m for m in router.client.get("/models").json()["data"] if m["id"] == "a")
-    assert entry["pinned"] is True
 
 
 def test_a_model_that_cannot_fit_is_refused_at_once_naming_the_sizes(models_dir: Path,
