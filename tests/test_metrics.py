@@ -21,10 +21,10 @@ from modelyard.api.context import AppContext, ServerSettings
 from modelyard.config.options import OptionTable
 from modelyard.demo import SMOLLM2
 from modelyard.engine.command import Engine
-from modelyard.manager import ModelManager, StatusEvent
+from modelyard.manager import Decision, ModelManager
 from modelyard.memory import GgufCache
 from modelyard.metrics import Counted, classify
-from modelyard.scheduler import Limits, Status
+from modelyard.scheduler import DecisionKind, Limits
 from tests.conftest import Router
 from tests.fakes import FakeChild, FakeClock, FakeFleet, FakeReply, StaticSource, catalog, settle
 
@@ -43,25 +43,25 @@ def value(found: Samples, name: str, **labels: str) -> float | None:
     return found.get((name, frozenset(labels.items())))
 
 
-@pytest.mark.parametrize(("event", "loading", "counted"), [
-    (StatusEvent("m", Status.LOADED), True, Counted("load")),
-    (StatusEvent("m", Status.LOADED), False, None),  # a repeated event is not a second load
-    (StatusEvent("m", Status.FAILED, 1, "model 'm' exited: error loading model"), True,
-     Counted("load_failure", "exited")),
-    (StatusEvent("m", Status.FAILED, None, "model 'm' did not load within --load-timeout 5 s"), True,
-     Counted("load_failure", "timeout")),
-    (StatusEvent("m", Status.FAILED, None, "could not start /x/llama-server: no such file"), True,
-     Counted("load_failure", "start")),
-    (StatusEvent("m", Status.STOPPING, None, "evicted (least recently used) to make room for 'g'"), False,
-     Counted("eviction", "lru")),
-    (StatusEvent("m", Status.STOPPING, None, "evicted: a request for 'g' waited 30 s (max-wait)"), False,
-     Counted("eviction", "max_wait")),
-    (StatusEvent("m", Status.STOPPING, None, "idle for 300 s (keep-alive)"), False, Counted("eviction", "keep_alive")),
-    (StatusEvent("m", Status.STOPPING, None, "unload requested"), False, None),
-    (StatusEvent("m", Status.UNLOADED, 0), False, None),
+def _decision(kind: DecisionKind, cause: str) -> Decision:
+    return Decision(0.0, kind, cause, "m", "because")
+
+
+@pytest.mark.parametrize(("decision", "counted"), [
+    (_decision(DecisionKind.LOAD, "request"), Counted("load")),
+    (_decision(DecisionKind.EVICT, "lru"), Counted("eviction", "lru")),
+    (_decision(DecisionKind.EVICT, "max_wait"), Counted("eviction", "max_wait")),
+    (_decision(DecisionKind.EXPIRE, "keep_alive"), Counted("eviction", "keep_alive")),
+    (_decision(DecisionKind.FAIL, "load"), Counted("load_failure", "load")),
+    (_decision(DecisionKind.FAIL, "exit"), Counted("load_failure", "exit")),
+    (_decision(DecisionKind.KILL, "load_timeout"), Counted("load_failure", "load_timeout")),
+    (_decision(DecisionKind.KILL, "watchdog"), Counted("load_failure", "watchdog")),
+    (_decision(DecisionKind.UNLOAD, "request"), None),
+    (_decision(DecisionKind.DRAIN, "shutdown"), None),
+    (_decision(DecisionKind.REJECT, "queue_full"), None),
 ])
-def test_classify(event: StatusEvent, loading: bool, counted: Counted | None) -> None:
-    assert classify(event, loading) == counted
+def test_classify(decision: Decision, counted: Counted | None) -> None:
+    assert classify(decision) == counted
 
 
 # --- in-process ----------------------------------------------------------------------------------------------

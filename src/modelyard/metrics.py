@@ -4,13 +4,15 @@ State (each model's status, memory, in-flight and queued requests, the memory bu
 manager's snapshots when Prometheus scrapes, by a custom collector, so nothing is kept in step by hand. What
 happens (requests, their durations, queue waits, first tokens, tokens, loads, evictions, load failures) is
 counted as it happens: requests as each activity record ends (modelyard.activity), loads, evictions and
-failures from the manager's status feed, each classified by the pure `classify` below. The per-request series
-are plain numbers turned into metric families at scrape time: prometheus_client's own Counter and Histogram
-cost about 5 us a request in locks and label checks, which the hot path's 5% budget does not allow.
+failures from the manager's decisions (their `cause` is the reason label; the pure `classify` below), load
+durations from its status feed. The per-request series are plain numbers turned into metric families at
+scrape time: prometheus_client's own Counter and Histogram cost about 5 us a request in locks and label
+checks, which the hot path's 5% budget does not allow.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from bisect import bisect_left
@@ -22,8 +24,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from modelyard.activity import Activity, Record
-from modelyard.manager import ModelManager, ModelsReloaded, StatusEvent
-from modelyard.scheduler import Status
+from modelyard.manager import Decision, ModelManager, ModelsReloaded, StatusEvent
+from modelyard.scheduler import DecisionKind, Status
 
 log = logging.getLogger(__name__)
 
@@ -31,46 +33,26 @@ _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _LOAD_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
 
 
-# --- the pure part: what a status change counts as ------------------------------------------------------------
+# --- the pure part: what a decision counts as -----------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Counted:
-    kind: str  # "load" (loaded), "eviction", "load_failure"
+    kind: str  # "load" (started), "eviction", "load_failure"
     reason: str = ""
 
 
-def eviction_reason(text: str) -> str | None:
-    """The scheduler's reason for stopping a model, as a small label set; None when it is not an eviction
-    (an unload asked for, a configuration change, a shutdown, a kill)."""
-    if "least recently used" in text:
-        return "lru"
-    if "max-wait" in text:
-        return "max_wait"
-    if "keep-alive" in text:
-        return "keep_alive"
-    return None
+_EVICTIONS = frozenset({DecisionKind.EVICT, DecisionKind.EXPIRE})  # causes: lru, max_wait; keep_alive
+_FAILURES = frozenset({DecisionKind.FAIL, DecisionKind.KILL})  # causes: load, exit; load_timeout, watchdog
 
 
-def failure_reason(text: str) -> str:
-    lowered = text.lower()
-    if "load-timeout" in lowered or "timed out" in lowered or "did not load within" in lowered:
-        return "timeout"
-    if "could not start" in lowered or "could not prepare" in lowered:
-        return "start"
-    if "killed" in lowered or "unhealthy" in lowered:
-        return "killed"
-    return "exited"
-
-
-def classify(event: StatusEvent, loading: bool) -> Counted | None:
-    """What one status event adds to the counters; `loading`: whether the model was loading before it."""
-    if event.status == Status.LOADED and loading:
+def classify(decision: Decision) -> Counted | None:
+    """What one of the scheduler's decisions adds to the counters (its `cause` is already a label word)."""
+    if decision.kind == DecisionKind.LOAD:
         return Counted("load")
-    if event.status == Status.FAILED:
-        return Counted("load_failure", failure_reason(event.reason))
-    if event.status == Status.STOPPING:
-        reason = eviction_reason(event.reason)
-        return Counted("eviction", reason) if reason else None
+    if decision.kind in _EVICTIONS:
+        return Counted("eviction", decision.cause)
+    if decision.kind in _FAILURES:
+        return Counted("load_failure", decision.cause)
     return None
 
 
@@ -118,11 +100,11 @@ class Metrics:
         self._clock = clock
         self.registry = CollectorRegistry()  # not auto_describe: that would read the manager at construction
         r = self.registry
-        self.loads = Counter("modelyard_loads", "models loaded", ["model"], registry=r)
+        self.loads = Counter("modelyard_loads", "loads started", ["model"], registry=r)
         self.evictions = Counter("modelyard_evictions", "models stopped by the scheduler (lru, max_wait, "
                                  "keep_alive)", ["model", "reason"], registry=r)
-        self.load_failures = Counter("modelyard_load_failures", "loads or children that failed",
-                                     ["model", "reason"], registry=r)
+        self.load_failures = Counter("modelyard_load_failures", "children that failed or were killed (load, exit, "
+                                     "load_timeout, watchdog)", ["model", "reason"], registry=r)
         self.load_duration = Histogram("modelyard_load_duration_seconds", "from the start of a load to ready",
                                        ["model"], buckets=_LOAD_BUCKETS, registry=r)
         r.register(_StateCollector(manager))
@@ -137,27 +119,39 @@ class Metrics:
             return generate_latest(self.registry)
         return generate_latest(_Filtered(self.registry, visible))
 
-    # -- the status feed --
+    # -- the manager's feeds --
+    def on_decision(self, decision: Decision) -> None:
+        counted = classify(decision)
+        if counted is None:
+            return
+        if counted.kind == "load":
+            self.loads.labels(decision.model).inc()
+        elif counted.kind == "eviction":
+            self.evictions.labels(decision.model, counted.reason).inc()
+        else:
+            self.load_failures.labels(decision.model, counted.reason).inc()
+
     def on_status(self, event: StatusEvent) -> None:
+        """Load durations: from the first `loading` of a model to its `loaded`."""
         model = event.model
-        counted = classify(event, model in self._loading_since)
         if event.status == Status.LOADING:
             self._loading_since.setdefault(model, self._clock())
         elif model in self._loading_since:
             since = self._loading_since.pop(model)
             if event.status == Status.LOADED:
                 self.load_duration.labels(model).observe(self._clock() - since)
-        if counted is None:
-            return
-        if counted.kind == "load":
-            self.loads.labels(model).inc()
-        elif counted.kind == "eviction":
-            self.evictions.labels(model, counted.reason).inc()
-        else:
-            self.load_failures.labels(model, counted.reason).inc()
 
     async def follow(self) -> None:
-        """Count from the manager's status feed until it closes."""
+        """Count from the manager's decision and status feeds until they close."""
+        await asyncio.gather(self._follow_decisions(), self._follow_status())
+
+    async def _follow_decisions(self) -> None:
+        async with self._manager.follow_decisions() as decisions:
+            while (decision := await decisions.get()) is not None:
+                self.on_decision(decision)
+        log.debug("metrics: the decision feed closed")
+
+    async def _follow_status(self) -> None:
         async with self._manager.subscribe() as events:
             while (event := await events.get()) is not None:
                 if not isinstance(event, ModelsReloaded):
