@@ -26,11 +26,11 @@ from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_response, from_model_error
 from modelyard.api.json import dumps, json_response
+from modelyard.api.sse import event_stream, query_count
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.manager import Lease
 
 RECORD: web.RequestKey[Record] = web.RequestKey("modelyard.activity_record")
-_SSE_KEEPALIVE_S = 15.0
 _MAX_BODY_LIMIT = 16 * 2**20
 
 
@@ -148,21 +148,10 @@ def _filter(request: web.Request) -> Callable[[str | None], bool]:
     return lambda model: model == name and visible(model)
 
 
-def _limit(request: web.Request, size: int) -> int:
-    raw = request.query.get("limit", "100")
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= size:
-        raise ModelError(ErrorKind.BAD_REQUEST, f"limit must be a whole number from 1 to {size}, not {raw[:40]!r}")
-    return limit
-
-
 async def list_activity(request: web.Request) -> web.Response:
     activity = request.app[CONTEXT].activity
     try:
-        limit = _limit(request, activity.size)
+        limit = query_count(request, "limit", 100, activity.size)
     except ModelError as error:
         return from_model_error(error)
     wanted = _filter(request)
@@ -173,25 +162,14 @@ async def list_activity(request: web.Request) -> web.Response:
 async def activity_sse(request: web.Request) -> web.StreamResponse:
     context = request.app[CONTEXT]
     wanted = _filter(request)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
+
+    def frame(record: dict[str, Any]) -> bytes | None:
+        if not wanted(record["model"]):
+            return None
+        return b"event: request\ndata: " + dumps(record) + b"\n\n"
+
     async with context.activity.follow() as frames:
-        while True:
-            try:
-                frame = await asyncio.wait_for(frames.get(), _SSE_KEEPALIVE_S)
-            except TimeoutError:
-                data = b": keepalive\n\n"
-            else:
-                if frame is None:
-                    break
-                if not wanted(frame["model"]):
-                    continue
-                data = b"event: request\ndata: " + dumps(frame) + b"\n\n"
-            try:
-                await response.write(data)
-            except (ConnectionError, RuntimeError):
-                break
-    return response
+        return await event_stream(request, frames, frame)
 
 
 async def cancel(request: web.Request) -> web.Response:

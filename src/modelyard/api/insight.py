@@ -5,9 +5,8 @@ sees only their decisions, waiting requests and logs. Shapes: docs/observability
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
@@ -15,13 +14,11 @@ from modelyard.api import auth
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import from_model_error
 from modelyard.api.json import dumps, json_response
+from modelyard.api.sse import event_stream, query_count
 from modelyard.decisions import Waiting
-from modelyard.errors import ErrorKind, ModelError
+from modelyard.errors import ModelError
 from modelyard.logbook import LINES_PER_MODEL, LogLine
 from modelyard.manager import DECISIONS_KEPT, Decision
-
-_SSE_KEEPALIVE_S = 15.0
-T = TypeVar("T")
 
 
 def decision_json(decision: Decision) -> dict[str, Any]:
@@ -34,17 +31,6 @@ def waiting_json(waiting: Waiting, visible: Callable[[str], bool]) -> dict[str, 
             "waited": round(waiting.waited, 2), "reason": waiting.reason,
             "blocked_by": [name for name in waiting.blocked_by if visible(name)],
             "gives_up_in": None if waiting.gives_up_in is None else round(waiting.gives_up_in, 2)}
-
-
-def _count(request: web.Request, name: str, default: int, most: int) -> int:
-    raw = request.query.get(name, str(default))
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= most:
-        raise ModelError(ErrorKind.BAD_REQUEST, f"{name} must be a whole number from 1 to {most}, not {raw[:40]!r}")
-    return value
 
 
 def _visible(request: web.Request) -> Callable[[str], bool]:
@@ -63,7 +49,7 @@ def _named_model(request: web.Request, name: str) -> str:
 async def list_decisions(request: web.Request) -> web.Response:
     manager = request.app[CONTEXT].manager
     try:
-        limit = _count(request, "limit", 100, DECISIONS_KEPT)
+        limit = query_count(request, "limit", 100, DECISIONS_KEPT)
     except ModelError as error:
         return from_model_error(error)
     visible = _visible(request)
@@ -76,7 +62,7 @@ async def model_logs(request: web.Request) -> web.Response:
     manager = request.app[CONTEXT].manager
     try:
         model = _named_model(request, request.match_info["model"])
-        count = _count(request, "lines", 200, LINES_PER_MODEL)
+        count = query_count(request, "lines", 200, LINES_PER_MODEL)
     except ModelError as error:
         return from_model_error(error)
     return json_response({"model": model, "lines": [{"time": round(line.time, 3), "line": line.line}
@@ -93,7 +79,7 @@ async def decisions_sse(request: web.Request) -> web.StreamResponse:
         return b"event: decision\ndata: " + dumps(decision_json(decision)) + b"\n\n"
 
     async with manager.follow_decisions() as events:
-        return await _stream(request, events, frame)
+        return await event_stream(request, events, frame)
 
 
 async def logs_sse(request: web.Request) -> web.StreamResponse:
@@ -112,31 +98,7 @@ async def logs_sse(request: web.Request) -> web.StreamResponse:
                                                "line": line.line}) + b"\n\n"
 
     async with manager.logbook.follow() as lines:
-        return await _stream(request, lines, frame)
-
-
-async def _stream(request: web.Request, events: asyncio.Queue[T | None], frame: Callable[[T], bytes | None]
-                  ) -> web.StreamResponse:
-    """Server-sent events from `events` until it ends (None) or the client goes; `frame` skips an event by
-    answering None. A comment every 15 s keeps proxies from closing a quiet stream."""
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    while True:
-        try:
-            event = await asyncio.wait_for(events.get(), _SSE_KEEPALIVE_S)
-        except TimeoutError:
-            data: bytes | None = b": keepalive\n\n"
-        else:
-            if event is None:
-                break
-            data = frame(event)
-        if data is None:
-            continue
-        try:
-            await response.write(data)
-        except (ConnectionError, RuntimeError):
-            break
-    return response
+        return await event_stream(request, lines, frame)
 
 
 def add_routes(app: web.Application) -> None:

@@ -5,7 +5,7 @@ unknown model, one SSE event name, `failed` only when a child really failed)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -16,6 +16,7 @@ from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_response, from_model_error
 from modelyard.api.json import dumps, json_response
 from modelyard.api.openai import get_by_query_model
+from modelyard.api.sse import event_stream
 from modelyard.config.catalog import ModelConfig
 from modelyard.config.presets import ConfigError
 from modelyard.errors import ErrorKind, ModelError
@@ -23,7 +24,6 @@ from modelyard.manager import FeedEvent, ModelsReloaded, ModelView
 from modelyard.scheduler import Status
 
 SSE_EVENT = "status_change"
-_SSE_KEEPALIVE_S = 15.0
 
 
 def model_entry(view: ModelView, created: int) -> dict[str, Any]:
@@ -150,26 +150,15 @@ def _sse_frame(event: FeedEvent) -> bytes:
 
 async def models_sse(request: web.Request) -> web.StreamResponse:
     manager = request.app[CONTEXT].manager
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
+
+    def frame(event: FeedEvent) -> bytes | None:
+        if not isinstance(event, ModelsReloaded) and not auth.may_use_named(request, manager.catalog, event.model):
+            return None
+        return _sse_frame(event)
+
     async with manager.subscribe() as events:
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), _SSE_KEEPALIVE_S)
-            except TimeoutError:
-                frame = b": keepalive\n\n"
-            else:
-                if event is None:
-                    break
-                if not isinstance(event, ModelsReloaded) and not auth.may_use_named(request, manager.catalog,
-                                                                                      event.model):
-                    continue
-                frame = _sse_frame(event)
-            try:
-                await response.write(frame)
-            except (ConnectionError, RuntimeError):
-                break
-    return response
+        # mypy cannot solve T | None against a union's Queue: the frame function fixes T
+        return await event_stream(request, cast("asyncio.Queue[Any]", events), frame)
 
 
 async def props(request: web.Request) -> web.StreamResponse:
