@@ -289,3 +289,20 @@ class StaticSource:
 
     def load(self) -> Catalog:
         return self.value
+
+
+async def app_client(manager: Any, settings: Any = None) -> Any:
+    """An aiohttp test client of the whole app over a manager the test has already started (its startup and
+    cleanup hooks are the test's, not the app's). Close it with `await client.close()`."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from modelyard.api.app import build_app
+    from modelyard.api.context import AppContext, ServerSettings
+
+    app = build_app(AppContext(manager, settings or ServerSettings()))
+    app.on_startup.clear()
+    app.on_cleanup.clear()
+    app.cleanup_ctx.clear()
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
+    await client.start_server()
+    return client

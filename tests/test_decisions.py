@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from modelyard.api.app import build_app
 from modelyard.api.auth import ApiKey, Scope
-from modelyard.api.context import AppContext, ServerSettings
+from modelyard.api.context import ServerSettings
 from modelyard.config.options import OptionTable
 from modelyard.decisions import Waiting, explain_waiting
 from modelyard.engine.command import Engine
@@ -41,7 +40,7 @@ from modelyard.scheduler import (
 )
 from modelyard.scheduler import Release as Done
 from modelyard.scheduler import Shutdown as Down
-from tests.fakes import FakeClock, FakeFleet, StaticSource, catalog, settle
+from tests.fakes import FakeClock, FakeFleet, StaticSource, app_client, catalog, settle
 
 G = 2**30
 
@@ -208,12 +207,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
 
 
 async def client_for(rig: Rig, keys: tuple[ApiKey, ...] = ()) -> TestClient[Any, Any]:
-    app = build_app(AppContext(rig.manager, ServerSettings(api_keys=keys)))
-    app.on_startup.clear()
-    app.on_cleanup.clear()
-    app.cleanup_ctx.clear()
-    client: TestClient[Any, Any] = TestClient(TestServer(app))
-    await client.start_server()
+    client: TestClient[Any, Any] = await app_client(rig.manager, ServerSettings(api_keys=keys))
     return client
 
 

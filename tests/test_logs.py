@@ -15,11 +15,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from modelyard.api.app import build_app
 from modelyard.api.auth import ApiKey, Scope
-from modelyard.api.context import AppContext, ServerSettings
+from modelyard.api.context import ServerSettings
 from modelyard.api.loading import progress_text
 from modelyard.config.options import OptionTable
 from modelyard.engine.command import Engine
@@ -28,7 +27,7 @@ from modelyard.manager import ModelManager
 from modelyard.memory import GgufCache
 from modelyard.scheduler import Limits
 from tests.conftest import Router
-from tests.fakes import FakeChild, FakeClock, FakeFleet, FakeReply, StaticSource, catalog, settle
+from tests.fakes import FakeChild, FakeClock, FakeFleet, FakeReply, StaticSource, app_client, catalog, settle
 
 # --- the rings ----------------------------------------------------------------------------------------------
 
@@ -89,12 +88,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
 
 
 async def client_for(rig: Rig, settings: ServerSettings | None = None) -> TestClient[Any, Any]:
-    app = build_app(AppContext(rig.manager, settings or ServerSettings()))
-    app.on_startup.clear()
-    app.on_cleanup.clear()
-    app.cleanup_ctx.clear()
-    client: TestClient[Any, Any] = TestClient(TestServer(app))
-    await client.start_server()
+    client: TestClient[Any, Any] = await app_client(rig.manager, settings)
     return client
 
 
