@@ -72,7 +72,8 @@ async def _a_then_b(router: RouterProcess) -> tuple[float, float, float]:
 
 
 def fresh_swap(kind: str, binary: Path, workdir: Path, a_source: Path, b_source: Path,
-               engine_args: list[str], extra_copies: int = EXTRA_COPIES) -> FreshSwap:
+               engine_args: list[str], extra_copies: int = EXTRA_COPIES,
+               after_health_s: float = AFTER_HEALTH_S) -> FreshSwap:
     """One measurement: copies, a router over them, the two requests; the router and copies are removed."""
     home = workdir / f"home-{kind.replace(' ', '-')}-{time.monotonic_ns()}"
     models = fresh_copies(home, a_source, b_source, extra_copies)
@@ -80,7 +81,7 @@ def fresh_swap(kind: str, binary: Path, workdir: Path, a_source: Path, b_source:
                           env=fresh_env(home, dict(os.environ)))
     try:
         health = router.wait_ready(120, "/health")
-        time.sleep(AFTER_HEALTH_S)
+        time.sleep(after_health_s)
         a_first, b_first, total = asyncio.run(_a_then_b(router))
         return FreshSwap(health, a_first, b_first, total)
     finally:

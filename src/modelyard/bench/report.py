@@ -10,7 +10,6 @@ from typing import Any
 
 from modelyard import __version__
 from modelyard.bench import soak
-from modelyard.bench.fresh import AFTER_HEALTH_S
 from modelyard.bench.processes import MODELYARD, ROUTER_MODE
 from modelyard.bench.scenarios import KINDS, SCALE_START_LIMIT_S, Plan, Results
 from modelyard.demo import SMOLLM2
@@ -153,7 +152,7 @@ def _busy(results: Results, plan: Plan) -> list[str]:
     ours, theirs = results.starved_wait[MODELYARD], results.starved_wait[ROUTER_MODE]
     return ["## 7. A request for another model while one model is kept busy", "",
             f"Four clients keep model a busy for {plan.busy_seconds:g} s with --models-max 1; a request for b "
-            f"arrives after 1 s. modelyard runs with --max-wait {MAX_WAIT_S:g}.", "",
+            f"arrives after {plan.busy_ask_after_s:g} s. modelyard runs with --max-wait {MAX_WAIT_S:g}.", "",
             "| router | b's wait | ratio |", "|---|---|---|",
             f"| modelyard | {ours:.2f} s | {ratio(ours, theirs)} |", f"| llama-server router | {theirs:.2f} s | |", ""]
 
@@ -162,7 +161,7 @@ def _fresh(results: Results, plan: Plan) -> list[str]:
     out = ["## 8. Swap right after start-up, over files never seen before", "",
            f"Each router starts over fresh copies of {SMOLLM2} (model A) and {plan.model} (model B, and "
            f"{plan.fresh_extra_copies} more copies never requested), with an empty "
-           f"cache directory and HOME; {AFTER_HEALTH_S:g} s after /health answers, a streamed request for A "
+           f"cache directory and HOME; {plan.fresh_after_health_s:g} s after /health answers, a streamed request for A "
            "(a cold load), then one for B (a swap, --models-max 1). Median of the rounds "
            "(each round on new copies).", "",
            "| router | rounds | /health after | A: first token | B (the swap): first token | total, A's request "

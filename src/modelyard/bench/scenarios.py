@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 
 from modelyard.bench import SCENARIOS
-from modelyard.bench.fresh import EXTRA_COPIES, FreshSwap, fresh_swap
+from modelyard.bench.fresh import AFTER_HEALTH_S, EXTRA_COPIES, FreshSwap, fresh_swap
 from modelyard.bench.load import POOL_IDLE_S, StatusRecorder, Stream, Timed, new_session, streamed_chat, timed_requests
 from modelyard.bench.processes import MODELYARD, ROUTER_MODE, RouterProcess, start_router
-from modelyard.bench.soak import MODELS_MAX, SoakResult, run_soak, write_sources
+from modelyard.bench.soak import MODELS_MAX, SETTLE_S, SoakResult, run_soak, write_sources
 from modelyard.demo import GEMMA3, SMOLLM2
 
 KINDS = (MODELYARD, ROUTER_MODE)
@@ -54,15 +54,22 @@ class Plan:
     # The larger demo model: behind a, b and c, the fresh swap's B, the soak's embeddings and tokenize names.
     # The smoke check uses SmolLM2 there too (every scenario then runs SmolLM2 only: it loads in 0.5 s, not 1.8).
     model: str = GEMMA3
+    # The scenarios' own pauses: when b is asked for while a is kept busy, how long after /health the fresh
+    # swap's requests come, how long the soak waits for descriptors to come back. The smoke check shortens
+    # them (it asserts no figure): 0.3 s, none, one reading.
+    busy_ask_after_s: float = 1.0
+    fresh_after_health_s: float = AFTER_HEALTH_S
+    soak_settle_s: float = SETTLE_S
 
 
 # The smoke plan checks that the harness runs end to end in the test suite: every scenario runs, as few loads
 # and start-ups as that takes (a load is 1 to 2 s on 2 busy cores): one swap, three mixed clients with one
-# request each (one per model), a 2 s busy phase, a 20-request soak, and only the smaller demo model.
+# request each (one per model), a 1 s busy phase, a 20-request soak, and only the smaller demo model.
 PLANS = {
-    "smoke": Plan("smoke", 4, 1, 4, 1, 1, 3, 1, 1, 64, (10,), 2.0, 1, 20, 1, pool_idle_s=0.0,
+    "smoke": Plan("smoke", 4, 1, 4, 1, 1, 3, 1, 1, 64, (10,), 1.0, 1, 20, 1, pool_idle_s=0.0,
                   overhead_concurrency=(1, 4), fresh_extra_copies=0, share_routers=True,
-                  streams_together=2, model=SMOLLM2),
+                  streams_together=2, model=SMOLLM2, busy_ask_after_s=0.3, fresh_after_health_s=0.0,
+                  soak_settle_s=0.0),
     "quick": Plan("quick", 40, 2, 32, 6, 4, 4, 6, 1, 600, (1000,), 12.0, 2, 1000, 5),
     "full": Plan("full", 300, 3, 64, 20, 6, 4, 6, 3, 4000, (1000, 10000), 20.0, 3, 10000, 5),
 }
@@ -247,8 +254,8 @@ async def _mixed_once(router: RouterProcess, plan: Plan, models: tuple[str, ...]
 # -- 7. a request for another model while one model is kept busy -----------------------------------------
 
 async def busy_model(running: dict[str, RouterProcess], plan: Plan, results: Results) -> None:
-    """Four clients keep model a busy for `busy_seconds`; one request for b arrives after 1 s. How long does
-    it wait? (llama.cpp's router evicts only an idle model, so b waits for a's traffic to stop.)"""
+    """Four clients keep model a busy for `busy_seconds`; one request for b arrives after `busy_ask_after_s`
+    (1 s). How long does it wait? (llama.cpp's router evicts only an idle model, so b waits for a's traffic to stop.)"""
     async def keep_busy(session: Any, url: str, until: float, offset: float) -> None:
         await asyncio.sleep(offset)
         while time.perf_counter() < until:
@@ -260,7 +267,7 @@ async def busy_model(running: dict[str, RouterProcess], plan: Plan, results: Res
         until = time.perf_counter() + plan.busy_seconds
         async with new_session(8) as session:
             clients = [asyncio.create_task(keep_busy(session, router.url, until, i * 0.1)) for i in range(4)]
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(plan.busy_ask_after_s)
             asked = time.perf_counter()
             async with session.post(router.url + "/v1/chat/completions", json=chat_body("b", 4)) as reply:
                 await reply.read()
@@ -306,7 +313,7 @@ def fresh_swaps(setup: Setup, plan: Plan, results: Results) -> None:
         for kind in KINDS if round_no % 2 == 0 else tuple(reversed(KINDS)):
             results.fresh.setdefault(kind, []).append(
                 fresh_swap(kind, setup.binary, setup.workdir, setup.smollm2, setup.larger, setup.engine_args,
-                           plan.fresh_extra_copies))
+                           plan.fresh_extra_copies, plan.fresh_after_health_s))
 
 
 # -- 9. soak (modelyard only) ----------------------------------------------------------------------------------
@@ -316,7 +323,8 @@ def soak(setup: Setup, plan: Plan, results: Results, log: Any) -> None:
     router = start_router(MODELYARD, setup.binary, sources, MODELS_MAX, setup.workdir, setup.engine_args)
     try:
         router.wait_ready(120)
-        results.soak = asyncio.run(run_soak(router, plan.soak_requests, plan.soak_kills, log, plan.pool_idle_s))
+        results.soak = asyncio.run(run_soak(router, plan.soak_requests, plan.soak_kills, log, plan.pool_idle_s,
+                                        plan.soak_settle_s))
     finally:
         router.stop()
 
@@ -376,7 +384,8 @@ def run_all(setup: Setup, plan: Plan, log: Any, only: frozenset[str] = frozenset
         log(f"6: scale ({', '.join(str(s) for s in plan.scale_sizes)} registered models)")
         scale(setup, plan.scale_sizes, results)
     if "fresh-swap" in only:
-        log(f"8: a swap one second after start-up over never-seen copies ({plan.fresh_rounds} rounds)")
+        log(f"8: a swap {plan.fresh_after_health_s:g} s after start-up over never-seen copies "
+            f"({plan.fresh_rounds} rounds)")
         fresh_swaps(setup, plan, results)
     if "soak" in only:
         log(f"9: soak, modelyard only ({plan.soak_requests} requests, {plan.soak_kills} children killed)")

@@ -205,23 +205,25 @@ async def wait_idle(router: RouterProcess) -> bool:
     return False
 
 
-async def settle(router: RouterProcess, baseline: Footprint) -> tuple[Footprint, float, bool]:
+async def settle(router: RouterProcess, baseline: Footprint,
+                 limit_s: float = SETTLE_S) -> tuple[Footprint, float, bool]:
     """The footprint once idle connections have expired: polls until descriptors are back within the slack
-    of the baseline, or SETTLE_S passed (then the last reading is the answer). Also whether it became idle."""
+    of the baseline, or `limit_s` passed (then the last reading is the answer). Also whether it became idle."""
     started = time.monotonic()
     idle = await wait_idle(router)
     while True:
         now = footprint(router)
         waited = time.monotonic() - started
-        if now.descriptors <= baseline.descriptors + FD_SLACK or waited > SETTLE_S:
+        if now.descriptors <= baseline.descriptors + FD_SLACK or waited > limit_s:
             return now, waited, idle
         await asyncio.sleep(0.5)
 
 
 async def run_soak(router: RouterProcess, requests: int, kills: int, log_line: Any,
-                   pool_idle_s: float = POOL_IDLE_S) -> SoakResult:
+                   pool_idle_s: float = POOL_IDLE_S, settle_s: float = SETTLE_S) -> SoakResult:
     """`pool_idle_s`: the pause after the warm-up (the smoke check of the harness passes 0: its baseline may
-    then count the warm-up's pooled connections, which only loosens a bar it does not assert)."""
+    then count the warm-up's pooled connections, which only loosens a bar it does not assert). `settle_s`:
+    how long the footprints may take to come back (the smoke check passes 0: one reading)."""
     result = SoakResult(requests, {route: Counter() for route in ROUTES})
     async with new_session(4) as session:  # warm-up: every route once, so the baseline has its imports done
         for route in ROUTES:
@@ -229,7 +231,7 @@ async def run_soak(router: RouterProcess, requests: int, kills: int, log_line: A
             if outcome != "200":
                 raise RuntimeError(f"soak warm-up: {route} answered {outcome}: {detail}")
     await asyncio.sleep(pool_idle_s)  # the warm-up's pooled connections expire, so the baseline holds none
-    result.before, _, _ = await settle(router, footprint(router))
+    result.before, _, _ = await settle(router, footprint(router), settle_s)
     result.peak = result.before
     mix = request_mix(requests)
     pending = kill_schedule(requests, kills)
@@ -290,6 +292,6 @@ async def run_soak(router: RouterProcess, requests: int, kills: int, log_line: A
     if router.proc.poll() is not None:
         raise RuntimeError(f"modelyard exited with {router.proc.returncode} during the soak: "
                            f"{router.log.read_text(errors='replace')[-2000:]}")
-    result.after, result.settled_after, result.idle_after = await settle(router, result.before)
+    result.after, result.settled_after, result.idle_after = await settle(router, result.before, settle_s)
     result.children_after = len(router.children())
     return result
