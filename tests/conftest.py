@@ -134,6 +134,19 @@ def start_module_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ob
     yield from _starter(tmp_path_factory.mktemp("routers"))
 
 
+@pytest.fixture(scope="session")
+def smol_router(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path],
+                llama_server: Path) -> Iterator[Router]:
+    """One router over SmolLM2 alone (as `smol`, -c 2048), shared by the modules that only send it ordinary
+    traffic and read what it recorded (activity, metrics): their assertions must hold whatever the other
+    modules sent before them (read the newest records, compare counters before and after)."""
+    models = tmp_path_factory.mktemp("smol-models")
+    (models / "smol.gguf").symlink_to(demo_models[SMOLLM2])
+    served = Router(["--models-dir", str(models), "-c", "2048"], tmp_path_factory.mktemp("smol-router")).wait_ready()
+    yield served
+    served.stop()
+
+
 def _starter(directory: Path) -> Iterator[object]:
     routers: list[Router] = []
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from modelyard.api.app import build_app
 from modelyard.api.auth import ApiKey, Scope
 from modelyard.api.context import AppContext, ServerSettings
 from modelyard.config.options import OptionTable
-from modelyard.demo import SMOLLM2
 from modelyard.engine.command import Engine
 from modelyard.manager import ModelManager
 from modelyard.memory import GgufCache
@@ -289,14 +288,9 @@ async def test_ollama_requests_get_records_from_the_translated_answers(stack: St
 
 # --- the real engine ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def router(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path],
-           llama_server: Path) -> Iterator[Router]:
-    models = tmp_path_factory.mktemp("models")
-    (models / "smol.gguf").symlink_to(demo_models[SMOLLM2])
-    served = Router(["--models-dir", str(models), "-c", "2048"], tmp_path_factory.mktemp("router")).wait_ready()
-    yield served
-    served.stop()
+@pytest.fixture
+def router(smol_router: Router) -> Router:
+    return smol_router  # shared with the other module (see conftest): read the newest records only
 
 
 def _records(router: Router, **query: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ from modelyard.api.app import build_app
 from modelyard.api.auth import ApiKey, Scope
 from modelyard.api.context import AppContext, ServerSettings
 from modelyard.config.options import OptionTable
-from modelyard.demo import SMOLLM2
 from modelyard.engine.command import Engine
 from modelyard.manager import Decision, ModelManager
 from modelyard.memory import GgufCache
@@ -158,18 +157,18 @@ async def test_metrics_with_a_model_is_still_the_childs(http: tuple[TestClient[A
 
 # --- the real engine ----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def router(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path],
-           llama_server: Path) -> Iterator[Router]:
-    models = tmp_path_factory.mktemp("models")
-    (models / "smol.gguf").symlink_to(demo_models[SMOLLM2])
-    served = Router(["--models-dir", str(models), "-c", "2048"], tmp_path_factory.mktemp("router")).wait_ready()
-    yield served
-    served.stop()
+@pytest.fixture
+def router(smol_router: Router) -> Router:
+    return smol_router  # shared with test_activity (see conftest): counters are compared before and after
 
 
 def test_metrics_after_real_traffic(router: Router) -> None:
     client = router.client
+    before = samples(client.get("/metrics").text)  # what test_activity sent, if it ran first
+
+    def added(name: str, **labels: str) -> float:
+        return (value(found, name, **labels) or 0) - (value(before, name, **labels) or 0)
+
     chat = {"model": "smol", "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]}
     assert client.post("/v1/chat/completions", json=chat).status_code == 200
     assert client.post("/v1/chat/completions", json={**chat, "stream": True}).status_code == 200
@@ -179,12 +178,13 @@ def test_metrics_after_real_traffic(router: Router) -> None:
     reply = client.get("/metrics")
     assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain; version=")
     found = samples(reply.text)
-    assert value(found, "modelyard_requests_total", model="smol", route="/v1/chat/completions", status="200") == 2
-    assert value(found, "modelyard_requests_total", model="smol", route="/api/chat", status="200") == 1
-    assert value(found, "modelyard_requests_total", model="nope", route="/v1/chat/completions", status="404") == 1
-    assert (value(found, "modelyard_tokens_total", model="smol", direction="out") or 0) >= 3
-    assert (value(found, "modelyard_tokens_total", model="smol", direction="in") or 0) > 3
-    assert value(found, "modelyard_time_to_first_token_seconds_count", model="smol") == 3
+    assert added("modelyard_requests_total", model="smol", route="/v1/chat/completions", status="200") == 2
+    assert added("modelyard_requests_total", model="smol", route="/api/chat", status="200") == 1
+    assert added("modelyard_requests_total", model="nope", route="/v1/chat/completions", status="404") == 1
+    assert added("modelyard_tokens_total", model="smol", direction="out") >= 3
+    assert added("modelyard_tokens_total", model="smol", direction="in") > 3
+    assert added("modelyard_time_to_first_token_seconds_count", model="smol") == 3
+    # one load in the whole session, whichever module sent the first request
     assert value(found, "modelyard_loads_total", model="smol") == 1
     assert value(found, "modelyard_load_duration_seconds_count", model="smol") == 1
     assert value(found, "modelyard_model_status", model="smol", status="loaded") == 1
