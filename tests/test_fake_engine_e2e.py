@@ -167,6 +167,46 @@ async def test_busy_model_is_not_evicted_and_waiting_request_follows(stack: Make
     assert await s.status("a") == "unloaded" and await s.status("b") == "loaded"
 
 
+async def test_a_request_for_another_model_is_served_within_max_wait_while_a_stays_busy(stack: MakeStack) -> None:
+    """max-wait on the fake clock: a keeps getting requests, so before b's wait reaches 1 s a is never
+    stopped and its new requests are served; after it, a's new requests queue, a stops once its in-flight
+    ones are answered, b is served, and the queued a request follows (the scheduler's own timeline is
+    test_scheduler's test_max_wait_bounds_a_wait_behind_continuous_traffic)."""
+    s = await stack(limits=Limits(max_models=1, max_wait=1.0), handler=held)
+    first = [ask(s, "a"), ask(s, "a")]
+    a = await s.ready("a")
+    await s.until("a", lambda m: m["in_flight"] == 2)
+    other = ask(s, "b")
+    await s.until("b", lambda m: m["queued"] == 1)
+    await s.clock.advance(0.5)
+    more = ask(s, "a")  # still within b's wait: a serves it
+    await s.until("a", lambda m: m["in_flight"] == 3)
+    a.replies[0].finish()
+    assert (await first[0]).status == 200
+    assert not other.done() and not a.stop_requested.is_set()
+    await s.clock.advance(0.6)  # b has waited 1.1 s: a drains
+    late = ask(s, "a")
+    await s.until("a", lambda m: m["queued"] == 1)
+    assert not a.stop_requested.is_set()  # its requests are still answered
+    for reply in a.replies[1:]:
+        reply.finish()
+    assert [(await r).status for r in (first[1], more)] == [200, 200]
+    b = await s.ready("b")
+    assert a.stop_requested.is_set()
+    await s.until("b", lambda m: m["in_flight"] == 1)
+    assert not late.done()
+    b.replies[0].send(b'{"served_by": "b"}')
+    b.replies[0].finish()
+    answer = await other
+    assert answer.status == 200 and (await answer.json())["served_by"] == "b"
+    again = await s.ready("a", 2)  # b idle, a waiting: a comes back for the queued request
+    await s.until("a", lambda m: m["in_flight"] == 1)
+    again.replies[0].finish()
+    assert (await late).status == 200
+    decisions = (await (await s.http.get("/decisions")).json())["data"]
+    assert ("evict", "a", "max_wait") in [(d["kind"], d["model"], d["cause"]) for d in decisions]
+
+
 async def test_load_failure_quotes_the_cause_and_the_next_request_retries(stack: MakeStack) -> None:
     """The process side (a real engine's exit code and last words) is test_real_engine_e2e's corrupt GGUF."""
     s = await stack()

@@ -1,6 +1,6 @@
 """Issue #4 through the whole stack with the fake engine (deterministic timings): swap-aware batching,
-the max-wait bound, pins refused at start; and the memory budget with the real model. Keep-alive, concurrency
-limits and a pinned model kept run in-process in test_fake_engine_e2e.py."""
+pins refused at start; and the memory budget with the real model. Keep-alive, concurrency limits, the
+max-wait bound and a pinned model kept run in-process in test_fake_engine_e2e.py."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import re
 import time
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from tests.conftest import Router, fake_cmd
 from tests.test_fake_engine_e2e import chat, post, write_preset
@@ -22,14 +20,14 @@ def loads(router: Router) -> int:
 
 def test_alternating_requests_over_three_models_with_room_for_one_need_fewer_loads(
         tmp_path: Path, start_router: Any) -> None:
-    preset = write_preset(tmp_path, {n: fake_cmd(n, 0.3) for n in ("a", "b", "c")})
+    preset = write_preset(tmp_path, {n: fake_cmd(n, 0.1) for n in ("a", "b", "c")})
     router: Router = start_router("--models-preset", str(preset), "--models-max", "1", "--max-wait", "60")
 
     async def client(index: int) -> list[int]:
         codes = []
         for j in range(6):
             model = "abc"[(index + j) % 3]
-            codes.append((await post(router.url, chat(model, delay=0.2))).status_code)
+            codes.append((await post(router.url, chat(model, delay=0.1))).status_code)
         return codes
 
     async def scenario() -> list[list[int]]:
@@ -38,45 +36,9 @@ def test_alternating_requests_over_three_models_with_room_for_one_need_fewer_loa
     codes = asyncio.run(scenario())
     assert all(code == 200 for row in codes for code in row)
     # Grouped by model: far fewer loads than requests. With 4 clients over 3 models about 2 requests wait per
-    # model at a load, so 8 to 13 loads were seen on 2 cores; served one by one it would be about 24.
+    # model at a load, so 8 to 13 loads were seen on 2 cores (8 with 0.1 s loads and answers); served one by
+    # one it would be about 24.
     assert loads(router) <= 16, router.log()
-
-
-def test_a_request_for_another_model_is_served_within_max_wait_while_a_stays_busy(
-        tmp_path: Path, start_router: Any) -> None:
-    preset = write_preset(tmp_path, {n: fake_cmd(n, 0.2) for n in ("a", "b")})
-    router: Router = start_router("--models-preset", str(preset), "--models-max", "1", "--max-wait", "1")
-
-    async def keep_a_busy(client: httpx.AsyncClient, until: float, offset: float) -> int:
-        await asyncio.sleep(offset)  # staggered, so that a is never idle
-        served = 0
-        while time.monotonic() < until:
-            reply = await client.post("/v1/chat/completions", json=chat("a", delay=0.3))
-            assert reply.status_code == 200
-            served += 1
-        return served
-
-    async def scenario() -> float:
-        assert (await post(router.url, chat("a"))).status_code == 200  # loaded before the clients start
-        until = time.monotonic() + 4.5  # b is asked for at 1 s: a stays busy past b's longest allowed wait
-        # 8 staggered clients on one pooled client (a new client per request costs this loop an SSL context)
-        async with httpx.AsyncClient(base_url=router.url, timeout=60) as client:
-            busy = [asyncio.create_task(keep_a_busy(client, until, i * 0.0375)) for i in range(8)]
-            return await ask_for_b(busy)
-
-    async def ask_for_b(busy: list[asyncio.Task[int]]) -> float:
-        await asyncio.sleep(1.0)
-        asked = time.monotonic()
-        response = await post(router.url, chat("b"))
-        waited = time.monotonic() - asked
-        assert response.status_code == 200 and response.json()["served_by"] == "b"
-        assert all(n > 0 for n in await asyncio.gather(*busy))
-        return waited
-
-    waited = asyncio.run(scenario())
-    # max-wait (1 s) + a's in-flight requests finishing (0.3 s) + one load (0.2 s) + slack for this machine
-    assert 0.9 < waited < 3.5, (waited, router.log())
-    assert "max-wait" in router.log()
 
 
 def test_pinned_models_beyond_the_cap_are_refused_at_start(tmp_path: Path) -> None:
