@@ -137,8 +137,9 @@ def test_a_child_answers_only_modelyard(models_dir: Path, start_router: Any) -> 
 # -- 2. wedged children and load timeouts --
 
 def test_a_stopped_child_ends_its_requests_and_is_loaded_again(models_dir: Path, start_router: Any) -> None:
-    # 2 s: each of the three STOPs below is caught within a few seconds (the wait dominated this test at 4 s).
-    router: Router = start_router("--models-dir", str(models_dir), "--stall-timeout", "2")
+    # 1 s (as in the tests that a slow generation or prompt step is no stall): each of the three STOPs below is
+    # caught within a few seconds (the wait dominated this test at 4 s, and 11 s at 2 s).
+    router: Router = start_router("--models-dir", str(models_dir), "--stall-timeout", "1")
     long = {"model": SMOL, **CHAT, "max_tokens": 4000, "ignore_eos": True}
     assert router.client.post("/v1/chat/completions", json={**long, "max_tokens": 2}).status_code == 200
 
