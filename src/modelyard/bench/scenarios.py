@@ -18,7 +18,7 @@ import httpx
 from modelyard.bench import SCENARIOS
 from modelyard.bench.fresh import AFTER_HEALTH_S, EXTRA_COPIES, FreshSwap, fresh_swap
 from modelyard.bench.load import POOL_IDLE_S, StatusRecorder, Stream, Timed, new_session, streamed_chat, timed_requests
-from modelyard.bench.processes import MODELYARD, ROUTER_MODE, RouterProcess, start_router
+from modelyard.bench.processes import MODELYARD, ROUTER_MODE, RouterProcess, start_router, stop_all
 from modelyard.bench.soak import MODELS_MAX, SETTLE_S, SoakResult, run_soak, write_sources
 from modelyard.demo import GEMMA3, SMOLLM2
 
@@ -119,8 +119,7 @@ def routers(setup: Setup, max_models: int, source: list[str] | None = None,
             router.wait_ready(120)
         yield started
     finally:
-        for router in started.values():
-            router.stop()
+        stop_all([router.proc for router in started.values()])  # measured nothing: both at once
 
 
 def chat_body(model: str, max_tokens: int = 1) -> dict[str, Any]:
@@ -349,6 +348,8 @@ def _pairs(setup: Setup, plan: Plan, shared: ExitStack) -> Callable[..., Pair]:
         if key not in kept:
             flags = () if resident else ("--max-wait", str(MAX_WAIT_S))
             kept[key] = shared.enter_context(routers(setup, key, modelyard_args=flags))
+            # Closed first (last in): every kept router stopped at once; the pairs' own stops are then no-ops.
+            shared.callback(lambda: stop_all([r.proc for pair in kept.values() for r in pair.values()]))
         return nullcontext(kept[key])
 
     return pair
