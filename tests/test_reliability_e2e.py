@@ -136,12 +136,23 @@ def test_a_child_answers_only_modelyard(models_dir: Path, start_router: Any) -> 
 
 # -- 2. wedged children and load timeouts --
 
-def test_a_stopped_child_ends_its_requests_and_is_loaded_again(models_dir: Path, start_router: Any) -> None:
-    # 1 s (as in the tests that a slow generation or prompt step is no stall): each of the three STOPs below is
-    # caught within a few seconds (the wait dominated this test at 4 s, and 11 s at 2 s).
+def test_a_stopped_child_ends_its_requests_and_is_loaded_again_a_working_one_is_not_stopped(
+        models_dir: Path, start_router: Any) -> None:
+    # 1 s: each of the three STOPs below is caught within a few seconds (the wait dominated this test at 4 s,
+    # and 11 s at 2 s); the long silent generation first shows that 1 s takes no working child for a stall.
     router: Router = start_router("--models-dir", str(models_dir), "--stall-timeout", "1")
     long = {"model": SMOL, **CHAT, "max_tokens": 4000, "ignore_eos": True}
     assert router.client.post("/v1/chat/completions", json={**long, "max_tokens": 2}).status_code == 200
+
+    # First, a child that is working is no stall: a non-streamed answer sends nothing until it ends, and
+    # llama-server's /slots counters show it is working (200 tokens take 2 to 8 s here; probes every 0.5 s).
+    started = time.monotonic()
+    reply = router.client.post("/v1/chat/completions", json={**long, "max_tokens": 200})
+    took = time.monotonic() - started
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 200
+    assert took > 1.5, f"{took:.1f} s is too short to show anything with a 1 s stall-timeout"
+    assert router.status(SMOL) == "loaded"
 
     # A stream in flight when the child is STOPped ends with an error event and [DONE].
     pid = _pid_on_port(router, _port(router, SMOL))
@@ -244,21 +255,6 @@ def test_a_child_that_answers_health_but_stalls_its_requests_is_killed(tmp_path:
     assert reply.status_code == 502 and "stall-timeout 1 s" in reply.json()["error"]["message"], reply.text
     router.wait_status("fake", "failed", timeout=10)
     assert router.client.post("/v1/chat/completions", json={"model": "fake", **CHAT}).status_code == 200
-
-
-def test_a_long_silent_generation_is_not_taken_for_a_stall(models_dir: Path, start_router: Any) -> None:
-    """A non-streamed answer sends nothing until it ends; llama-server's /slots counters show it is working."""
-    # A 1 s stall-timeout (probes every 0.5 s): 200 tokens take 2 to 8 s here, well past it.
-    router: Router = start_router("--models-dir", str(models_dir), "--stall-timeout", "1")
-    body = {"model": SMOL, **CHAT, "max_tokens": 200, "ignore_eos": True}
-    assert router.client.post("/v1/chat/completions", json={**body, "max_tokens": 1}).status_code == 200
-    started = time.monotonic()
-    reply = router.client.post("/v1/chat/completions", json=body)
-    took = time.monotonic() - started
-    assert reply.status_code == 200, reply.text
-    assert reply.json()["usage"]["completion_tokens"] == 200
-    assert took > 1.5, f"{took:.1f} s is too short to show anything with a 1 s stall-timeout"
-    assert router.status(SMOL) == "loaded"
 
 
 def test_a_long_prompt_step_is_not_taken_for_a_stall(tmp_path: Path, demo_models: dict[str, Path],
