@@ -239,14 +239,16 @@ def test_requests_right_after_a_stream_are_not_sent_on_a_closed_connection(share
             assert ollama_plain.status_code == 200, ollama_plain.text
 
 
-def test_the_child_session_never_reuses_a_connection_after_a_stream(shared: Router) -> None:
+def test_the_child_session_never_reuses_a_connection_after_a_stream(models_dir: Path, start_router: Any) -> None:
     """The same, deterministically, on the pooled client modelyard keeps per child: a plain aiohttp session
     sent straight after a stream fails every time on this llama-server; modelyard's never does."""
     import aiohttp
 
     from modelyard.children import new_child_session
 
-    router = shared
+    # A router of its own, as before the module shared one: on the shared router one of the ten requests of
+    # modelyard's own session failed once in a clean-clone run (cause not found yet; see the closing note).
+    router: Router = start_router("--models-dir", str(models_dir))
     client(router).completions.create(model="smol", prompt="warm", **SMALL)
     args = next(m for m in router.client.get("/models").json()["data"] if m["id"] == "smol")["status"]["args"]
     url = f"http://127.0.0.1:{args[args.index('--port') + 1]}/v1/chat/completions"
