@@ -87,6 +87,7 @@ from modelyard.scheduler import (
     overages,
     unload_refusal,
 )
+from modelyard.tasks import log_failure
 from modelyard.watchdog import Observation, WatchdogSettings, judge
 
 log = logging.getLogger(__name__)
@@ -710,5 +711,4 @@ class ModelManager:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         """Every background task's failure is logged (none may vanish silently)."""
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task %s failed", task.get_coro(), exc_info=task.exception())
+        log_failure(task)

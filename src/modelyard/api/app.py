@@ -15,6 +15,7 @@ from modelyard.api.context import CONTEXT, AppContext
 from modelyard.api.errors import error_response
 from modelyard.api.json import json_response
 from modelyard.errors import ErrorKind
+from modelyard.tasks import log_failure
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(ErrorKind.TOO_LARGE, f"request body larger than {limit // 2**20} MiB")
 
 
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background task %s failed", task.get_coro(), exc_info=task.exception())
-
-
 def build_app(context: AppContext) -> web.Application:
     app = web.Application(middlewares=[browser_guard_middleware, preflight_middleware, error_middleware,
                                        api_key_middleware, tolerant_path_middleware],
@@ -124,7 +120,7 @@ def build_app(context: AppContext) -> web.Application:
 
     async def count_status_changes(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(context.metrics.follow())
-        task.add_done_callback(_log_failure)
+        task.add_done_callback(log_failure)
         yield
         task.cancel()
 

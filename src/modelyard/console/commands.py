@@ -5,7 +5,7 @@ client.ExitCode. Tables and progress go through rich; what they show is rendered
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -68,6 +68,14 @@ def _emit(value: Any) -> None:
     click.echo(orjson.dumps(value).decode())
 
 
+def _show(rows: Sequence[Any], table: Callable[[Sequence[Any]], Any], as_json: bool) -> None:
+    """A listing: one JSON array for scripts, a table for people."""
+    if as_json:
+        _emit([row.as_json() for row in rows])
+    else:
+        _consoles(as_json)[0].print(table(rows))
+
+
 def _emit_lines(values: Iterable[Mapping[str, Any]]) -> None:
     for value in values:
         _emit(value)
@@ -84,10 +92,7 @@ def ps(url: str, api_key_file: Path | None, as_json: bool) -> None:
 
     with _client(url, api_key_file) as client:
         rows = ps_rows(client.get("/models"), client.get("/api/ps"))
-    if as_json:
-        _emit([row.as_json() for row in rows])
-    else:
-        _consoles(as_json)[0].print(ps_table(rows))
+    _show(rows, ps_table, as_json)
 
 
 @click.command("ls", epilog=EXIT_CODES_HELP, context_settings=_SETTINGS)
@@ -98,10 +103,7 @@ def ls(url: str, api_key_file: Path | None, as_json: bool) -> None:
 
     with _client(url, api_key_file) as client:
         rows = ls_rows(client.get("/models"), client.get("/api/tags"))
-    if as_json:
-        _emit([row.as_json() for row in rows])
-    else:
-        _consoles(as_json)[0].print(ls_table(rows))
+    _show(rows, ls_table, as_json)
 
 
 @click.command("load", epilog=EXIT_CODES_HELP, context_settings=_SETTINGS)
