@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from modelyard.activity import Record, tokens_in_body
-from modelyard.api.activity import RECORD, cancel_message
+from modelyard.api.activity import RECORD, admins_cancel, cancel_message
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_body, error_response
 from modelyard.api.json import dumps
@@ -92,11 +92,9 @@ async def _relay(request: web.Request, upstream: Reply, started: web.StreamRespo
             record.error = message
         return await _end_early(request, response, is_sse, ErrorKind.UPSTREAM, message)
     except asyncio.CancelledError:
-        if record is None or not record.cancelled:
+        if not admins_cancel(record):
             raise
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()  # an admin's cancel, not the client's: end the stream in-band
+        # an admin's cancel, not the client's: end the stream in-band
         return await _end_early(request, response, is_sse, ErrorKind.CANCELLED, cancel_message(record.id))
     if record is not None and upstream.status == 200:
         record.count(tokens_in_body(older + old + last))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 from aiohttp import web
@@ -36,6 +36,17 @@ _MAX_BODY_LIMIT = 16 * 2**20
 
 def cancel_message(request_id: int) -> str:
     return f"request {request_id} was cancelled by an admin (POST /activity/{request_id}/cancel)"
+
+
+def admins_cancel(record: Record | None) -> TypeGuard[Record]:
+    """Whether the CancelledError being handled is an admin's cancel of this request (POST
+    /activity/{id}/cancel), which is then absorbed so that the handler can answer it; False: the client's
+    (it went away), to be re-raised."""
+    task = asyncio.current_task()
+    if record is None or not record.cancelled or task is None:
+        return False
+    task.uncancel()
+    return True
 
 
 def _error_text(response: web.StreamResponse) -> str | None:
@@ -65,10 +76,9 @@ def tracked(route: str, handler: Handler, ollama: bool = False) -> Handler:
         try:
             response = await handler(request)
         except asyncio.CancelledError:
-            if not record.cancelled or task is None:
+            if not admins_cancel(record):
                 activity.end(record, None, "the client went away")
                 raise
-            task.uncancel()  # ours, not the client's: answer it
             message = cancel_message(record.id)
             response = (json_response({"error": message}, status=ErrorKind.CANCELLED.status) if ollama
                         else error_response(ErrorKind.CANCELLED, message))

@@ -25,7 +25,7 @@ from aiohttp.typedefs import Handler
 from modelyard import __version__
 from modelyard.activity import Record, token_counts
 from modelyard.api import auth
-from modelyard.api.activity import RECORD, acquire, cancel_message, names_model, tracked
+from modelyard.api.activity import RECORD, acquire, admins_cancel, cancel_message, names_model, tracked
 from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
 from modelyard.api.json import dumps, json_response
@@ -504,10 +504,9 @@ async def _stream(request: web.Request, upstream: Reply, path: str, kind: str, m
             record.error = message
         await response.write(orjson.dumps({"error": message}) + b"\n")
     except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if record is None or not record.cancelled or task is None:
+        if not admins_cancel(record):
             raise
-        task.uncancel()  # an admin's cancel, not the client's: end the stream with Ollama's error line
+        # an admin's cancel, not the client's: end the stream with Ollama's error line
         await response.write(orjson.dumps({"error": cancel_message(record.id)}) + b"\n")
     await response.write_eof()
     return response
