@@ -14,7 +14,8 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -31,6 +32,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 KEY = "dashboard-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+BROKEN = "broken"
 LOAD_TIMEOUT_MS = 90_000  # a model load on a busy 2-core machine
 
 
@@ -38,8 +41,11 @@ LOAD_TIMEOUT_MS = 90_000  # a model load on a busy 2-core machine
 def router(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path]) -> Iterator[Router]:
     tmp = tmp_path_factory.mktemp("dashboard")
     preset = tmp / "models.ini"  # aliases, a keep-alive and a pin, for the page to show
+    broken = tmp / "broken.gguf"  # a GGUF header and nothing else: the child fails to load it, and says why
+    broken.write_bytes(b"GGUF" + bytes(60))
     preset.write_text(f"[{SMOLLM2}]\nmodel = {demo_models[SMOLLM2]}\nalias = chat\nkeep-alive = 10m\n\n"
-                      f"[{GEMMA3}]\nmodel = {demo_models[GEMMA3]}\nalias = base\npin = true\npriority = 5\n")
+                      f"[{GEMMA3}]\nmodel = {demo_models[GEMMA3]}\nalias = base\npin = true\npriority = 5\n\n"
+                      f"[{BROKEN}]\nmodel = {broken}\n")
     # one thread per child: the two models share 2 cores with the browser; a small budget makes the bars visible
     router = Router(["--models-preset", str(preset), "--threads", "1", "--memory-budget", "2GiB"], tmp,
                     env={"LLAMA_API_KEY": KEY})
@@ -197,6 +203,64 @@ def test_decisions_page_shows_the_load_with_its_reason(dashboard: Page) -> None:
     shoot(dashboard, "decisions")
 
 
+def test_decisions_page_says_why_a_request_waits(dashboard: Page, router: Router) -> None:
+    """A busy model unloaded by hand drains (never killed mid-request); a request for it meanwhile waits for
+    the old instance to stop, and the page says so, with what blocks it."""
+    dashboard.goto("/ui#/decisions", wait_until="load")
+    expect(dashboard.locator("#waiting tbody")).to_contain_text("none")
+    seen: list[str] = []
+    generation = threading.Thread(target=_stream_until_it_ends, args=(router.url, GEMMA3, seen))
+    generation.start()
+    answered: list[int] = []
+    waiter = threading.Thread(target=lambda: answered.append(router.client.post(
+        "/v1/completions", headers=AUTH, timeout=120,
+        json={"model": GEMMA3, "prompt": "Hi", "max_tokens": 2}).status_code))
+    try:
+        stream = _wait_in_flight(router, GEMMA3)
+        assert router.client.post("/models/unload", headers=AUTH, json={"model": GEMMA3}).status_code == 200
+        _poll(lambda: _status(router, GEMMA3) == "stopping", "the busy model drains")  # the stream goes on
+        waiter.start()
+        row = dashboard.locator("#waiting tbody tr", has_text=GEMMA3)
+        expect(row).to_contain_text(f"waiting for the previous instance of '{GEMMA3}' to stop", timeout=10_000)
+        expect(row).to_contain_text("finishing 1 request(s)")
+        shoot(dashboard, "decisions-waiting")
+        assert router.client.post(f"/activity/{stream}/cancel", headers=AUTH).status_code == 200
+    finally:
+        generation.join(timeout=60)
+        if waiter.ident is not None:  # started
+            waiter.join(timeout=LOAD_TIMEOUT_MS / 1000)
+    assert answered == [200]
+    expect(dashboard.locator("#waiting tbody")).to_contain_text("none")  # served: it loaded the model again
+    unload = dashboard.locator(f'#decisions li[data-kind="unload"][data-model="{GEMMA3}"]')
+    expect(unload.first).to_be_visible()
+
+
+def _wait_in_flight(router: Router, model: str) -> int:
+    """The activity id of `model`'s request in flight, once the router has one."""
+    found: list[int] = []
+
+    def running() -> bool:
+        found.extend(r["id"] for r in router.client.get("/activity", headers=AUTH).json()["in_flight"]
+                     if r["model"] == model and r["state"] == "running")
+        return bool(found)
+
+    _poll(running, f"a request for {model} comes in flight")
+    return found[0]
+
+
+def _status(router: Router, model: str) -> str:
+    entries = router.client.get("/models", headers=AUTH).json()["data"]
+    return str(next(e["status"]["value"] for e in entries if e["id"] == model))
+
+
+def _poll(done: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + LOAD_TIMEOUT_MS / 1000
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.05)
+
+
 def test_logs_page_shows_the_child_output_and_tails_it(dashboard: Page, router: Router) -> None:
     dashboard.goto(f"/ui#/logs/{SMOLLM2}", wait_until="load")
     lines = dashboard.locator("#log .line")
@@ -217,3 +281,13 @@ def test_unload_all_unloads_every_model(dashboard: Page) -> None:
     for model in (SMOLLM2, GEMMA3):  # the pinned one too: an explicit unload
         expect(model_row(dashboard, model).locator('[data-role="status"]')).to_have_text("unloaded",
                                                                                         timeout=LOAD_TIMEOUT_MS)
+
+
+def test_a_failed_load_shows_its_reason_and_the_childs_last_lines(dashboard: Page) -> None:
+    row = model_row(dashboard, BROKEN)
+    row.get_by_role("button", name="Load", exact=True).click()
+    expect(row.locator('[data-role="status"]')).to_have_text("failed", timeout=LOAD_TIMEOUT_MS)
+    failure = dashboard.locator(f'#models tr[data-model="{BROKEN}"] + tr.failure')
+    expect(failure).to_contain_text("failed (exit code")
+    expect(failure.locator("pre")).to_contain_text("gguf")  # llama-server's own words about the file
+    shoot(dashboard, "models-failed")
