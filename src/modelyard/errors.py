@@ -27,6 +27,14 @@ class ErrorKind(Enum):
     UNSUPPORTED_MEDIA = (415, "invalid_request_error", "unsupported_media_type")
     FORBIDDEN = (403, "permission_error", "forbidden")
     CANCELLED = (499, "cancelled_error", "request_cancelled")  # by an admin (POST /activity/{id}/cancel)
+    # Hugging Face downloads (modelyard.hub): the hub refused the token, has no such repo/file/quant, cannot be
+    # reached (or offline mode is on), the disk is full, or the bytes did not match the hub's sha256.
+    HUB_AUTH = (403, "permission_error", "hub_unauthorized")
+    HUB_NOT_FOUND = (404, "invalid_request_error", "hub_not_found")
+    HUB_UNREACHABLE = (502, "server_error", "hub_unreachable")
+    HUB_OFFLINE = (503, "unavailable_error", "hub_offline")
+    DISK_FULL = (507, "server_error", "insufficient_storage")
+    DOWNLOAD_FAILED = (502, "server_error", "download_failed")
 
     @property
     def status(self) -> int:
