@@ -1,12 +1,20 @@
-"""The model catalog: models-dir entries and preset sections merged with router mode's precedence.
+"""The model catalog: Hugging Face cache entries, models-dir entries and preset sections merged with router
+mode's precedence.
 
-Precedence per model: router command line > model section > `[*]`. Names coming from requests are only
+Precedence per model: router command line > model section > `[*]`; a preset section extends a models-dir
+entry of the same name, which replaces a cache entry of the same name. Names coming from requests are only
 looked up here; they are never used as paths.
+
+A model from the hub (`hf-repo = org/repo[:quant]`, with `hf-file` and `hf-token`, as llama-server takes
+them; or a cache entry, named `org/repo:QUANT` as router mode names them) is started with `-m` on its cached
+file: its child never downloads (the engine is built without a downloader). Until the file is in the cache
+the model has no path, and its first load downloads it (modelyard.hub).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +25,9 @@ from modelyard.config.durations import parse_duration
 from modelyard.config.models_dir import scan_models_dir
 from modelyard.config.options import FALSEY, TRUTHY, OptionTable
 from modelyard.config.presets import ConfigError, PresetFile, Setting, normalise_value, read_preset_file
+from modelyard.hub.access import Token
+from modelyard.hub.cache import CachedFile, cache_dir, cached_files, cached_models, resolve
+from modelyard.hub.refs import HubRef, RefError, parse_ref
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +37,21 @@ PATH_KEYS = ("model", "mmproj", "spec-draft-model")
 # Never passed to a child: the router owns them, or (alias) sets them itself.
 _ROUTER_FLAGS_IN_ENGINE_ARGS = ("--host", "--port", "--api-key", "--models-dir", "--models-preset",
                                 "--models-max", "--models-autoload", "--alias", "--model")
+HUB_KEYS = ("hf-repo", "hf-file", "hf-token")  # read by modelyard (modelyard.hub), never passed to a child
 ROUTER_ONLY_KEYS = ("api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "models-dir", "models-max",
                     "models-preset", "models-autoload", "host", "port", "alias", "tags", "log-file")
+
+
+Source = Literal["preset", "models_dir", "cache"]
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where a model's file comes from on the Hugging Face hub, and the token to fetch it with."""
+
+    ref: HubRef
+    token: Token | None = None
+    mmproj: bool = True  # fetch and pass the repo's projector too (off with no-mmproj or an explicit mmproj)
 
 
 @dataclass(frozen=True)
@@ -36,7 +60,7 @@ class ModelConfig:
 
     name: str
     settings: Mapping[str, str]  # canonical engine flag (`--ctx-size`) -> value, router-only keys removed
-    source: Literal["preset", "models_dir"]
+    source: Source
     origin: str
     aliases: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
@@ -48,6 +72,7 @@ class ModelConfig:
     priority: int = 0
     concurrency_limit: int = 0
     load_timeout: float | None = None  # seconds a load may take; None = --load-timeout; 0 = no limit
+    hub: HubSource | None = None  # a model from the hub; `--model` is its cached file once downloaded
     preset_text: str = field(default="", compare=False)
 
     @property
@@ -71,9 +96,14 @@ class ModelConfig:
                  environ.get("LLAMA_ARG_EMBEDDINGS"), environ.get("LLAMA_ARG_RERANKING"))
         return any(value is not None and value.lower() in TRUTHY for value in flags)
 
+    @property
+    def needs_download(self) -> bool:
+        """A hub model whose file is not in the cache yet: its load downloads it first."""
+        return self.hub is not None and self.model_path is None
+
     def launch_signature(self) -> tuple[object, ...]:
         """What decides how the child is started: a change means a running instance must be restarted."""
-        return (tuple(sorted(self.settings.items())), self.command)
+        return (tuple(sorted(self.settings.items())), self.command, self.hub.ref if self.hub else None)
 
 
 @dataclass(frozen=True)
@@ -94,6 +124,7 @@ class Sources:
     models_dir: Path | None = None
     preset_path: Path | None = None
     router_settings: Mapping[str, str] = field(default_factory=dict)
+    hub_cache: Path | None = None  # the Hugging Face cache whose GGUF models are listed; None = not listed
 
     def load(self) -> Catalog:
         return build_catalog(self)
@@ -102,11 +133,18 @@ class Sources:
 def build_catalog(sources: Sources) -> Catalog:
     table = sources.table
     canon = {key: _canonical(table, key) for key in (*MODEL_SOURCE_KEYS, *PATH_KEYS, *ROUTER_ONLY_KEYS,
-                                                     "load-on-startup", "stop-timeout")}
+                                                     *HUB_KEYS, "load-on-startup", "stop-timeout", "mmproj-auto",
+                                                     "mmproj-url")}
     preset = read_preset_file(sources.preset_path, table) if sources.preset_path else None
     global_settings = preset.global_settings if preset else {}
+    cache = sources.hub_cache or cache_dir(os.environ)
+    hub_files = cached_files(cache) if sources.hub_cache or _names_hub_model(preset, canon) else []
 
-    merged: dict[str, tuple[dict[str, Setting], Literal["preset", "models_dir"], str]] = {}
+    merged: dict[str, tuple[dict[str, Setting], Source, str]] = {}
+    if sources.hub_cache is not None:
+        for ref in cached_models(hub_files):  # router mode's cache entries: `hf-repo = org/repo:QUANT`
+            where = f"{cache} ({ref.name})"
+            merged[ref.name] = ({canon["hf-repo"]: Setting(ref.name, where)}, "cache", where)
     if sources.models_dir is not None:
         for local in scan_models_dir(sources.models_dir):
             where = f"{sources.models_dir} ({local.path.name})"
@@ -124,9 +162,49 @@ def build_catalog(sources: Sources) -> Catalog:
     router = {flag: Setting(value, "router command line") for flag, value in sources.router_settings.items()}
     models: dict[str, ModelConfig] = {}
     for name, (settings, source, origin) in merged.items():
-        full = {**global_settings, **settings, **router}
+        full = _with_hub_files({**global_settings, **settings, **router}, name, canon, hub_files)
         models[name] = _model_config(name, full, source, origin, canon, preset)
     return Catalog(models, _name_index(models.values()))
+
+
+def _names_hub_model(preset: PresetFile | None, canon: Mapping[str, str]) -> bool:
+    if preset is None:
+        return False
+    return canon["hf-repo"] in preset.global_settings or any(canon["hf-repo"] in s.settings
+                                                             for s in preset.sections.values())
+
+
+def hub_source(full: Mapping[str, Setting], name: str, canon: Mapping[str, str]) -> HubSource | None:
+    """The model's `hf-repo` / `hf-file` / `hf-token`, checked (ConfigError with the file and line)."""
+    repo = full.get(canon["hf-repo"])
+    if repo is None:
+        return None
+    file = full.get(canon["hf-file"])
+    try:
+        ref = parse_ref(repo.value, file.value if file else "")
+    except RefError as exc:
+        raise ConfigError(f"{repo.origin} [{name}]: hf-repo: {exc}") from None
+    token = full.get(canon["hf-token"])
+    explicit = canon["mmproj"] in full or canon["mmproj-url"] in full
+    auto = full.get(canon["mmproj-auto"])
+    return HubSource(ref, Token(token.value, f"hf-token in [{name}] ({token.origin})") if token else None,
+                     mmproj=not explicit and (auto is None or auto.value.lower() in TRUTHY))
+
+
+def _with_hub_files(full: dict[str, Setting], name: str, canon: Mapping[str, str],
+                    hub_files: list[CachedFile]) -> dict[str, Setting]:
+    """A hub model's settings with `--model` (and `--mmproj`) on its cached files, when they are cached."""
+    source = hub_source(full, name, canon)
+    if source is None or canon["model"] in full:  # an explicit model path wins, as in llama-server
+        return full
+    found = resolve(hub_files, source.ref, source.mmproj)
+    if found is None:
+        return full
+    where = f"{found.model.parent} (cached {source.ref.name})"
+    full = {**full, canon["model"]: Setting(str(found.model), where)}
+    if found.mmproj is not None:
+        full[canon["mmproj"]] = Setting(str(found.mmproj), where)
+    return full
 
 
 def _canonical(table: OptionTable, key: str) -> str:
@@ -134,7 +212,7 @@ def _canonical(table: OptionTable, key: str) -> str:
     return option.canonical if option else f"--{key}"
 
 
-def _model_config(name: str, full: Mapping[str, Setting], source: Literal["preset", "models_dir"],
+def _model_config(name: str, full: Mapping[str, Setting], source: Source,
                   origin: str, canon: Mapping[str, str], preset: PresetFile | None) -> ModelConfig:
     where = f"{origin} [{name}]"
     if not any(canon[key] in full for key in MODEL_SOURCE_KEYS):
@@ -155,7 +233,7 @@ def _model_config(name: str, full: Mapping[str, Setting], source: Literal["prese
             raise ConfigError(f"{command.origin} [{name}]: cmd {command.value!r} is not a usable command line "
                               f"({exc})") from None
     values = {flag: s.value for flag, s in full.items()}
-    router_only = {canon[key] for key in ROUTER_ONLY_KEYS}
+    router_only = {canon[key] for key in (*ROUTER_ONLY_KEYS, *HUB_KEYS)}
     preset_only = {canon["load-on-startup"], canon["stop-timeout"], *_SCHEDULING_KEYS, "dedup-cache-models",
                    "cmd"}
     settings = {flag: _absolute(flag, value, canon) for flag, value in values.items()
@@ -171,7 +249,8 @@ def _model_config(name: str, full: Mapping[str, Setting], source: Literal["prese
         stop_timeout=_stop_timeout(values.get(canon["stop-timeout"]), where),
         command=values.get("cmd"),
         **_scheduling(full, name),
-        preset_text=_render_preset(name, values),
+        hub=hub_source(full, name, canon),
+        preset_text=_render_preset(name, values, secret=canon["hf-token"]),
     )
 
 
@@ -228,8 +307,10 @@ def _stop_timeout(value: str | None, where: str) -> float:
     return seconds
 
 
-def _render_preset(name: str, values: Mapping[str, str]) -> str:
-    lines = [f"[{name}]"] + [f"{flag.lstrip('-')} = {value}" for flag, value in sorted(values.items())]
+def _render_preset(name: str, values: Mapping[str, str], secret: str) -> str:
+    """The preset as GET /models shows it; the hub token's value is never shown."""
+    shown = {flag: "(hidden)" if flag == secret else value for flag, value in values.items()}
+    lines = [f"[{name}]"] + [f"{flag.lstrip('-')} = {value}" for flag, value in sorted(shown.items())]
     return "\n".join(lines) + "\n"
 
 
