@@ -9,7 +9,8 @@
 
 Errors as the hub sends them (X-Error-Code): RepoNotFound (401 without a token, 404 with one), EntryNotFound,
 GatedRepo. It can be told to require a token (`gated`), to cut the connection after N bytes for the next
-downloads (`cut_after`), or to serve a wrong byte (`corrupt`); `requests` records what was asked.
+downloads (`cut_after`), to serve a wrong byte (`corrupt`) or to be slow (`pace`); `requests` records what
+was asked.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class FakeHub:
     cut_after: int | None = None  # close each download after this many bytes ...
     cuts_left: int = 0  # ... this many times
     corrupt: bool = False  # flip a byte of every download
+    pace: float = 0.0  # seconds between two MiB of a download (a slow link, to act during one)
     requests: list[Seen] = field(default_factory=list)
     url: str = ""
     cdn_url: str = ""
@@ -166,6 +168,8 @@ class FakeHub:
                     return response
                 await response.write(block)
                 sent += len(block)
+                if self.pace:
+                    await asyncio.sleep(self.pace)
         await response.write_eof()
         return response
 

@@ -303,9 +303,9 @@ async def test_a_second_pull_joins_the_first_and_events_are_router_modes(fake: F
     downloads = Downloads(notices, lambda d: finished.append(d.name),
                           environ={"HF_ENDPOINT": fake.url, "HF_HUB_CACHE": str(tmp_path / "hub"),
                                    "HOME": str(tmp_path)})
-    first = downloads.start(parse_ref(f"{REPO}:Q4_K_M"))
-    assert downloads.start(parse_ref(f"{REPO}:q4_k_m")) is first
-    other_name = downloads.start(parse_ref(REPO))  # another name, the same file: shares its fetch
+    first = await downloads.start(parse_ref(f"{REPO}:Q4_K_M"))
+    assert await downloads.start(parse_ref(f"{REPO}:q4_k_m")) is first
+    other_name = await downloads.start(parse_ref(REPO))  # another name, the same file: shares its fetch
     seen = [snapshot async for snapshot in first.updates()]
     assert (await first.result()).model.name == "tiny-Q4_K_M.gguf"
     await other_name.result()
@@ -323,7 +323,7 @@ async def test_cancel_stops_the_download_and_keeps_what_it_wrote(fake: FakeHub, 
     notices = Notices()
     downloads = _downloads(fake, tmp_path, notices)
     fake.cut_after, fake.cuts_left = None, 0
-    download = downloads.start(parse_ref(f"{REPO}:Q4_K_M"))
+    download = await downloads.start(parse_ref(f"{REPO}:Q4_K_M"))
     async for snapshot in download.updates():
         if snapshot and snapshot[0].done > 0:
             downloads.cancel(download.name)
@@ -343,12 +343,12 @@ async def test_cancel_stops_the_download_and_keeps_what_it_wrote(fake: FakeHub, 
 async def test_a_full_disk_is_refused_before_the_first_byte(fake: FakeHub, tmp_path: Path) -> None:
     downloads = _downloads(fake, tmp_path, Notices(), free_space=lambda path: 2**20)
     with pytest.raises(HubError, match=r"has 1\.0 MiB free but the download needs 3\.0 MiB") as full:
-        await downloads.start(parse_ref(f"{REPO}:Q4_K_M")).result()
+        await downloads.start(parse_ref(f"{REPO}:Q4_K_M"))
     assert full.value.kind == ErrorKind.DISK_FULL and fake.downloads() == []
 
 
 async def test_an_unknown_quant_lists_the_repos(fake: FakeHub, tmp_path: Path) -> None:
     downloads = _downloads(fake, tmp_path, Notices())
     with pytest.raises(HubError, match=f"{REPO} has no GGUF file with quant Q3_K_S; it has: Q4_K_M") as missing:
-        await downloads.start(parse_ref(f"{REPO}:Q3_K_S")).result()
+        await downloads.start(parse_ref(f"{REPO}:Q3_K_S"))
     assert missing.value.kind == ErrorKind.HUB_NOT_FOUND

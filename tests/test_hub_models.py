@@ -47,8 +47,8 @@ def test_cached_repos_are_listed_as_router_mode_lists_them(tmp_path: Path, table
     assert sorted(catalog.models) == ["org/vis-GGUF:Q4_K_M", "org/vis-GGUF:Q8_0"]
     cached = catalog.models["org/vis-GGUF:Q4_K_M"]
     assert cached.source == "cache" and cached.hub is not None and cached.hub.ref == HubRef("org/vis-GGUF", "Q4_K_M")
-    assert cached.model_path == str((snapshot / "vis-Q4_K_M.gguf").resolve())
-    assert cached.settings["--mmproj"] == str((snapshot / "mmproj-vis-F16.gguf").resolve())
+    assert cached.model_path == str(snapshot / "vis-Q4_K_M.gguf")
+    assert cached.settings["--mmproj"] == str(snapshot / "mmproj-vis-F16.gguf")
     assert cached.settings["--ctx-size"] == "1024" and "--hf-repo" not in cached.settings
     merged = catalog.models["org/vis-GGUF:Q8_0"]  # a preset section named like a cache entry extends it
     assert merged.source == "preset" and merged.aliases == ("vis",) and merged.model_path is not None
@@ -65,7 +65,7 @@ def test_a_preset_with_hf_repo_starts_its_child_on_the_cached_file(tmp_path: Pat
                       "[missing]\nLLAMA_ARG_HF_REPO = org/other-GGUF:Q4_0\n")
     catalog = build_catalog(Sources(table, preset_path=preset))
     chat = catalog.models["chat"]
-    assert chat.model_path == str((snapshot / "chat-Q4_K_M.gguf").resolve())  # Q4_K_M by default
+    assert chat.model_path == str(snapshot / "chat-Q4_K_M.gguf")  # Q4_K_M by default
     assert chat.hub is not None and chat.hub.token is not None and chat.hub.token.value == "hf_very_secret"
     assert f"hf-token in [chat] ({preset}:3)" == chat.hub.token.source
     assert "hf_very_secret" not in chat.preset_text and "hf-token = (hidden)" in chat.preset_text
@@ -73,7 +73,7 @@ def test_a_preset_with_hf_repo_starts_its_child_on_the_cached_file(tmp_path: Pat
     assert argv[argv.index("--model") + 1] == chat.model_path and "--mmproj" in argv
     assert not [a for a in argv if a.startswith("--hf") or "secret" in a]  # the child never downloads
     exact = catalog.models["exact"]
-    assert exact.model_path == str((snapshot / "sub/chat-F16.gguf").resolve())  # hf-file overrides the quant
+    assert exact.model_path == str(snapshot / "sub/chat-F16.gguf")  # hf-file overrides the quant
     assert "--mmproj" not in exact.settings and exact.hub is not None and not exact.hub.mmproj
     missing = catalog.models["missing"]
     assert missing.model_path is None and missing.needs_download and not chat.needs_download

@@ -167,6 +167,11 @@ def build_catalog(sources: Sources) -> Catalog:
     return Catalog(models, _name_index(models.values()))
 
 
+# The origin of a path resolved in the Hugging Face cache: it keeps its snapshot path (router mode passes that
+# one; the blob it links to is named by its sha256), where other paths are resolved through symlinks.
+_CACHED = " (in the Hugging Face cache)"
+
+
 def _names_hub_model(preset: PresetFile | None, canon: Mapping[str, str]) -> bool:
     if preset is None:
         return False
@@ -200,7 +205,7 @@ def _with_hub_files(full: dict[str, Setting], name: str, canon: Mapping[str, str
     found = resolve(hub_files, source.ref, source.mmproj)
     if found is None:
         return full
-    where = f"{found.model.parent} (cached {source.ref.name})"
+    where = f"{found.model.parent}{_CACHED}"
     full = {**full, canon["model"]: Setting(str(found.model), where)}
     if found.mmproj is not None:
         full[canon["mmproj"]] = Setting(str(found.mmproj), where)
@@ -236,8 +241,8 @@ def _model_config(name: str, full: Mapping[str, Setting], source: Source,
     router_only = {canon[key] for key in (*ROUTER_ONLY_KEYS, *HUB_KEYS)}
     preset_only = {canon["load-on-startup"], canon["stop-timeout"], *_SCHEDULING_KEYS, "dedup-cache-models",
                    "cmd"}
-    settings = {flag: _absolute(flag, value, canon) for flag, value in values.items()
-                if flag not in router_only and flag not in preset_only}
+    settings = {flag: value if full[flag].origin.endswith(_CACHED) else _absolute(flag, value, canon)
+                for flag, value in values.items() if flag not in router_only and flag not in preset_only}
     return ModelConfig(
         name=name,
         settings=settings,

@@ -26,7 +26,7 @@ from modelyard.hub import events
 from modelyard.hub.access import Hub, Token, hub_from_environ
 from modelyard.hub.cache import CachedModel, repo_folder
 from modelyard.hub.fetch import HubError, RemoteFile, fetch, free_bytes, list_repo, resolve_url
-from modelyard.hub.refs import HubRef, NotInRepo, plan
+from modelyard.hub.refs import HubRef, NotInRepo, Plan, plan
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class Downloads:
         self._environ = environ
         self._free_space = free_space
         self._retry_delay = retry_delay
+        self.token: Token | None = None  # the router's own --hf-token, for downloads without one of their own
         self._downloads: dict[str, Download] = {}
         self._files: dict[tuple[str, str, str, str], _FileJob] = {}
         self._closed = False
@@ -116,16 +117,31 @@ class Downloads:
     def active(self) -> list[Download]:
         return list(self._downloads.values())
 
-    def start(self, ref: HubRef, token: Token | None = None, want_mmproj: bool = True) -> Download:
-        """The download of `ref`, started now or joined if one of the same name is in flight."""
+    async def start(self, ref: HubRef, token: Token | None = None, want_mmproj: bool = True) -> Download:
+        """The download of `ref`, joined if one of the same name is in flight, else started once the hub has
+        listed the repository and it has the file (router mode validates first too): a missing repo, file or
+        quant, a refused token, no network or too little disk space raise HubError here, before any event."""
         running = self._downloads.get(ref.name)
         if running is not None:
             return running
         if self._closed:
             raise HubError(ErrorKind.SHUTTING_DOWN, "modelyard is shutting down; no new downloads")
-        download = Download(ref, self.hub(token), want_mmproj)
+        hub = self.hub(token or self.token)
+        listing = await _in_thread(list_repo, hub, ref.repo)
+        try:
+            chosen = plan(listing.paths, ref, want_mmproj)
+        except NotInRepo as exc:
+            raise HubError(ErrorKind.HUB_NOT_FOUND, f"{exc} (on {hub.endpoint})") from None
+        files = [listing.file(path) for path in chosen.files]
+        self._check_space(hub, files)
+        running = self._downloads.get(ref.name)  # started while this one listed
+        if running is not None:
+            return running
+        download = Download(ref, hub, want_mmproj)
         self._downloads[ref.name] = download
-        download.task = asyncio.create_task(self._run(download), name=f"download {ref.name}")
+        self._notify(events.STARTED, download.name, {"status": "downloading"})
+        download.files = [self._share(hub, file, download) for file in files]
+        download.task = asyncio.create_task(self._run(download, chosen), name=f"download {ref.name}")
         download.task.add_done_callback(lambda task: self._ended(download, task))
         return download
 
@@ -148,17 +164,7 @@ class Downloads:
             await asyncio.wait(pending, timeout=wait)
 
     # -- running one download --
-    async def _run(self, download: Download) -> CachedModel:
-        name, hub = download.name, download.hub
-        self._notify(events.STARTED, name, {"status": "downloading"})
-        listing = await self._until_cancelled(download, _in_thread(list_repo, hub, download.ref.repo))
-        try:
-            chosen = plan(listing.paths, download.ref, download.want_mmproj)
-        except NotInRepo as exc:
-            raise HubError(ErrorKind.HUB_NOT_FOUND, f"{exc} (on {hub.endpoint})") from None
-        files = [listing.file(path) for path in chosen.files]
-        self._check_space(hub, files)
-        download.files = [self._share(hub, file, download) for file in files]
+    async def _run(self, download: Download, chosen: Plan) -> CachedModel:
         paths = {}
         for job in download.files:
             assert job.result is not None
