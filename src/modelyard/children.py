@@ -28,7 +28,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -105,7 +105,7 @@ class Child(Protocol):
     async def start(self) -> None: ...
     async def stop(self, grace: float) -> int: ...
     def kill(self, reason: str = "") -> None: ...
-    def request(self, method: str, path: str, *, body: bytes | None = None,
+    def request(self, method: str, path: str, *, body: bytes | AsyncIterable[bytes] | None = None,
                 headers: Mapping[str, str] | None = None,
                 params: Mapping[str, str] | None = None) -> contextlib.AbstractAsyncContextManager[Reply]: ...
     async def probe(self, within: float) -> bool: ...
@@ -299,7 +299,7 @@ class ProcessChild:
         return ChildError(f"the model's server failed: {exc or repr(exc)}")
 
     @contextlib.asynccontextmanager
-    async def request(self, method: str, path: str, *, body: bytes | None = None,
+    async def request(self, method: str, path: str, *, body: bytes | AsyncIterable[bytes] | None = None,
                       headers: Mapping[str, str] | None = None,
                       params: Mapping[str, str] | None = None) -> AsyncIterator[Reply]:
         """Send a request with the child's key; the reply's body streams as it arrives."""

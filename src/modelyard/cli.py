@@ -21,6 +21,7 @@ from modelyard.api.app import build_app
 from modelyard.api.auth import ApiKey, keys_from_list, read_keys_file
 from modelyard.api.context import AppContext, ServerSettings
 from modelyard.api.cors import CorsPolicy, exposure_warning, parse_allowed_hosts
+from modelyard.api.gcp import Vertex
 from modelyard.api.server import ConnectionLimits, LimitedSite, bind_error_message, raise_descriptor_limit
 from modelyard.bench.__main__ import main as bench_command
 from modelyard.config.durations import parse_duration
@@ -158,6 +159,11 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
                         max_wait=parse_duration(max_wait, "--max-wait"),
                         load_timeout=max(0.0, parse_duration(load_timeout, "--load-timeout")))
         watchdog = WatchdogSettings.for_stall_timeout(max(0.0, parse_duration(stall_timeout, "--stall-timeout")))
+        vertex = Vertex.from_environ(os.environ)  # Google Vertex AI (api/gcp.py), as llama-server: its port wins
+        if vertex is not None and vertex.port != port:
+            log.warning("Vertex AI compatibility (AIP_MODE=PREDICTION): listening on AIP_HTTP_PORT %d, not %d",
+                        vertex.port, port)
+            port = vertex.port
         grace = max(0.0, parse_duration(shutdown_grace, "--shutdown-grace"))
         manager = ModelManager.create(models_dir=models_dir, models_preset=models_preset,
                                       llama_server=llama_server, engine_args=engine_args, limits=limits,
@@ -233,7 +239,11 @@ async def _serve(context: AppContext, host: str, port: int, tls: ssl.SSLContext 
 
     limits = ConnectionLimits.for_descriptor_limit(raise_descriptor_limit())  # before any child inherits it
     # Handlers still running after the drain (only those that ignore the end of their child) get a moment.
-    runner = web.AppRunner(build_app(context), handler_cancellation=True, access_log=None,
+    try:
+        app = build_app(context)
+    except ConfigError as exc:  # AIP_PREDICT_ROUTE on a path already served (api/gcp.py): router mode exits too
+        raise click.ClickException(str(exc)) from None
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=HANDLER_GRACE_S, keepalive_timeout=limits.keepalive_timeout)
     await runner.setup()
     manager = context.manager

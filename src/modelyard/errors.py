@@ -27,6 +27,8 @@ class ErrorKind(Enum):
     UNSUPPORTED_MEDIA = (415, "invalid_request_error", "unsupported_media_type")
     FORBIDDEN = (403, "permission_error", "forbidden")
     CANCELLED = (499, "cancelled_error", "request_cancelled")  # by an admin (POST /activity/{id}/cancel)
+    LOADING = (503, "unavailable_error", "model_loading")  # a resumable stream's model is still loading: retry
+    FEATURE_DISABLED = (403, "feature_disabled", "feature_disabled")  # router mode's /tools and /cors-proxy answer
     # Hugging Face downloads (modelyard.hub): the hub refused the token, has no such repo/file/quant, cannot be
     # reached (or offline mode is on), the disk is full, or the bytes did not match the hub's sha256.
     HUB_AUTH = (403, "permission_error", "hub_unauthorized")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -36,11 +36,19 @@ _RESPONSE_DROP = frozenset({"server", "date", "transfer-encoding", "connection",
                             "access-control-allow-headers"})
 
 
-async def forward(request: web.Request, child: Child, body: bytes, query: Mapping[str, str],
+def upstream_headers(request: web.Request) -> dict[str, str]:
+    """The client's headers a child gets."""
+    return {k: v for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP}
+
+
+async def forward(request: web.Request, child: Child, body: bytes | AsyncIterable[bytes], query: Mapping[str, str],
                   started: web.StreamResponse | None = None) -> web.StreamResponse:
     """`started`: an SSE answer already sent (api/loading.py's load messages), which the child's stream
-    continues; a child's error then ends it in-band."""
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP}
+    continues; a child's error then ends it in-band. `body` as an iterable: a body streamed on as the client
+    sends it (api/multipart.py), with the client's length when it declared one (else sent chunked)."""
+    headers = upstream_headers(request)
+    if not isinstance(body, bytes) and request.content_length is not None:
+        headers["Content-Length"] = str(request.content_length)
     try:
         async with child.request(request.method, request.path, params=query, body=body or None,
                                  headers=headers) as upstream:

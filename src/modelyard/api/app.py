@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from modelyard.api import activity, auth, cors, insight, management, ollama, openai, ui
+from modelyard.api import activity, auth, cors, gcp, insight, management, ollama, openai, ui
 from modelyard.api.context import CONTEXT, AppContext
 from modelyard.api.errors import error_response
 from modelyard.api.json import json_response
@@ -107,6 +108,9 @@ def build_app(context: AppContext) -> web.Application:
     activity.add_routes(app)
     ui.add_routes(app)
     insight.add_routes(app)
+    vertex = gcp.Vertex.from_environ(os.environ)
+    if vertex is not None:  # last: it must not take a path another front-end serves
+        gcp.add_routes(app, vertex)
 
     async def start_manager(app: web.Application) -> None:
         await context.manager.start()

@@ -129,6 +129,9 @@ _INFERENCE_POSTS = (  # llama-server's model-routed POST routes (api/openai.py) 
     "/v1/embeddings", "/embeddings", "/embedding", "/v1/rerank", "/rerank", "/v1/reranking", "/reranking",
     "/v1/responses", "/responses", "/v1/messages", "/v1/messages/count_tokens", "/infill", "/tokenize",
     "/detokenize", "/apply-template", "/v1/chat/completions/input_tokens", "/v1/responses/input_tokens",
+    "/chat/completions/input_tokens", "/responses/input_tokens", "/v1/chat/completions/control", "/v1/systemone",
+    "/v1/audio/transcriptions", "/audio/transcriptions",
+    "/v1/streams/lookup",  # resumable streams (api/streams.py): they reach the conversation's child
     "/api/chat", "/api/generate", "/api/embed", "/api/embeddings",
 )
 ROUTE_SCOPES: tuple[Rule, ...] = (
@@ -150,6 +153,9 @@ ROUTE_SCOPES: tuple[Rule, ...] = (
     Rule(_POST, "/lora-adapters", Scope.ADMIN),  # changes the adapter scales every request gets
     Rule(_POST, "/activity/*", Scope.ADMIN),  # cancels someone's request
     Rule(_ANY, "/capture", Scope.ADMIN),  # shows (or starts recording) everyone's prompts and answers
+    # always 403 (api/disabled.py); where llama-server enables them they run commands on the host
+    Rule(_ANY, "/tools", Scope.ADMIN),
+    Rule(_ANY, "/cors-proxy", Scope.ADMIN),
     *(Rule(_ANY, path, Scope.ADMIN) for path in ("/api/pull", "/api/push", "/api/create", "/api/copy",
                                                   "/api/delete", "/api/blobs/*")),
     # inference: the model routes
@@ -158,6 +164,7 @@ ROUTE_SCOPES: tuple[Rule, ...] = (
     Rule(_GET, "/slots", Scope.INFERENCE),  # without ?model= they answer 400 saying so
     Rule(_GET, "/metrics", Scope.READ),  # the router's own metrics (Prometheus), per key's models
     Rule(_GET, "/lora-adapters", Scope.INFERENCE),
+    Rule(frozenset({"GET", "DELETE"}), "/v1/stream", Scope.INFERENCE),  # replay or stop a conversation's stream
     # read: listings
     *(Rule(_GET, path, Scope.READ) for path in ("/models", "/v1/models", "/v1/models/*", "/models/sse",
                                                 "/props", "/api/tags", "/api/ps", "/api/version", "/activity",

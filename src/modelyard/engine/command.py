@@ -17,7 +17,10 @@ CHILD_KEY_ENV = "MODELYARD_CHILD_KEY"  # the child's secret, in its environment 
 # Router-level settings a child must not inherit through the environment.
 _ROUTER_ENV = ("LLAMA_ARG_MODELS_DIR", "LLAMA_ARG_MODELS_PRESET", "LLAMA_ARG_MODELS_MAX",
                "LLAMA_ARG_MODELS_AUTOLOAD", "LLAMA_API_KEY", "LLAMA_ARG_API_KEY", "LLAMA_ARG_API_KEY_FILE",
-               "LLAMA_ARG_CORS_ORIGINS", "LLAMA_ARG_CORS_CREDENTIALS", "MODELYARD_API_KEY")
+               "LLAMA_ARG_CORS_ORIGINS", "LLAMA_ARG_CORS_CREDENTIALS", "MODELYARD_API_KEY",
+               # Vertex AI (api/gcp.py): a llama-server child with AIP_MODE=PREDICTION leaves its --port for
+               # AIP_HTTP_PORT, the router's own
+               "AIP_MODE", "AIP_HTTP_PORT", "AIP_HEALTH_ROUTE", "AIP_PREDICT_ROUTE")
 # Settings modelyard decides for every child: its key (from the environment) and its CORS answer. A preset's
 # own values would reopen the child to other local users or to web pages.
 _ROUTER_OWNED = frozenset({"--api-key", "--api-key-file", "--cors-origins", "--cors-credentials", "--host",
