@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from modelyard.children import ChildError
 from modelyard.config.options import OptionTable
 from modelyard.config.presets import ConfigError
 from modelyard.demo import SMOLLM2
-from modelyard.engine.command import Engine
+from modelyard.engine.command import Engine, launch_plan
 from modelyard.manager import ModelManager
 from modelyard.memory import GgufCache
 from modelyard.scheduler import Limits, Status
@@ -156,6 +157,18 @@ def test_vertex_settings_come_from_the_environment(environ: dict[str, str], expe
 def test_a_bad_vertex_port_says_so(port: str) -> None:
     with pytest.raises(ConfigError, match="AIP_HTTP_PORT"):
         gcp.Vertex.from_environ({"AIP_MODE": "PREDICTION", "AIP_HTTP_PORT": port})
+
+
+def test_children_never_see_the_vertex_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A llama-server child with AIP_MODE=PREDICTION would leave its --port for AIP_HTTP_PORT (router mode's
+    children do, and fail to load)."""
+    for name, value in {"AIP_MODE": "PREDICTION", "AIP_HTTP_PORT": "8080", "AIP_HEALTH_ROUTE": "/h",
+                        "AIP_PREDICT_ROUTE": "/p"}.items():
+        monkeypatch.setenv(name, value)
+    config = catalog("m").models["m"]
+    plan = launch_plan(replace(config, command=None, settings={"--model": "/m.gguf"}),
+                       Engine(Path("/bin/llama-server"), OptionTable([])), 5555)
+    assert not [name for name in plan.env if name.startswith("AIP_")]
 
 
 # --- scopes -------------------------------------------------------------------------------------------------------
