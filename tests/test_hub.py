@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from modelyard.console.pull import PullStep, pull_step
 from modelyard.errors import ErrorKind
 from modelyard.hub import events
 from modelyard.hub.access import Hub, Token, hub_from_environ
@@ -352,3 +353,20 @@ async def test_an_unknown_quant_lists_the_repos(fake: FakeHub, tmp_path: Path) -
     with pytest.raises(HubError, match=f"{REPO} has no GGUF file with quant Q3_K_S; it has: Q4_K_M") as missing:
         await downloads.start(parse_ref(f"{REPO}:Q3_K_S"))
     assert missing.value.kind == ErrorKind.HUB_NOT_FOUND
+
+
+# --- what `modelyard pull` reads of /models/sse (pure) ------------------------------------------------------
+
+@pytest.mark.parametrize(("message", "expected"), [
+    ({"model": "o/r:Q4_0", "event": "download_progress",
+      "data": {"progress": {"u1": {"done": 5, "total": 10}, "u2": {"done": 1, "total": 4}}}},
+     PullStep("downloading", 6, 14)),
+    ({"model": "o/r:Q4_0", "event": "download_finished"}, PullStep("done")),
+    ({"model": "o/r:Q4_0", "event": "download_failed", "data": {"error": "disk full"}},
+     PullStep("failed", reason="disk full")),
+    ({"model": "o/r:Q4_0", "event": "download_failed"}, PullStep("failed", reason="the server gave no reason")),
+    ({"model": "other", "event": "download_finished"}, None),
+    ({"model": "o/r:Q4_0", "event": "status_change", "data": {"status": "loading"}}, None),
+])
+def test_pull_steps(message: dict[str, Any], expected: PullStep | None) -> None:
+    assert pull_step(message, "o/r:Q4_0") == expected

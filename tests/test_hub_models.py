@@ -79,6 +79,16 @@ def test_a_preset_with_hf_repo_starts_its_child_on_the_cached_file(tmp_path: Pat
     assert missing.model_path is None and missing.needs_download and not chat.needs_download
 
 
+def test_dedup_cache_models_hides_the_cache_entry_of_a_presets_file(tmp_path: Path, table: OptionTable,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    cache_with(tmp_path / "hub", "org/chat-GGUF", "chat-Q4_K_M.gguf", "chat-Q8_0.gguf")
+    preset = tmp_path / "models.ini"
+    preset.write_text("[chat]\nhf-repo = org/chat-GGUF:Q4_K_M\ndedup-cache-models = true\n")
+    catalog = build_catalog(Sources(table, preset_path=preset, hub_cache=tmp_path / "hub"))
+    assert sorted(catalog.models) == ["chat", "org/chat-GGUF:Q8_0"]  # as router mode: Q4_K_M is chat's
+
+
 @pytest.mark.parametrize(("ini", "says"), [
     ("[x]\nhf-repo = just-a-name\n", r"models.ini:2 \[x\]: hf-repo: 'just-a-name' is not a Hugging Face model"),
     ("[x]\nhf-repo = org/repo:Q4:Q8\n", "more than one ':'"),

@@ -161,9 +161,15 @@ def build_catalog(sources: Sources) -> Catalog:
 
     router = {flag: Setting(value, "router command line") for flag, value in sources.router_settings.items()}
     models: dict[str, ModelConfig] = {}
+    dedup: set[str] = set()  # files of presets with `dedup-cache-models`: their cache entries are not listed
     for name, (settings, source, origin) in merged.items():
         full = _with_hub_files({**global_settings, **settings, **router}, name, canon, hub_files)
         models[name] = _model_config(name, full, source, origin, canon, preset)
+        flag = full.get("dedup-cache-models")
+        if source == "preset" and flag is not None and flag.value.lower() in TRUTHY and models[name].hub:
+            dedup.add(models[name].model_path or "")
+    models = {name: config for name, config in models.items()
+              if config.source != "cache" or config.model_path not in dedup}
     return Catalog(models, _name_index(models.values()))
 
 

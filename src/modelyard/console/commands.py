@@ -1,4 +1,4 @@
-"""The console's click commands (`ps`, `ls`, `load`, `unload`, `logs`, `chat`, `top`), registered on the
+"""The console's click commands (`ps`, `ls`, `load`, `unload`, `logs`, `chat`, `top`, `pull`), registered on the
 main group by cli.py. Each takes --url ($MODELYARD_URL), --api-key-file ($MODELYARD_API_KEY_FILE, or the key
 itself in $MODELYARD_API_KEY: never on argv) and --json (machine-readable stdout, no colour), and exits with
 client.ExitCode. Tables and progress go through rich; what they show is rendered by render.py."""
@@ -226,4 +226,25 @@ def top(url: str, api_key_file: Path | None, as_json: bool) -> None:
             run_top(client, out)
 
 
-COMMANDS = (ps, ls, load, unload, logs, chat, top)
+@click.command("pull", epilog=EXIT_CODES_HELP, context_settings=_SETTINGS)
+@_server_options
+@click.argument("model")
+def pull(url: str, api_key_file: Path | None, as_json: bool, model: str) -> None:
+    """Download MODEL, a Hugging Face repo of GGUF files (org/repo or org/repo:QUANT, as llama-server's -hf),
+    into the server's Hugging Face cache, with a progress bar (POST /models); it is then listed as
+    org/repo:QUANT. Exit 1 with the reason (a gated repo, no such quant, a full disk) if it fails."""
+    from modelyard.console.pull import pull_with_progress
+
+    out, err = _consoles(as_json)
+    with _client(url, api_key_file) as client:
+        pulled = pull_with_progress(client, model, err, show=not as_json)
+    if as_json:
+        _emit({"model": pulled.model, "status": "present" if pulled.already else "downloaded",
+               "bytes": pulled.bytes, "seconds": round(pulled.seconds, 3)})
+    elif pulled.already:
+        out.print(f"{pulled.model} is already downloaded")
+    else:
+        out.print(f"{pulled.model} downloaded ({pulled.bytes / 2**20:,.1f} MiB in {pulled.seconds:.1f} s)")
+
+
+COMMANDS = (ps, ls, load, unload, logs, chat, top, pull)

@@ -104,12 +104,14 @@ class Downloads:
         self._free_space = free_space
         self._retry_delay = retry_delay
         self.token: Token | None = None  # the router's own --hf-token, for downloads without one of their own
+        self.offline = False  # the router's --offline: only the cache, as with HF_HUB_OFFLINE
         self._downloads: dict[str, Download] = {}
         self._files: dict[tuple[str, str, str, str], _FileJob] = {}
         self._closed = False
 
     def hub(self, token: Token | None = None) -> Hub:
-        return hub_from_environ(self._environ, token)
+        hub = hub_from_environ(self._environ, token)
+        return replace(hub, offline=True) if self.offline else hub
 
     def find(self, name: str) -> Download | None:
         return self._downloads.get(name)
