@@ -15,7 +15,7 @@ import itertools
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from modelyard.children import ChildError, ChildExited, ProgressCallback, Reply
+from modelyard.children import ChildError, ChildExited, Reply, StateCallback
 from modelyard.config.catalog import Catalog, ModelConfig
 from modelyard.engine.command import LaunchPlan
 from modelyard.logbook import ModelLog
@@ -131,7 +131,7 @@ def ok_json(child: FakeChild, method: str, path: str, body: bytes | None) -> Fak
 class FakeChild:
     """One fake child. Its requests are answered by `handler` (by default a small JSON body at once)."""
 
-    def __init__(self, model: str, plan: LaunchPlan, port: int, on_progress: ProgressCallback,
+    def __init__(self, model: str, plan: LaunchPlan, port: int, on_state: StateCallback,
                  clock: FakeClock, log: ModelLog | None = None) -> None:
         self.model = model
         self.plan = plan
@@ -139,7 +139,7 @@ class FakeChild:
         self.port: int | None = port
         self.info: Mapping[str, Any] = {}
         self.clock = clock
-        self.on_progress = on_progress
+        self.on_state = on_state  # what it reports of itself: the test calls it (or on_progress)
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.exited: asyncio.Future[int] = loop.create_future()
@@ -186,6 +186,10 @@ class FakeChild:
         """Output lines, as the child's stdout/stderr would carry them."""
         for line in lines:
             self.log.append(line)
+
+    def on_progress(self, progress: Mapping[str, Any]) -> None:
+        """Report load progress, as llama-server's `loading` lines do."""
+        self.on_state("loading", progress)
 
     def become_ready(self, info: Mapping[str, Any] | None = None) -> None:
         self.info = info or {}
@@ -255,9 +259,9 @@ class FakeFleet:
         self._made = asyncio.Condition()
         self.prepare: Callable[[FakeChild], None] = lambda child: None
 
-    def __call__(self, model: str, plan: LaunchPlan, port: int, on_progress: ProgressCallback,
+    def __call__(self, model: str, plan: LaunchPlan, port: int, on_state: StateCallback,
                  log: ModelLog) -> FakeChild:
-        child = FakeChild(model, plan, port, on_progress, self.clock, log)
+        child = FakeChild(model, plan, port, on_state, self.clock, log)
         self.prepare(child)
         self.children.setdefault(model, []).append(child)
         asyncio.get_running_loop().create_task(self._signal())

@@ -122,6 +122,7 @@ def sse(model: str, status: str, **data: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("message", "seen", "step"), [
     (sse("m", "loading"), False, LoadStep("loading", None, "")),
+    ({"model": "m", "event": "model_status", "data": {"status": "loading"}}, False, LoadStep("loading", None, "")),
     (sse("m", "loading", progress={"stages": ["text_model"], "current": "text_model", "value": 0.25}), False,
      LoadStep("loading", 0.25, "text_model")),
     (sse("m", "loading", progress={"value": 7}), True, LoadStep("loading", 1.0, "")),
@@ -131,7 +132,8 @@ def sse(model: str, status: str, **data: Any) -> dict[str, Any]:
     (sse("m", "unloaded"), False, None),  # the end of an earlier unload the load waits behind
     (sse("m", "unloaded"), True, LoadStep("failed", reason="it was unloaded before it finished loading")),
     (sse("other", "loaded"), True, None),
-    ({"model": "*", "event": "models_reload", "data": {}}, True, None),
+    ({"model": "*", "event": "models_reload"}, True, None),
+    ({"model": "m", "event": "download_progress", "data": {"progress": {}}}, True, None),
 ])
 def test_load_step(message: dict[str, Any], seen: bool, step: LoadStep | None) -> None:
     assert load_step(message, "m", seen) == step

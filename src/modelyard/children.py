@@ -112,9 +112,12 @@ class Child(Protocol):
     def progress(self) -> int | None: ...
 
 
-ProgressCallback = Callable[[Mapping[str, Any]], None]
-# (model, plan, port, on_progress, the model's log ring) -> a child, not started yet
-ChildFactory = Callable[[str, LaunchPlan, int, ProgressCallback, ModelLog], Child]
+# What a llama-server child reports of itself after its start (router mode's child protocol): `loading` with
+# its load progress, `sleeping` when --sleep-idle-seconds freed its model, `ready` again once a request woke it
+# (its first `ready` resolves Child.ready instead). (state, payload).
+StateCallback = Callable[[str, Mapping[str, Any]], None]
+# (model, plan, port, on_state, the model's log ring) -> a child, not started yet
+ChildFactory = Callable[[str, LaunchPlan, int, StateCallback, ModelLog], Child]
 
 
 def _die_with_parent() -> None:
@@ -207,7 +210,7 @@ class _ProcessReply:
 class ProcessChild:
     """A child process serving one model over loopback HTTP."""
 
-    def __init__(self, model: str, plan: LaunchPlan, port: int, on_progress: ProgressCallback | None = None,
+    def __init__(self, model: str, plan: LaunchPlan, port: int, on_state: StateCallback | None = None,
                  log: ModelLog | None = None) -> None:
         self.model = model
         self.plan = plan
@@ -221,7 +224,7 @@ class ProcessChild:
         self.ready_at = 0.0
         self.last_activity = 0.0
         self.in_flight = 0
-        self._on_progress = on_progress
+        self._on_state_report = on_state
         self._key = plan.env.get(CHILD_KEY_ENV, "")
         self._auth = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         self._session: aiohttp.ClientSession | None = None
@@ -369,17 +372,21 @@ class ProcessChild:
             else:
                 self._remember(raw)
 
-    def _on_state(self, payload: bytes) -> None:
+    def _on_state(self, line: bytes) -> None:
         try:
-            message = json.loads(payload)
+            message = json.loads(line)
         except ValueError:
             return
-        state = message.get("state")
-        if state == "ready":
-            self.info = message.get("payload") or {}
+        if not isinstance(message, dict):
+            return
+        state, payload = message.get("state"), message.get("payload")
+        payload = payload if isinstance(payload, dict) else {}
+        if state == "ready" and not self.ready.done():
+            self.info = payload
             self._mark_ready()
-        elif state == "loading" and self._on_progress is not None:
-            self._on_progress(message.get("payload") or {})
+        elif state in ("loading", "sleeping", "ready") and self._on_state_report is not None:
+            # a `ready` after a wake has an empty payload: the model info of the first one stays
+            self._on_state_report(state, payload)
 
     async def _read_stderr(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None

@@ -9,8 +9,12 @@
 It is the imperative shell: it feeds events to `Scheduler`, runs the actions it returns (start a child,
 stop a child, kill a wedged one, hand a lease to a waiting request), and publishes every status change and
 every decision with its reason (`Decision`, the last 500 kept); each model's child output is kept in
-`logbook` across restarts. The constructor does no I/O (`create` reads the sources and asks nvidia-smi);
-children come from a factory (real processes, or fakes in tests) and time from an injected clock.
+`logbook` across restarts. The status feed (`subscribe`, what /models/sse sends) also carries what the
+children report of themselves (load progress; sleep and wake under --sleep-idle-seconds, which the scheduler
+never hears of: a sleeping child keeps its slot and wakes on its next request, as in router mode) and the
+events other parts publish with `notify` (downloads). The constructor does no I/O (`create` reads the
+sources and asks nvidia-smi); children come from a factory (real processes, or fakes in tests) and time from
+an injected clock.
 """
 
 from __future__ import annotations
@@ -116,11 +120,14 @@ class _Running:
     settings: Mapping[str, str]
     failed_probes: int = 0
     progress: int | None = None  # the child's main-thread CPU ticks at the last watchdog round
+    wake_state: str = ""  # "sleeping" (--sleep-idle-seconds freed its model) or "loading" (waking up again)
 
 
 @dataclass(frozen=True)
 class StatusEvent:
-    """What `/models/sse` publishes: one per status change."""
+    """A status change of a model (the scheduler's), or one its child reported: `progress` is set only on the
+    child's own load reports (its first load, or a wake), `sleeping` when --sleep-idle-seconds freed its model
+    (the scheduler still counts it loaded)."""
 
     model: str
     status: Status
@@ -128,11 +135,23 @@ class StatusEvent:
     reason: str = ""
     progress: Mapping[str, Any] | None = None
     info: Mapping[str, Any] | None = None  # the child's own model info, on `loaded`
+    sleeping: bool = False
 
 
 @dataclass(frozen=True)
 class ModelsReloaded:
     """What `/models/sse` publishes after the model sources were re-read (models may have come and gone)."""
+
+
+@dataclass(frozen=True)
+class ModelNotice:
+    """An event of router mode's /models/sse that is no status change (`download_progress`,
+    `download_finished`, `download_failed`, `model_remove`), sent as router mode sends it:
+    {"model": model, "event": event, "data": data} (no "data" when None). Published with `notify`."""
+
+    event: str
+    model: str
+    data: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,7 +168,7 @@ class Decision:
     request: int | None = None
 
 
-FeedEvent = StatusEvent | ModelsReloaded  # the status feed: one union, no sentinel model name
+FeedEvent = StatusEvent | ModelsReloaded | ModelNotice  # the status feed: one union, no sentinel model name
 
 
 @dataclass(frozen=True)
@@ -164,10 +183,17 @@ class ModelView:
     pid: int | None = None
     expires_in: float | None = None  # seconds until an idle model's keep-alive ends
     idle_for: float | None = None  # seconds since its last request, if it ever had one
+    wake_state: str = ""  # a loaded model's child asleep ("sleeping") or waking up ("loading")
 
     @property
     def status(self) -> Status:
         return self.state.status
+
+    @property
+    def shown_status(self) -> str:
+        """The status router mode would show: `sleeping` (and `loading` while it wakes) for a loaded model
+        whose child sleeps under --sleep-idle-seconds."""
+        return self.wake_state or self.status.value
 
 
 @dataclass(frozen=True)
@@ -500,12 +526,14 @@ class ModelManager:
                 continue
             record = self._running.get(name)
             child = record.child if record is not None else None
+            loaded = child is not None and state.status == Status.LOADED
             views.append(ModelView(
                 config=config, state=state, args=child.argv if child else (),
-                info=child.info if child and state.status == Status.LOADED else {},
+                info=child.info if child and loaded else {},
                 port=child.port if child else None, pid=child.pid if child else None,
                 expires_in=max(0.0, state.expires_at - now) if state.expires_at is not None else None,
-                idle_for=now - state.last_used if state.last_used else None))
+                idle_for=now - state.last_used if state.last_used else None,
+                wake_state=record.wake_state if record is not None and loaded else ""))
         return views
 
     def memory(self) -> MemoryUse:
@@ -532,6 +560,12 @@ class ModelManager:
     def _status(self, model: str) -> Status:
         state = self._scheduler.view(model)
         return state.status if state is not None else Status.UNLOADED
+
+    def notify(self, event: str, model: str, data: Mapping[str, Any] | None = None) -> None:
+        """Publish an event of router mode's /models/sse that is no status change, e.g.
+        `notify("download_progress", "org/repo:Q4_K_M", {"progress": {url: {"done": n, "total": m}}})` or
+        `notify("download_finished", name)`: /models/sse sends it as router mode does (see ModelNotice)."""
+        self._publish(ModelNotice(event, model, data))
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[FeedEvent | None]]:
@@ -657,8 +691,8 @@ class ModelManager:
         try:
             settings = self.launch_settings(config)
             plan = launch_plan(dataclasses.replace(config, settings=settings), self._engine, port, new_child_key())
-            child = self._new_child(model, plan, port, lambda p: self._publish(
-                StatusEvent(model, Status.LOADING, progress=p)), self.logbook.of(model))
+            child = self._new_child(model, plan, port, lambda state, payload: self._on_child_state(
+                model, state, payload), self.logbook.of(model))
         except Exception as exc:
             log.exception("could not prepare the child of %s", model)
             self._dispatch(InstanceExited(model, None, f"could not start model '{model}': {exc}"))
@@ -674,6 +708,28 @@ class ModelManager:
             self._dispatch(InstanceExited(model, None, f"could not start {plan.argv[0]}: {exc}"))
             return
         self._spawn(self._watch(record))
+
+    def _on_child_state(self, model: str, state: str, payload: Mapping[str, Any]) -> None:
+        """What a running child reports of itself (children.StateCallback), published as router mode does: load
+        progress as `loading`, then, under --sleep-idle-seconds, `sleeping`, and on a wake `loading` (with
+        progress) and `loaded` again. The scheduler hears none of it: the child still holds its slot and its
+        next request is sent to it at once (llama-server wakes itself up for it)."""
+        record = self._running.get(model)
+        status = self._status(model)
+        if record is None or status not in (Status.LOADING, Status.LOADED):
+            return
+        if state == "loading":
+            if status == Status.LOADED:
+                record.wake_state = "loading"
+            self._publish(StatusEvent(model, Status.LOADING, progress=payload))
+        elif state == "sleeping" and status == Status.LOADED:
+            record.wake_state = "sleeping"
+            log.info("%s is sleeping (--sleep-idle-seconds): its model is freed until the next request", model)
+            self._publish(StatusEvent(model, Status.LOADED, sleeping=True))
+        elif state == "ready" and status == Status.LOADED and record.wake_state:
+            record.wake_state = ""
+            log.info("%s woke up", model)
+            self._publish(StatusEvent(model, Status.LOADED))
 
     async def _watch(self, record: _Running) -> None:
         child = record.child

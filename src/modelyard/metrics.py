@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from modelyard.activity import Activity, Record
-from modelyard.manager import Decision, ModelManager, ModelsReloaded, StatusEvent
+from modelyard.manager import Decision, ModelManager, StatusEvent
 from modelyard.scheduler import DecisionKind, Status
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class Metrics:
     async def _follow_status(self) -> None:
         async with self._manager.subscribe() as events:
             while (event := await events.get()) is not None:
-                if not isinstance(event, ModelsReloaded):
+                if isinstance(event, StatusEvent):
                     self.on_status(event)
         log.debug("metrics: the status feed closed")
 

@@ -1,6 +1,12 @@
 """llama-server router mode's management API: /models, /models/load, /models/unload, /models/sse, /props,
 /health — same paths, same shapes, with router mode's gaps fixed (load queues instead of failing, 404 for an
-unknown model, one SSE event name, `failed` only when a child really failed)."""
+unknown model, unload-all, `failed` only when a child really failed).
+
+/models/sse sends router mode's events with its fields (`sse_message`): `model_status` when a load starts,
+`status_change` for every later transition (`loading` with the child's progress, `loaded` with its info,
+`sleeping`, `unloaded` with its exit code), `models_reload`, and the notices others publish (downloads).
+modelyard's own statuses (`stopping`, `failed`) and a transition's `reason` ride along: router-mode clients
+(its web UI) take any status value and ignore fields they do not know."""
 
 from __future__ import annotations
 
@@ -20,15 +26,16 @@ from modelyard.api.sse import event_stream
 from modelyard.config.catalog import ModelConfig
 from modelyard.config.presets import ConfigError
 from modelyard.errors import ErrorKind, ModelError
-from modelyard.manager import FeedEvent, ModelsReloaded, ModelView
+from modelyard.manager import FeedEvent, ModelNotice, ModelsReloaded, ModelView
 from modelyard.scheduler import Status
 
-SSE_EVENT = "status_change"
+LOAD_STARTED = "model_status"  # router mode's event when it spawns a child
+STATUS_CHANGE = "status_change"  # every later transition
 
 
 def model_entry(view: ModelView, created: int) -> dict[str, Any]:
     config = view.config
-    status: dict[str, Any] = {"value": view.status.value, "args": list(view.args), "preset": config.preset_text,
+    status: dict[str, Any] = {"value": view.shown_status, "args": list(view.args), "preset": config.preset_text,
                               "failed": view.status == Status.FAILED}
     if view.state.exit_code is not None:
         status["exit_code"] = view.state.exit_code
@@ -131,21 +138,28 @@ async def unload_model(request: web.Request) -> web.Response:
     return json_response({"success": True})
 
 
-def _sse_frame(event: FeedEvent) -> bytes:
+def sse_message(event: FeedEvent) -> dict[str, Any]:
+    """One /models/sse message, as router mode b11434 writes it (server-models.cpp notify_sse)."""
     if isinstance(event, ModelsReloaded):
-        message: dict[str, Any] = {"model": "*", "event": "models_reload", "data": {}}
-    else:
-        data: dict[str, Any] = {"status": event.status.value}
-        if event.exit_code is not None:
-            data["exit_code"] = event.exit_code
-        if event.reason:
-            data["reason"] = event.reason
-        if event.progress is not None:
-            data["progress"] = event.progress
-        if event.info:
-            data["info"] = event.info
-        message = {"model": event.model, "event": SSE_EVENT, "data": data}
-    return b"data: " + dumps(message) + b"\n\n"
+        return {"model": "*", "event": "models_reload"}
+    if isinstance(event, ModelNotice):
+        notice: dict[str, Any] = {"model": event.model, "event": event.event}
+        if event.data is not None:
+            notice["data"] = event.data
+        return notice
+    data: dict[str, Any] = {"status": "sleeping" if event.sleeping else event.status.value}
+    if event.status == Status.UNLOADED:
+        data["exit_code"] = event.exit_code or 0  # router mode always says; none = it never ran
+    elif event.exit_code is not None:
+        data["exit_code"] = event.exit_code
+    if event.reason:
+        data["reason"] = event.reason
+    if event.progress is not None:
+        data["progress"] = event.progress
+    if event.info:
+        data["info"] = event.info
+    started = event.status == Status.LOADING and event.progress is None  # the scheduler's start, not the child's
+    return {"model": event.model, "event": LOAD_STARTED if started else STATUS_CHANGE, "data": data}
 
 
 async def models_sse(request: web.Request) -> web.StreamResponse:
@@ -154,7 +168,7 @@ async def models_sse(request: web.Request) -> web.StreamResponse:
     def frame(event: FeedEvent) -> bytes | None:
         if not isinstance(event, ModelsReloaded) and not auth.may_use_named(request, manager.catalog, event.model):
             return None
-        return _sse_frame(event)
+        return b"data: " + dumps(sse_message(event)) + b"\n\n"
 
     async with manager.subscribe() as events:
         # mypy cannot solve T | None against a union's Queue: the frame function fixes T
@@ -171,7 +185,7 @@ async def props(request: web.Request) -> web.StreamResponse:
         "models_autoload": context.settings.autoload,
         "model_alias": "modelyard",
         "model_path": "none",
-        "default_generation_settings": {"params": {}, "n_ctx": 0},
+        "default_generation_settings": {"params": None, "n_ctx": 0},  # router mode's null (its json{} is one)
         "ui_settings": {},
         "build_info": context.settings.build_info,
         "cors_proxy_enabled": False,

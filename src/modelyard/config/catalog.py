@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from modelyard.config.durations import parse_duration
 from modelyard.config.models_dir import scan_models_dir
-from modelyard.config.options import FALSEY, TRUTHY, OptionTable
+from modelyard.config.options import FALSEY, TRUTHY, OptionTable, value_error
 from modelyard.config.presets import ConfigError, PresetFile, Setting, normalise_value, read_preset_file
 from modelyard.hub.access import Token
 from modelyard.hub.cache import CachedFile, cache_dir, cached_files, cached_models, resolve
@@ -357,6 +357,9 @@ def parse_engine_args(args: tuple[str, ...], table: OptionTable) -> dict[str, st
                 if not queue:
                     raise ConfigError(f"option '{key}' needs a value")
                 inline = queue.pop(0)
+            problem = value_error(option.canonical, inline)
+            if problem:
+                raise ConfigError(problem)
             settings[option.canonical] = inline
         else:
             settings[option.canonical] = normalise_value(table, key, "true")

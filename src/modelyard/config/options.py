@@ -57,6 +57,21 @@ PRESET_ONLY_OPTIONS: tuple[EngineOption, ...] = (
 )
 
 
+def value_error(canonical: str, value: str) -> str | None:
+    """What is wrong with a value that llama-server refuses when it parses its flags (None: nothing known).
+    Router mode refuses these on its own command line, at start; modelyard checks them wherever they are
+    written, so that a bad value stops it at start instead of failing every child's load."""
+    if canonical == "--sleep-idle-seconds":
+        try:
+            seconds = int(value)
+        except ValueError:
+            seconds = 0
+        if seconds == 0 or seconds < -1:
+            return (f"--sleep-idle-seconds takes a whole number of seconds of idleness after which a model's "
+                    f"server frees the model until its next request, or -1 for never; got {value!r}")
+    return None
+
+
 class OptionTable:
     """Maps every spelling of an option (long, short, env name) to the option."""
 

@@ -194,6 +194,11 @@ def ls_table(rows: Sequence[LsRow]) -> Table:
 
 # --- load progress --------------------------------------------------------------------------------------------
 
+# The /models/sse events that carry a model's status, router mode's names: `model_status` when a load starts,
+# `status_change` for every later transition.
+STATUS_EVENTS = frozenset({"model_status", "status_change"})
+
+
 @dataclass(frozen=True)
 class LoadStep:
     state: Literal["loading", "loaded", "failed"]
@@ -206,7 +211,7 @@ def load_step(message: Mapping[str, Any], model: str, seen_loading: bool) -> Loa
     """What a /models/sse message means for a load of `model` (None: nothing). A model that goes back to
     `unloaded` after it was loading did not load (unloaded or killed meanwhile); before that, an `unloaded`
     is the end of an earlier unload that the load waits behind."""
-    if message.get("event") != "status_change" or message.get("model") != model:
+    if message.get("event") not in STATUS_EVENTS or message.get("model") != model:
         return None
     data = message.get("data") or {}
     status = data.get("status")
@@ -259,7 +264,7 @@ def with_models(state: TopState, listing: Mapping[str, Any]) -> TopState:
 
 
 def with_model_event(state: TopState, message: Mapping[str, Any]) -> TopState:
-    if message.get("event") != "status_change":
+    if message.get("event") not in STATUS_EVENTS:
         return state
     name = str(message.get("model"))
     data = message.get("data") or {}

@@ -90,6 +90,10 @@ export function postJson(path, body) {
   });
 }
 
+// The /models/sse events that carry a model's status (router mode's names): model_status when a load starts,
+// status_change for every later transition.
+export const STATUS_EVENTS = new Set(["model_status", "status_change"]);
+
 // Calls onEvent(name, data) for each event of an SSE body until it ends. Comments (`: keepalive`) are skipped.
 export async function readEvents(response, onEvent) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();

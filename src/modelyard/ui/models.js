@@ -4,7 +4,7 @@
 // Status changes arrive on the stream; the counts and measured memory, which have no event, are re-read
 // every few seconds.
 
-import { apiJson, postJson } from "./api.js";
+import { STATUS_EVENTS, apiJson, postJson } from "./api.js";
 import { bytes, countdown, fill, h, notify, placeholder } from "./dom.js";
 
 const REFRESH_MS = 5000;
@@ -64,7 +64,7 @@ export function mount(root, page) {
 
   function rows(entry, memory) {
     const status = entry.status.value;
-    const busy = status === "loading" || status === "loaded";
+    const busy = status === "loading" || status === "loaded" || status === "sleeping";
     const shown = progress.get(entry.id);
     const row = h("tr", { dataset: { model: entry.id, status } },
       h("td", { class: "name" }, h("strong", {}, entry.id),
@@ -99,7 +99,7 @@ export function mount(root, page) {
 
   page.stream("/models/sse", (name, data) => {
     const event = JSON.parse(data);
-    if (event.event === "status_change") {
+    if (STATUS_EVENTS.has(event.event)) {
       const entry = listing.data.find((e) => e.id === event.model);
       const value = event.data.progress?.value;
       if (typeof value === "number") progress.set(event.model, value);

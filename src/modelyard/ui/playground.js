@@ -2,7 +2,7 @@
 // a stop button. While the model loads for the request it shows the child's load progress from /models/sse,
 // then how long the load took; after each reply, the tokens and the speed the engine reports.
 
-import { apiFetch, apiJson, readEvents } from "./api.js";
+import { STATUS_EVENTS, apiFetch, apiJson, readEvents } from "./api.js";
 import { fill, h, modelSelect, number, seconds } from "./dom.js";
 
 export function mount(root, page, chosen) {
@@ -39,7 +39,7 @@ export function mount(root, page, chosen) {
 
   page.stream("/models/sse", (name, data) => {
     const event = JSON.parse(data);
-    if (event.event !== "status_change") return;
+    if (!STATUS_EVENTS.has(event.event)) return;
     statuses.set(event.model, event.data.status);
     if (running && event.model === running.model) followLoad(event.model, event.data);
   });
