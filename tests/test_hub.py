@@ -165,7 +165,7 @@ def served(tiny: Path) -> Iterator[FakeHub]:
 def fake(served: FakeHub) -> Iterator[FakeHub]:
     served.requests.clear()
     yield served
-    served.cut_after, served.cuts_left, served.corrupt = None, 0, False
+    served.cut_after, served.cuts_left, served.corrupt, served.pace = None, 0, False, 0.0
 
 
 def _hub(fake: FakeHub, tmp_path: Path, token: Token | None = None) -> Hub:
@@ -323,7 +323,7 @@ async def test_a_second_pull_joins_the_first_and_events_are_router_modes(fake: F
 async def test_cancel_stops_the_download_and_keeps_what_it_wrote(fake: FakeHub, tmp_path: Path) -> None:
     notices = Notices()
     downloads = _downloads(fake, tmp_path, notices)
-    fake.cut_after, fake.cuts_left = None, 0
+    fake.pace = 0.05  # the cancel must come before the last byte
     download = await downloads.start(parse_ref(f"{REPO}:Q4_K_M"))
     async for snapshot in download.updates():
         if snapshot and snapshot[0].done > 0:
@@ -332,13 +332,25 @@ async def test_cancel_stops_the_download_and_keeps_what_it_wrote(fake: FakeHub, 
         await download.result()
     assert cancelled.value.kind == ErrorKind.CANCELLED
     assert notices.seen[-1] == (events.FAILED, download.name, {"error": cancelled.value.message})
-    for _ in range(500):  # the worker thread notices at its next chunk
-        if not [t for t in threading.enumerate() if t.name.startswith("modelyard-hub")]:
-            break
-        await asyncio.sleep(0.01)
+    await download.stopped()  # its thread notices at its next chunk
     (partial,) = download.partials()
     assert 0 < partial.stat().st_size < SIZE  # kept for a later resume
     assert cached_files(tmp_path / "hub") == []
+
+
+async def test_a_pull_right_after_a_cancel_waits_for_it_then_resumes(fake: FakeHub, tmp_path: Path,
+                                                                       tiny: Path) -> None:
+    downloads = _downloads(fake, tmp_path, Notices())
+    fake.pace = 0.05
+    first = await downloads.start(parse_ref(f"{REPO}:Q4_K_M"))
+    async for snapshot in first.updates():
+        if snapshot and snapshot[0].done > 0:
+            downloads.cancel(first.name)
+    second = await downloads.start(parse_ref(f"{REPO}:Q4_K_M"))  # the cancelled thread may still be writing
+    fake.pace = 0.0
+    fetched = (await second.result()).model
+    assert await asyncio.to_thread(fetched.read_bytes) == await asyncio.to_thread(tiny.read_bytes)
+    assert "Range" in fake.downloads()[-1].headers  # never two writers: it resumed what the first kept
 
 
 async def test_a_full_disk_is_refused_before_the_first_byte(fake: FakeHub, tmp_path: Path) -> None:

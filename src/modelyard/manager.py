@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -36,7 +37,8 @@ from modelyard.background import BackgroundReader
 from modelyard.children import Child, ChildExited, ChildFactory, ProcessChild, free_port, new_child_key
 from modelyard.clock import Clock, MonotonicClock, Timer
 from modelyard.config.catalog import Catalog, ModelConfig, Sources, parse_engine_args
-from modelyard.config.options import load_option_table
+from modelyard.config.options import TRUTHY, load_option_table
+from modelyard.config.presets import ConfigError
 from modelyard.decisions import Waiting, explain_waiting
 from modelyard.digests import FileDigests
 from modelyard.engine.command import Engine, launch_plan
@@ -44,6 +46,9 @@ from modelyard.engine.install import cache_root
 from modelyard.engine.locate import locate_llama_server
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.feed import Feed
+from modelyard.hub.access import Token
+from modelyard.hub.cache import cache_dir
+from modelyard.hub.downloads import Download, Downloads
 from modelyard.logbook import Logbook
 from modelyard.memory import (
     Footprint,
@@ -247,6 +252,9 @@ class ModelManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._feed: Feed[FeedEvent] = Feed()
         self._decision_feed: Feed[Decision] = Feed()
+        # Hugging Face downloads (POST /models, /api/pull, and a hub model's first load): their progress goes
+        # on the status feed, and each one that ends re-reads the sources so that its model is listed
+        self.downloads = Downloads(self.notify, self._downloaded)
         self._timer: Timer | None = None
         self._idle = asyncio.Event()  # set while no request holds a lease, once draining
         self.draining = False
@@ -265,9 +273,15 @@ class ModelManager:
         binary = locate_llama_server(llama_server)
         table = load_option_table(binary, cache_root())
         sources = Sources(table, models_dir=models_dir, preset_path=models_preset,
-                          router_settings=parse_engine_args(tuple(engine_args), table))
-        return cls(sources, Engine(binary, table, router_port=router_port), catalog=sources.load(), limits=limits,
-                   max_models=max_models, max_queue=max_queue, gpus=gpu_total_memory() > 0, watchdog=watchdog)
+                          router_settings=parse_engine_args(tuple(engine_args), table),
+                          hub_cache=cache_dir(os.environ))  # router mode lists the Hugging Face cache's models
+        manager = cls(sources, Engine(binary, table, router_port=router_port), catalog=sources.load(),
+                      limits=limits, max_models=max_models, max_queue=max_queue, gpus=gpu_total_memory() > 0,
+                      watchdog=watchdog)
+        token = sources.router_settings.get("--hf-token")
+        manager.downloads.token = Token(token, "--hf-token") if token else None
+        manager.downloads.offline = sources.router_settings.get("--offline", "false").lower() in TRUTHY
+        return manager
 
     def _spec(self, config: ModelConfig) -> ModelSpec:
         if config.name not in self._footprints:
@@ -374,6 +388,7 @@ class ModelManager:
         self.draining = True
         self._dispatch(Shutdown())
         self._spawn(self.files.close())  # background work stops at once: it never delays exit
+        self._spawn(self.downloads.close())  # and so do downloads (they resume on the next pull)
 
     async def wait_idle(self, grace: float, hurry: asyncio.Event | None = None) -> bool:
         """Wait up to `grace` seconds (less if `hurry` is set) for in-flight requests to finish; whether they
@@ -400,6 +415,7 @@ class ModelManager:
     async def close(self) -> None:
         """Refuse new work, then stop every child (graceful first, SIGKILL after its stop-timeout)."""
         await self.files.close()  # first, and at once: exit never waits for background work (a parse held it 38.7 s)
+        await self.downloads.close()
         self.end_subscriptions()
         self._dispatch(Shutdown())
         deadline = max((c.stop_timeout for c in self.catalog.models.values()), default=10.0) + 5
@@ -427,7 +443,10 @@ class ModelManager:
     async def acquire(self, name: str, autoload: bool = True, keep_alive: float | None = None) -> Lease:
         """Wait for a lease on `name`, loading it if needed. Cancelling the wait leaves the queue.
         `keep_alive` (seconds, <0 forever, 0 unload when done) becomes the model's idle timeout."""
-        model = self.resolve(name).name
+        config = self.resolve(name)
+        if config.needs_download:
+            await self._download(config)
+        model = config.name
         if model not in self._asked_estimate:  # once per model: later requests never wait for it
             self._asked_estimate.add(model)
             if self._footprints.get(model, Footprint()) == Footprint():
@@ -451,6 +470,28 @@ class ModelManager:
         scheduler admits it with an estimate. Bounded: a SCHED_IDLE reader can be starved by busy children."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.estimate_memory([model], urgent=True), _ESTIMATE_WAIT_S)
+
+    async def _download(self, config: ModelConfig) -> None:
+        """A hub model whose file is not cached yet (`hf-repo` in a preset): fetch it before the load is queued
+        (no slot is held meanwhile; every request for it joins the one download), then re-read the sources so
+        that the model starts on its cached file. Failures are ModelErrors (modelyard.hub.fetch.HubError)."""
+        assert config.hub is not None
+        download = await self.downloads.start(config.hub.ref, config.hub.token, config.hub.mmproj)
+        await download.result()
+        if self.resolve(config.name).needs_download:  # not re-read yet by _downloaded
+            self._reread(f"downloaded {download.name}")
+
+    def _downloaded(self, download: Download) -> None:
+        try:
+            self.reload()
+        except ConfigError as exc:  # the download stays in the cache; the next good reload lists it
+            log.error("downloaded %s, but the model sources cannot be re-read: %s", download.name, exc)
+
+    def _reread(self, why: str) -> None:
+        try:
+            self.reload()
+        except ConfigError as exc:
+            raise ModelError(ErrorKind.BAD_REQUEST, f"{why}, but the model sources cannot be re-read: {exc}") from None
 
     def release(self, lease: Lease) -> None:
         self._dispatch(Release(lease.request_id))
@@ -486,8 +527,13 @@ class ModelManager:
         return names
 
     def unload(self, name: str) -> None:
-        """Drain and stop a running model; its in-flight requests finish first."""
+        """Drain and stop a running model; its in-flight requests finish first. A model being downloaded has
+        its download cancelled instead, as in router mode."""
+        if self.downloads.cancel(name) is not None:
+            return
         config = self.resolve(name)
+        if config.needs_download and config.hub is not None and self.downloads.cancel(config.hub.ref.name):
+            return
         status = self._status(config.name)
         refusal = unload_refusal(status, config.name)
         if refusal:

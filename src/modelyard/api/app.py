@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from modelyard.api import activity, auth, cors, gcp, insight, management, ollama, openai, ui
+from modelyard.api import activity, auth, cors, downloads, gcp, insight, management, ollama, openai, ui
 from modelyard.api.context import CONTEXT, AppContext
 from modelyard.api.errors import error_response
 from modelyard.api.json import json_response
@@ -103,6 +103,7 @@ def build_app(context: AppContext) -> web.Application:
     app.on_response_prepare.append(add_cors_headers)
     app[CONTEXT] = context
     management.add_routes(app)
+    downloads.add_routes(app)
     openai.add_routes(app)
     ollama.add_routes(app)
     activity.add_routes(app)

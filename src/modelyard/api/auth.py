@@ -148,6 +148,7 @@ ROUTE_SCOPES: tuple[Rule, ...] = (
     Rule(_GET, "/v1/models", Scope.ADMIN, _reload),
     Rule(_POST, "/models/load", Scope.ADMIN),
     Rule(_POST, "/models/unload", Scope.ADMIN),
+    Rule(frozenset({"POST", "DELETE"}), "/models", Scope.ADMIN),  # Hugging Face downloads (api/downloads.py)
     Rule(_POST, "/props", Scope.ADMIN),  # sets a child's default generation settings
     Rule(_POST, "/slots/*", Scope.ADMIN),  # saves, restores or erases a child's slots (files on disk)
     Rule(_POST, "/lora-adapters", Scope.ADMIN),  # changes the adapter scales every request gets

@@ -23,11 +23,11 @@ from modelyard.api.errors import error_response, from_model_error
 from modelyard.api.json import dumps, json_response
 from modelyard.api.openai import get_by_query_model
 from modelyard.api.sse import event_stream
-from modelyard.config.catalog import ModelConfig
+from modelyard.config.catalog import HubSource, ModelConfig
 from modelyard.config.presets import ConfigError
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.manager import FeedEvent, ModelNotice, ModelsReloaded, ModelView
-from modelyard.scheduler import Status
+from modelyard.scheduler import ModelSnapshot, Status
 
 LOAD_STARTED = "model_status"  # router mode's event when it spawns a child
 STATUS_CHANGE = "status_change"  # every later transition
@@ -44,7 +44,8 @@ def model_entry(view: ModelView, created: int) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": config.name, "object": "model", "owned_by": "llamacpp", "created": created,
         "aliases": list(config.aliases), "tags": list(config.tags), "path": config.model_path,
-        "source": config.source, "status": status, "architecture": _architecture(config),
+        "source": config.source, "can_remove": config.source == "cache", "status": status,
+        "architecture": _architecture(config),
         "in_flight": view.state.in_flight, "queued": view.state.queued,
         "memory": {"estimated": view.state.estimated or None, "measured": view.state.measured or None,
                    "estimated_gpu": view.state.estimated_gpu or None,
@@ -76,10 +77,32 @@ async def list_models(request: web.Request) -> web.Response:
             return error_response(ErrorKind.BAD_REQUEST, f"reload failed, keeping the current models: {exc}")
     created = int(context.settings.started_at)
     data = [model_entry(view, created) for view in context.manager.models() if auth.may_use(request, view.config)]
+    data = with_downloads(request, data, created)
     memory = context.manager.memory()
     return json_response({"object": "list", "data": data,
                               "memory": {"used": memory.used, "budget": memory.budget or None,
                                          "gpu_used": memory.gpu_used, "gpu_budget": memory.gpu_budget or None}})
+
+
+def with_downloads(request: web.Request, data: list[dict[str, Any]], created: int) -> list[dict[str, Any]]:
+    """The listing with the Hugging Face downloads in flight: a hub model fetched for its first load shows
+    `downloading`; a model that POST /models is fetching, not listed yet, is listed as router mode lists it
+    meanwhile (status `downloading`, source `cache`; the cache's own `org/repo:QUANT` entry replaces it)."""
+    manager = request.app[CONTEXT].manager
+    active = {download.name: download for download in manager.downloads.active()}
+    for entry in data:
+        config = manager.catalog.resolve(entry["id"])
+        if config is not None and config.needs_download and config.hub is not None and config.hub.ref.name in active:
+            entry["status"]["value"] = "downloading"
+    for download in active.values():
+        config = ModelConfig(download.name, {}, "cache", "download", hub=HubSource(download.ref))
+        if manager.catalog.resolve(download.name) is not None or not auth.may_use(request, config):
+            continue
+        state = ModelSnapshot(download.name, Status.UNLOADED, 0, 0, 0.0, None, "", 0, 0, 0, 0, -1.0, None)
+        entry = model_entry(ModelView(config, state), created)
+        entry["status"]["value"] = "downloading"
+        data.append(entry)
+    return data
 
 
 async def get_model(request: web.Request) -> web.Response:

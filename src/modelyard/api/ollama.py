@@ -24,7 +24,7 @@ from aiohttp.typedefs import Handler
 
 from modelyard import __version__
 from modelyard.activity import Record, token_counts
-from modelyard.api import auth
+from modelyard.api import auth, downloads
 from modelyard.api.activity import RECORD, acquire, admins_cancel, cancel_message, names_model, tracked
 from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
@@ -35,6 +35,7 @@ from modelyard.config.catalog import ModelConfig
 from modelyard.config.durations import parse_duration
 from modelyard.config.options import TRUTHY
 from modelyard.errors import ErrorKind, ModelError
+from modelyard.hub import events as hub_events
 from modelyard.manager import Lease, ModelManager, ModelView
 from modelyard.memory import GgufFacts, model_files
 from modelyard.scheduler import Status
@@ -43,13 +44,9 @@ log = logging.getLogger(__name__)
 
 _FOREVER = "9999-12-31T23:59:59Z"  # what a model kept loaded for ever expires at, as Ollama reports it
 _UNSUPPORTED = {
-    "/api/pull": "modelyard serves the models in --models-dir and --models-preset; put the .gguf file there and "
-                 "call GET /models?reload=1 instead of pulling",
     "/api/push": "modelyard does not push models to a registry",
     "/api/create": "modelyard does not create models; add a section to the --models-preset INI file instead",
     "/api/copy": "modelyard does not copy models; add an alias in the --models-preset INI file instead",
-    "/api/delete": "modelyard does not delete model files; remove the file or its preset section and call "
-                   "GET /models?reload=1",
     "/api/blobs/{digest}": "modelyard has no blob store; models come from --models-dir and --models-preset",
 }
 
@@ -157,8 +154,78 @@ def add_routes(app: web.Application) -> None:
     for path, handler in (("/api/chat", chat), ("/api/generate", generate), ("/api/embed", embed),
                           ("/api/embeddings", embeddings)):
         app.router.add_post(path, tracked(path, handler, ollama=True))  # each one gets an activity record
+    app.router.add_post("/api/pull", _ollama_errors(pull))
+    app.router.add_delete("/api/delete", _ollama_errors(delete))
     for path, message in _UNSUPPORTED.items():
         app.router.add_route("*", path, _unsupported(message))
+
+
+# --- pull and delete: Hugging Face models, on router mode's download machinery (api/downloads.py) ----------
+
+_HUB_HOSTS = ("hf.co/", "huggingface.co/")
+
+
+def hub_name(name: str) -> str:
+    """Ollama's name of a Hugging Face model (`hf.co/org/repo:Q4_K_M`, `:latest` = the default quant) as
+    modelyard names it (`org/repo:Q4_K_M`). Ollama's own library has no models here: say what to pull."""
+    for host in _HUB_HOSTS:
+        name = name.removeprefix(host)
+    name = name.removesuffix(":latest")
+    if "/" not in name:
+        raise OllamaError(400, f"modelyard pulls GGUF models from Hugging Face, not Ollama's library: name a "
+                               f"repository, e.g. hf.co/ggml-org/SmolLM2-135M-Instruct-GGUF:Q4_K_M (got '{name}'); "
+                               f"local files are served from --models-dir or --models-preset")
+    return downloads.hub_ref(name).name
+
+
+async def _pull_name(request: web.Request) -> tuple[str, bool]:
+    payload = await read_json_object(request, ' with a "model" field')
+    name = payload.get("model") or payload.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise OllamaError(400, 'missing "model": name the model to pull, e.g. hf.co/org/repo:Q4_K_M')
+    stream = payload.get("stream", True)
+    if not isinstance(stream, bool):
+        raise OllamaError(400, '"stream" must be true or false')
+    return hub_name(name.strip()), stream
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    """Ollama's pull: NDJSON progress (`status`, `digest`, `total`, `completed`) ending in {"status":
+    "success"}, or one JSON object with `stream: false`. A pull of a model already cached checks it against the
+    hub and ends at once; a client that goes away leaves the download running (listed as downloading)."""
+    name, stream = await _pull_name(request)
+    download = await downloads.begin_download(request.app[CONTEXT], name, exists_ok=True)
+    if not stream:
+        await download.result()
+        return json_response({"status": "success"})
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    await response.write(dumps(hub_events.OLLAMA_START) + b"\n")
+    last: dict[str, int] = {}
+    try:
+        async for files in download.updates():
+            for file in files:
+                if last.get(file.url) != file.done:
+                    last[file.url] = file.done
+                    await response.write(dumps(hub_events.ollama_file_line(file)) + b"\n")
+        await download.result()
+        lines = hub_events.OLLAMA_END
+    except ModelError as error:
+        lines = (hub_events.ollama_error(error.message),)
+    for line in lines:
+        await response.write(dumps(line) + b"\n")
+    await response.write_eof()
+    return response
+
+
+async def delete(request: web.Request) -> web.Response:
+    """Ollama's delete: a cached Hugging Face model (or its download) goes; 200 with no body, as Ollama."""
+    payload = await read_json_object(request, ' with a "model" field')
+    name = payload.get("model") or payload.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise OllamaError(400, 'missing "model": name the model to delete')
+    await downloads.remove_cached(request.app[CONTEXT], hub_name(name.strip()) if "/" in name else name.strip())
+    return web.Response(status=200)
 
 
 # --- chat, generate, embed ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -82,6 +83,13 @@ class Download:
             waiter = asyncio.ensure_future(self._changed.wait())
             await asyncio.wait([waiter, self.task], return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
+
+    async def stopped(self, within: float = 5.0) -> None:
+        """Wait (at most `within` seconds) until the threads of this download's files have stopped writing:
+        after a cancel, before its files are deleted."""
+        pending = [job.result for job in self.files if job.result is not None and not job.result.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=within)
 
     def partials(self) -> list[Path]:
         return [job.partial for job in self.files if job.partial is not None]
@@ -198,6 +206,9 @@ class Downloads:
     def _share(self, hub: Hub, file: RemoteFile, download: Download) -> _FileJob:
         key = (str(hub.cache), file.repo, file.commit, file.path)
         job = self._files.get(key)
+        previous = None
+        if job is not None and job.cancel.is_set():  # being cancelled: a new fetch starts once it has stopped
+            previous, job = job.result, None
         if job is None:
             partial = (repo_folder(hub.cache, file.repo) / "blobs" / f"{file.sha256}.incomplete"
                        if file.sha256 else None)
@@ -210,10 +221,21 @@ class Downloads:
                 with contextlib.suppress(RuntimeError):  # the loop closed under a stalled download
                     loop.call_soon_threadsafe(self._progress, job, done, total)
 
-            job.result = _in_thread(fetch, hub, file, report, job.cancel, self._free_space, self._retry_delay)
-            job.result.add_done_callback(lambda _: self._files.pop(key, None))
+            job.result = asyncio.ensure_future(self._fetch(previous, hub, file, report, job.cancel))
+            job.result.add_done_callback(functools.partial(self._forget, key, job))
+            job.result.add_done_callback(_retrieved)  # a cancelled fetch's error may have no reader left
         job.holders.add(download)
         return job
+
+    async def _fetch(self, previous: asyncio.Future[Path] | None, hub: Hub, file: RemoteFile,
+                     report: Callable[[int, int], None], cancel: threading.Event) -> Path:
+        if previous is not None:  # never two writers on one partial file
+            await asyncio.wait([previous])
+        return await _in_thread(fetch, hub, file, report, cancel, self._free_space, self._retry_delay)
+
+    def _forget(self, key: tuple[str, str, str, str], job: _FileJob, _: object) -> None:
+        if self._files.get(key) is job:  # not a newer fetch of the same file
+            del self._files[key]
 
     def _release(self, job: _FileJob, download: Download) -> None:
         job.holders.discard(download)
@@ -263,6 +285,12 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a future's error as read: one nobody awaits any more must not be logged as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _in_thread(function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
     """`function(*args)` in a daemon thread; its result or exception on the returned future."""
     loop = asyncio.get_running_loop()
@@ -284,6 +312,6 @@ def _in_thread(function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (exit): nobody waits any more
             loop.call_soon_threadsafe(settle, result, error)
 
-    future.add_done_callback(lambda done: done.cancelled() or done.exception())  # read even when none waits
+    future.add_done_callback(_retrieved)
     threading.Thread(target=work, name=f"modelyard-hub-{getattr(function, '__name__', 'work')}", daemon=True).start()
     return future
