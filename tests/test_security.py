@@ -157,7 +157,8 @@ def test_exposure_warning(bind: str, keys: bool, warned: bool) -> None:
     ("POST", "/api/chat", {}, Scope.INFERENCE), ("POST", "/api/generate", {}, Scope.INFERENCE),
     ("POST", "/api/embed", {}, Scope.INFERENCE), ("POST", "/api/embeddings", {}, Scope.INFERENCE),
     ("GET", "/slots", {"model": "smol"}, Scope.INFERENCE), ("GET", "/metrics", {"model": "smol"}, Scope.INFERENCE),
-    ("GET", "/no/such/route", {}, Scope.READ), ("POST", "/models", {}, Scope.READ),
+    ("POST", "/models", {}, Scope.ADMIN), ("DELETE", "/models", {"model": "o/r:Q4_0"}, Scope.ADMIN),
+    ("GET", "/no/such/route", {}, Scope.READ),
 ])
 def test_route_scopes(method: str, path: str, query: dict[str, str], scope: Scope | None) -> None:
     assert auth.required_scope(method, path, query) == scope
