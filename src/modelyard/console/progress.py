@@ -1,5 +1,6 @@
 """The progress bar of `modelyard engine install`: its stages (download, configure, build with cmake's
-percentage) drawn with rich on stderr; on a stderr that is not a terminal, the plain lines as before."""
+percentage, then the web UI's npm steps) drawn with rich on stderr; on a stderr that is not a terminal, the
+plain lines as before."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 _STAGES = {"download": "downloading the llama.cpp source", "configure": "configuring (cmake)",
-           "build": "building llama-server", "done": "installed"}
+           "build": "building llama-server", "done": "installed",
+           "ui-download": "fetching the web UI's source", "ui-install": "installing the web UI's npm packages",
+           "ui-build": "building the web UI (npm run build)", "ui-done": "web UI installed"}
 
 Echo = Callable[[str], None]
 Report = Callable[[str, float | None], None]

