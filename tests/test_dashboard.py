@@ -47,8 +47,9 @@ def router(tmp_path_factory: pytest.TempPathFactory, demo_models: dict[str, Path
                       f"[{GEMMA3}]\nmodel = {demo_models[GEMMA3]}\nalias = base\npin = true\npriority = 5\n\n"
                       f"[{BROKEN}]\nmodel = {broken}\n")
     # one thread per child: the two models share 2 cores with the browser; a small budget makes the bars visible
-    router = Router(["--models-preset", str(preset), "--threads", "1", "--memory-budget", "2GiB"], tmp,
-                    env={"LLAMA_API_KEY": KEY})
+    # --no-webui: / sends browsers to the dashboard whether or not llama.cpp's web UI is built here
+    router = Router(["--models-preset", str(preset), "--threads", "1", "--memory-budget", "2GiB", "--no-webui"],
+                    tmp, env={"LLAMA_API_KEY": KEY})
     try:
         yield router.wait_ready()
     finally:

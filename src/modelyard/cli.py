@@ -24,10 +24,12 @@ from modelyard.api.cors import CorsPolicy, exposure_warning, parse_allowed_hosts
 from modelyard.api.gcp import Vertex
 from modelyard.api.server import ConnectionLimits, LimitedSite, bind_error_message, raise_descriptor_limit
 from modelyard.bench.__main__ import main as bench_command
+from modelyard.config.catalog import parse_engine_args
 from modelyard.config.durations import parse_duration
 from modelyard.config.presets import ConfigError
 from modelyard.console.commands import COMMANDS as console_commands
 from modelyard.demo import default_models_dir, install_demo_models
+from modelyard.engine import webui
 from modelyard.engine.install import LLAMA_CPP_BUILD, install_engine
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
 from modelyard.errors import ModelError
@@ -170,6 +172,9 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
                                       router_port=port, watchdog=watchdog)
         manager.check_startup_loads()
         manager.check_pinned()
+        ui_choice = webui.choose(parse_engine_args(engine_args, manager.engine.options), os.environ,
+                                 webui.installed_ui(), webui.recorded_failure())
+        web_ui = webui.load(ui_choice)
     except (ConfigError, EngineNotFound, RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except ModelError as exc:
@@ -186,13 +191,14 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
     settings = ServerSettings(autoload=models_autoload, api_keys=keys,
                               cors=CorsPolicy.from_settings(cors_origins, os.environ.get("OLLAMA_ORIGINS", "")),
                               bind_host=host, allowed_hosts=parse_allowed_hosts(allowed_hosts),
-                              send_loading_state=send_loading_state,
+                              send_loading_state=send_loading_state, webui=web_ui,
                               build_info=f"modelyard {__version__}, llama.cpp {LLAMA_CPP_BUILD} "
                                          f"({manager.engine.binary})")
     names = ", ".join(manager.catalog.models) or "none"
     scheme = "https" if ssl_cert_file else "http"
     click.echo(f"modelyard {__version__}: {len(manager.catalog.models)} model(s) ({names}); "
                f"listening on {scheme}://{host}:{port}", err=True)
+    log.info("%s", ui_choice.note)
     tls = _tls_context(ssl_cert_file, ssl_key_file) if ssl_cert_file and ssl_key_file else None
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_serve(AppContext(manager, settings), host, port, tls, grace, notifier))
@@ -311,14 +317,17 @@ def engine() -> None:
 
 
 @engine.command("install")
-@click.option("--force", is_flag=True, help="Rebuild even if a cached build exists.")
-def engine_install(force: bool) -> None:
-    """Build llama-server from source (cached per llama.cpp version, CPU and CMAKE_ARGS)."""
+@click.option("--force", is_flag=True, help="Rebuild even if a cached build exists (the web UI too).")
+@click.option("--retry-ui", is_flag=True, help="Build the web UI again although its last build failed.")
+def engine_install(force: bool, retry_ui: bool) -> None:
+    """Build llama-server from source (cached per llama.cpp version, CPU and CMAKE_ARGS), and llama.cpp's web UI
+    with npm when npm is present (served at /; without it / redirects browsers to the dashboard)."""
     from modelyard.console.progress import engine_progress  # rich, only for this command
 
     try:
         with engine_progress() as (echo, progress):
             install_engine(echo, force=force, progress=progress)
+            webui.install_ui(echo, force=force, retry=retry_ui, progress=progress)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -71,7 +71,7 @@ async def api_key_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Authenticate the request and check its route's scope (api/auth.py's table); handlers that know the
     model check the key's model patterns through `request[auth.API_KEY]`. The key is never logged."""
     decision = auth.authorise(request.app[CONTEXT].settings.api_keys, request.headers, request.method,
-                              request.path, request.query)
+                              request.path, request.query, public=request.app.get(ui.PUBLIC, frozenset()))
     if isinstance(decision, auth.Refusal):
         if decision.status == 403:
             return error_response(ErrorKind.FORBIDDEN, decision.message)

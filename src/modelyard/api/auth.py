@@ -140,9 +140,11 @@ ROUTE_SCOPES: tuple[Rule, ...] = (
     # the dashboard's page and assets hold no data (its data calls carry the key), as router mode's web UI
     Rule(_GET, "/ui", None),
     Rule(_GET, "/ui/*", None),
-    # "Ollama is running", or a browser's redirect to /ui: no data, and a browser opening the server's address
-    # must reach the dashboard's key prompt instead of a 401 (Ollama's clients probe it without a key too)
+    # "Ollama is running", or for a browser llama.cpp's web UI or a redirect to /ui: no data, and a browser
+    # opening the server's address must reach a key prompt instead of a 401 (Ollama's clients probe it too)
     Rule(_GET, "/", None),
+    # llama.cpp's web UI: its service worker (or the one that removes it), and its files through `public`
+    Rule(_GET, "/sw.js", None),
     # management: what changes which models run or a child's shared state affects every user of that model
     Rule(_GET, "/models", Scope.ADMIN, _reload),
     Rule(_GET, "/v1/models", Scope.ADMIN, _reload),
@@ -208,11 +210,13 @@ class Refusal:
 
 
 def authorise(keys: tuple[ApiKey, ...], headers: Mapping[str, str], method: str, path: str,
-              query: Mapping[str, str]) -> ApiKey | Refusal | None:
-    """The key a request is served under (None: no keys configured, full access), or why it is refused."""
+              query: Mapping[str, str], public: frozenset[str] = frozenset()) -> ApiKey | Refusal | None:
+    """The key a request is served under (None: no keys configured, full access), or why it is refused.
+    `public`: the web UI's files (api/ui.py), open to GET as router mode's UI assets are; they hold no data."""
     if not keys:
         return None
-    scope = required_scope(method, path, query)
+    public_file = method in ("GET", "HEAD") and canonical_path(path) in public
+    scope = None if public_file else required_scope(method, path, query)
     key = find_key(keys, offered_key(headers))
     if scope is None:
         return key or ANONYMOUS

@@ -11,6 +11,7 @@ from aiohttp import web
 from modelyard.activity import Activity
 from modelyard.api.auth import ApiKey
 from modelyard.api.cors import CorsPolicy
+from modelyard.engine.webui import WebUi
 from modelyard.manager import ModelManager
 from modelyard.metrics import Metrics
 
@@ -25,6 +26,7 @@ class ServerSettings:
     max_body_bytes: int = 256 * 2**20
     send_loading_state: bool = False  # --send-loading-state (api/loading.py)
     build_info: str = ""
+    webui: WebUi | None = None  # llama.cpp's web UI, served at / (api/ui.py); None: / sends browsers to /ui
     started_at: float = field(default_factory=time.time)
 
 

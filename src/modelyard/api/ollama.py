@@ -24,7 +24,7 @@ from aiohttp.typedefs import Handler
 
 from modelyard import __version__
 from modelyard.activity import Record, token_counts
-from modelyard.api import auth, downloads
+from modelyard.api import auth, downloads, ui
 from modelyard.api.activity import RECORD, acquire, admins_cancel, cancel_message, names_model, tracked
 from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
@@ -117,10 +117,11 @@ async def version(request: web.Request) -> web.Response:
     return json_response({"version": __version__})
 
 
-async def root(request: web.Request) -> web.Response:
-    """A browser (it asks for HTML) goes to the dashboard; Ollama's clients probe this path for its text."""
+async def root(request: web.Request) -> web.StreamResponse:
+    """A browser (it asks for HTML) gets llama.cpp's web UI, or the dashboard (api/ui.py); Ollama's clients probe
+    this path for its text."""
     if "text/html" in request.headers.get("Accept", ""):
-        raise web.HTTPFound("/ui")
+        return ui.browser_root(request)
     return web.Response(text="Ollama is running")
 
 
