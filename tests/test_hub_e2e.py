@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import ollama
 import pexpect
 import pytest
 
@@ -19,6 +20,7 @@ from tests.fake_hub import FakeHub, running
 
 SMOL_REPO = "ggml-org/SmolLM2-135M-Instruct-GGUF"
 TINY = "org/tiny-GGUF"
+OTHER = "org/other-GGUF"
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,7 @@ def hub(demo_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     fake.add(SMOL_REPO, "SmolLM2-135M-Instruct-Q4_1.gguf", demo_models[SMOLLM2])
     fake.add(SMOL_REPO, "SmolLM2-135M-Instruct-F16.gguf", tiny)  # never fetched: the preset asks for Q4_1
     fake.add(TINY, "tiny-Q4_K_M.gguf", tiny)
+    fake.add(OTHER, "other-Q8_0.gguf", tiny)
     with running(fake):
         yield fake
 
@@ -78,3 +81,14 @@ def test_modelyard_pull_shows_progress_and_the_model_is_listed(router: Router, h
     again = pexpect.run(f"{sys.executable} -m modelyard.cli pull {TINY}:Q4_K_M --url {router.url}",
                         encoding="utf-8", withexitstatus=True, timeout=60)
     assert again == (f"{TINY}:Q4_K_M is already downloaded\r\n", 0)
+
+
+def test_the_ollama_client_pulls_and_deletes(router: Router) -> None:
+    client = ollama.Client(host=router.url)
+    steps = list(client.pull(f"hf.co/{OTHER}:Q8_0", stream=True))
+    assert steps[0].status == "pulling manifest" and steps[-1].status == "success"
+    assert any(step.digest and step.total and step.completed == step.total for step in steps)
+    assert f"{OTHER}:Q8_0" in [m.model for m in client.list().models]
+    assert client.delete(f"hf.co/{OTHER}:Q8_0").status == "success"
+    with pytest.raises(ollama.ResponseError, match="not found"):
+        client.delete(f"hf.co/{OTHER}:Q8_0")
