@@ -162,8 +162,9 @@ def stop_all(procs: list[subprocess.Popen[bytes]], grace: float = 30) -> None:
 
 def start_router(kind: str, binary: Path, source_args: list[str], max_models: int, workdir: Path,
                  engine_args: list[str], modelyard_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> RouterProcess:
-    port = free_port()
+                 env: dict[str, str] | None = None, port: int = 0) -> RouterProcess:
+    """`port`: 0 = a free one (a caller that must name it beforehand, e.g. in the environment, passes it)."""
+    port = port or free_port()
     common = [*source_args, "--models-max", str(max_models), "--port", str(port), *engine_args]
     if kind == MODELYARD:
         command = [sys.executable, "-m", "modelyard.cli", "serve", "--llama-server", str(binary),
