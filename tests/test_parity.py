@@ -141,6 +141,11 @@ DELIBERATE: tuple[Explained, ...] = (
     Explained(r"GET /(v1/)?models.*", r"extra \$\.memory(\..*)?", "modelyard's memory budget and use"),
     Explained(r"GET /props", r"extra \$\.modelyard_version", "modelyard's version"),
     Explained(r"GET /no/such/route", r".*error.*", "modelyard's error envelope, with the method and path"),
+    Explained(r"GET /( \(.*\)|index\.html)", r".*",
+              "router mode serves llama.cpp's web UI only when its build embeds it, and this engine is built "
+              "without (router mode's build fetches it from a hub bucket): it answers 404. modelyard serves the "
+              "UI that `modelyard engine install` builds from tools/ui (test_webui.py drives it in Chromium), "
+              "and to a client that is no browser Ollama's \"Ollama is running\""),
     Explained(r"DELETE /models: (unknown model|a model not from the cache)", r"status 500 != (404|400)",
               "a name it does not have (404) or a model it cannot remove (400, not from the Hugging Face cache) is "
               "the caller's error; router mode's exception wrapper answers both with 500"),
@@ -441,17 +446,18 @@ class Case:
     raw: bytes | None = None  # sent as is, as application/json
     params: Mapping[str, str] = field(default_factory=dict)
     form: Mapping[str, str] | None = None  # multipart/form-data fields, with a small WAV file as `file`
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     def send(self, client: httpx.Client) -> Answer:
+        request: dict[str, Any] = {"params": self.params, "headers": dict(self.headers)}
         if self.form is not None:
-            response = client.request(self.method, self.path, params=self.params, data=dict(self.form),
-                                      files={"file": ("hi.wav", _wav(), "audio/wav")})
+            request.update(data=dict(self.form), files={"file": ("hi.wav", _wav(), "audio/wav")})
         elif self.raw is not None:
-            response = client.request(self.method, self.path, params=self.params, content=self.raw,
-                                      headers={"Content-Type": "application/json"})
+            request.update(content=self.raw)
+            request["headers"]["Content-Type"] = "application/json"
         else:
-            response = client.request(self.method, self.path, params=self.params, json=self.body)
-        return answer_of(response)
+            request.update(json=self.body)
+        return answer_of(client.request(self.method, self.path, **request))
 
 
 def _wav() -> bytes:
@@ -546,6 +552,9 @@ def route_cases() -> list[Case]:
         Case("DELETE /models: unknown model", "DELETE", "/models", params={"model": "nope"}),
         Case("DELETE /models: a model not from the cache", "DELETE", "/models", params={"model": SMOL}),
         Case("GET /no/such/route", "GET", "/no/such/route"),
+        Case("GET / (a browser)", "GET", "/", headers={"Accept": "text/html"}),
+        Case("GET /index.html", "GET", "/index.html"),
+        Case("GET / (not a browser)", "GET", "/"),
     ]
     return cases
 
