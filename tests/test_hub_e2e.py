@@ -5,6 +5,7 @@ fetches another model through the server with its progress bar in a terminal."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -13,7 +14,9 @@ from pathlib import Path
 import ollama
 import pexpect
 import pytest
+from click.testing import CliRunner
 
+from modelyard.cli import main
 from modelyard.demo import SMOLLM2
 from tests.conftest import Router
 from tests.fake_hub import FakeHub, running
@@ -78,9 +81,9 @@ def test_modelyard_pull_shows_progress_and_the_model_is_listed(router: Router, h
     assert pull.exitstatus == 0
     listed = {m["id"]: m for m in router.client.get("/models").json()["data"]}
     assert listed[f"{TINY}:Q4_K_M"]["source"] == "cache"
-    again = pexpect.run(f"{sys.executable} -m modelyard.cli pull {TINY}:Q4_K_M --url {router.url}",
-                        encoding="utf-8", withexitstatus=True, timeout=60)
-    assert again == (f"{TINY}:Q4_K_M is already downloaded\r\n", 0)
+    again = CliRunner().invoke(main, ["pull", f"{TINY}:Q4_K_M", "--url", router.url, "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout) == {"model": f"{TINY}:Q4_K_M", "status": "present", "bytes": 0, "seconds": 0.0}
 
 
 def test_the_ollama_client_pulls_and_deletes(router: Router) -> None:

@@ -43,6 +43,7 @@ from modelyard.hub.cache import repo_folder
 from modelyard.hub.refs import is_valid_oid
 
 log = logging.getLogger(__name__)
+logging.getLogger("httpx2").setLevel(logging.WARNING)  # it logs every request at INFO; modelyard logs each download
 
 CHUNK = 1 << 20
 ATTEMPTS = 3  # a connection lost midway is resumed this many times in one pull before it fails
