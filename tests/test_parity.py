@@ -130,9 +130,9 @@ DELIBERATE: tuple[Explained, ...] = (
     Explained(r"POST /models/unload: all", r"status 400 != 200|(missing|extra) \$\.(error|success|unloaded)",
               "unload-all ({\"all\": true}) is modelyard's: router mode's unload_all() has no route (it runs "
               "only at shutdown), so it reads the body as a missing model"),
-    Explained(r"GET /metrics.*", r".*",
-              "/metrics is modelyard's own Prometheus metrics (router mode forwards it to one model's child, "
-              "which needs --metrics)"),
+    Explained(r"GET /metrics\?model: missing model", r"status 400 != 200|content-type .*|type \$: object != text",
+              "/metrics without ?model= is modelyard's own Prometheus metrics (router mode has none of its own: "
+              "it wants a model to forward to); with one it is the child's, as in router mode"),
     Explained(r"GET /(v1/)?models.*", rf"extra \$\.data\[\]\.{LISTING_EXTRAS}",
               "modelyard's own fields (its path, requests in flight and queued, memory, keep-alive, pin, "
               "priority)"),
