@@ -92,9 +92,6 @@ def test_dedup_cache_models_hides_the_cache_entry_of_a_presets_file(tmp_path: Pa
 @pytest.mark.parametrize(("ini", "says"), [
     ("[x]\nhf-repo = just-a-name\n", r"models.ini:2 \[x\]: hf-repo: 'just-a-name' is not a Hugging Face model"),
     ("[x]\nhf-repo = org/repo:Q4:Q8\n", "more than one ':'"),
-    ("[x]\nhf-repo = org/repo\nhfd = org/draft:Q8_0\n",
-     r"models.ini:3 \[x\]: spec-draft-hf \(-hfd\) is not supported by modelyard; fetch the draft with "
-     r"`modelyard pull org/draft:Q8_0`"),
 ])
 def test_a_bad_hf_repo_stops_the_start_with_file_and_line(tmp_path: Path, table: OptionTable, ini: str,
                                                           says: str) -> None:

@@ -134,7 +134,7 @@ def build_catalog(sources: Sources) -> Catalog:
     table = sources.table
     canon = {key: _canonical(table, key) for key in (*MODEL_SOURCE_KEYS, *PATH_KEYS, *ROUTER_ONLY_KEYS,
                                                      *HUB_KEYS, "load-on-startup", "stop-timeout", "mmproj-auto",
-                                                     "mmproj-url", "spec-draft-hf")}
+                                                     "mmproj-url")}
     preset = read_preset_file(sources.preset_path, table) if sources.preset_path else None
     global_settings = preset.global_settings if preset else {}
     cache = sources.hub_cache or cache_dir(os.environ)
@@ -187,10 +187,6 @@ def _names_hub_model(preset: PresetFile | None, canon: Mapping[str, str]) -> boo
 
 def hub_source(full: Mapping[str, Setting], name: str, canon: Mapping[str, str]) -> HubSource | None:
     """The model's `hf-repo` / `hf-file` / `hf-token`, checked (ConfigError with the file and line)."""
-    draft = full.get(canon["spec-draft-hf"])
-    if draft is not None:  # its child would try to download it, which it cannot: say so at start instead
-        raise ConfigError(f"{draft.origin} [{name}]: spec-draft-hf (-hfd) is not supported by modelyard; fetch "
-                          f"the draft with `modelyard pull {draft.value}` and set spec-draft-model to its file")
     repo = full.get(canon["hf-repo"])
     if repo is None:
         return None
