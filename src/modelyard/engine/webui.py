@@ -195,7 +195,7 @@ def install_ui(echo: Callable[[str], None], force: bool = False, retry: bool = F
         work.mkdir(parents=True)
         ui_source = source or _extract_ui(work, echo, report)
         dist = work / "dist"
-        _build(ui_source, dist, npm, log, echo, report)
+        steps = _build(ui_source, dist, npm, log, echo, report)
         _check(dist)
         _compress(dist)
         names = asset_names(dist)
@@ -213,8 +213,9 @@ def install_ui(echo: Callable[[str], None], force: bool = False, retry: bool = F
         shutil.rmtree(work, ignore_errors=True)  # node_modules is about 700 MB
     failure_file().unlink(missing_ok=True)
     report("ui-done", 1.0)
+    took = f"{steps}, {time.monotonic() - started:.0f} s in all"
     return _said(echo, UiInstall(ui_dir(), f"llama.cpp web UI installed: {ui_dir()} ({len(names)} files, "
-                                           f"{size / 2**20:.1f} MiB; built in {time.monotonic() - started:.0f} s)"))
+                                           f"{size / 2**20:.1f} MiB; {took})"))
 
 
 def _said(echo: Callable[[str], None], outcome: UiInstall) -> UiInstall:
@@ -233,13 +234,14 @@ def _extract_ui(work: Path, echo: Callable[[str], None], report: Progress) -> Pa
 
 
 def _build(ui_source: Path, dist: Path, npm: str, log: Path, echo: Callable[[str], None],
-           report: Progress) -> None:
+           report: Progress) -> str:
     """`npm ci` then `npm run build`, with the environment llama.cpp's CMake step gives them. tools/ui's .npmrc
     sets ignore-scripts, so no package's install script runs (nor downloads anything)."""
     build_number = LLAMA_CPP_BUILD.removeprefix("b")
     env = {**os.environ, "LLAMA_UI_OUT_DIR": str(dist), "LLAMA_UI_VERSION": LLAMA_CPP_BUILD,
            "LLAMA_BUILD_NUMBER": build_number, "npm_config_update_notifier": "false",
            "npm_config_fund": "false", "npm_config_audit": "false"}
+    took: list[str] = []
     with log.open("w") as out:
         for stage, args, what in (("ui-install", ["ci"], "installing the web UI's npm packages"),
                                   ("ui-build", ["run", "build"], "building llama.cpp's web UI")):
@@ -248,6 +250,7 @@ def _build(ui_source: Path, dist: Path, npm: str, log: Path, echo: Callable[[str
             report(stage, None)
             out.write(f"$ {step}\n")
             out.flush()
+            began = time.monotonic()
             try:
                 result = subprocess.run([npm, *args], cwd=ui_source, env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, errors="replace",
@@ -258,6 +261,8 @@ def _build(ui_source: Path, dist: Path, npm: str, log: Path, echo: Callable[[str
             if result.returncode != 0:
                 raise UiBuildError(f"`{step}` failed with exit code {result.returncode}: "
                                    f"{npm_error(result.stdout)}")
+            took.append(f"{step} {time.monotonic() - began:.0f} s")
+    return ", ".join(took)
 
 
 def npm_error(output: str) -> str:
