@@ -34,7 +34,7 @@ from modelyard.engine.install import LLAMA_CPP_BUILD, install_engine
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
 from modelyard.errors import ModelError
 from modelyard.logformat import stderr_handler
-from modelyard.manager import ModelManager
+from modelyard.manager import ModelManager, ModelNotice
 from modelyard.memory import gpu_total_memory, parse_size, system_memory
 from modelyard.notify import Notifier, status_line
 from modelyard.scheduler import Limits
@@ -293,10 +293,12 @@ def _status(manager: ModelManager, listening: str) -> str:
 
 
 async def _keep_status(manager: ModelManager, notifier: Notifier, listening: str) -> None:
-    """STATUS= after every model status change, until the drain begins (STOPPING=1 says the rest)."""
+    """STATUS= after every model status change, until the drain begins (STOPPING=1 says the rest); not after
+    a download's progress notices, which come ten times a second and change no count it shows."""
     async with manager.subscribe() as feed:
-        while await feed.get() is not None and not manager.draining:
-            notifier.status(_status(manager, listening))
+        while (event := await feed.get()) is not None and not manager.draining:
+            if not isinstance(event, ModelNotice):
+                notifier.status(_status(manager, listening))
 
 
 def _reload(manager: ModelManager, notifier: Notifier, listening: str) -> None:
