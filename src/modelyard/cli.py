@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from modelyard import __version__
-from modelyard.api.app import build_app
+from modelyard.api.app import build_app, parse_api_prefix
 from modelyard.api.auth import ApiKey, keys_from_list, read_keys_file
 from modelyard.api.context import AppContext, ServerSettings
 from modelyard.api.cors import CorsPolicy, exposure_warning, parse_allowed_hosts
@@ -82,6 +82,9 @@ def main() -> None:
 @click.option("--host", default="127.0.0.1", envvar="LLAMA_ARG_HOST", help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, envvar="LLAMA_ARG_PORT",
               help="Port to listen on.")
+@click.option("--api-prefix", default="", envvar="LLAMA_ARG_API_PREFIX",
+              help="Serve every route under this path (/llm: /llm/v1/models), as router mode does; no trailing "
+                   "slash.")
 @click.option("--api-key", envvar="LLAMA_API_KEY",
               help="Require this key (comma-separated list allowed), with full access. Prefer LLAMA_API_KEY or "
                    "--api-key-file: a command line is visible to every local user.")
@@ -129,8 +132,8 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log child output and every request decision.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, models_autoload: bool,
-          host: str, port: int, api_key: str | None, api_key_file: Path | None, allowed_hosts: str | None,
-          cors_origins: str | None,
+          host: str, port: int, api_prefix: str, api_key: str | None, api_key_file: Path | None,
+          allowed_hosts: str | None, cors_origins: str | None,
           ssl_key_file: str | None, ssl_cert_file: str | None, llama_server: str | None, max_queue: int,
           memory_budget: str, gpu_memory_budget: str, keep_alive: str, max_wait: str, load_timeout: str,
           stall_timeout: str, shutdown_grace: str, send_loading_state: bool, verbose: bool,
@@ -167,6 +170,7 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
                         vertex.port, port)
             port = vertex.port
         grace = max(0.0, parse_duration(shutdown_grace, "--shutdown-grace"))
+        api_prefix = parse_api_prefix(api_prefix)
         manager = ModelManager.create(models_dir=models_dir, models_preset=models_preset,
                                       llama_server=llama_server, engine_args=engine_args, limits=limits,
                                       router_port=port, watchdog=watchdog)
@@ -191,13 +195,13 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
     settings = ServerSettings(autoload=models_autoload, api_keys=keys,
                               cors=CorsPolicy.from_settings(cors_origins, os.environ.get("OLLAMA_ORIGINS", "")),
                               bind_host=host, allowed_hosts=parse_allowed_hosts(allowed_hosts),
-                              send_loading_state=send_loading_state, webui=web_ui,
+                              send_loading_state=send_loading_state, webui=web_ui, api_prefix=api_prefix,
                               build_info=f"modelyard {__version__}, llama.cpp {LLAMA_CPP_BUILD} "
                                          f"({manager.engine.binary})")
     names = ", ".join(manager.catalog.models) or "none"
     scheme = "https" if ssl_cert_file else "http"
     click.echo(f"modelyard {__version__}: {len(manager.catalog.models)} model(s) ({names}); "
-               f"listening on {scheme}://{host}:{port}", err=True)
+               f"listening on {scheme}://{host}:{port}{api_prefix}", err=True)
     log.info("%s", ui_choice.note)
     tls = _tls_context(ssl_cert_file, ssl_key_file) if ssl_cert_file and ssl_key_file else None
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -1,24 +1,36 @@
 """The aiohttp application: routes from every front-end plus the Origin/Host, CORS, API key and error-envelope
-middlewares."""
+middlewares, all served under `--api-prefix` when one is given.
+
+The prefix is router mode's (server-http.cpp prepends `params.api_prefix` to every route it registers, the web
+UI's included): every route is served under it, modelyard's own ones too (Ollama's API, the dashboard, the
+activity and metrics routes), since a prefix is there for a reverse proxy that forwards only what is under it.
+One middleware strips it and runs the others on the stripped path, so the route table, api/auth.py's scope
+table and every handler stay prefix-free; redirects get it back. Children never see it (router mode passes it to
+them and forwards the full path; here they are reached only through modelyard, with the stripped path)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Sequence
+from functools import partial, update_wrapper
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from modelyard.api import activity, auth, cors, downloads, gcp, insight, management, ollama, openai, ui
 from modelyard.api.context import CONTEXT, AppContext
 from modelyard.api.errors import error_response
 from modelyard.api.json import json_response
+from modelyard.config.presets import ConfigError
 from modelyard.errors import ErrorKind
 from modelyard.tasks import log_failure
 
 log = logging.getLogger(__name__)
+
+PREFIX: web.RequestKey[str] = web.RequestKey("modelyard.api_prefix")  # set on a request served under it
 
 
 @web.middleware
@@ -84,21 +96,102 @@ async def api_key_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    asked = request.get(PREFIX, "") + request.path  # the path as the client wrote it
     try:
         return await handler(request)
     except web.HTTPNotFound:
-        return error_response(ErrorKind.NOT_FOUND, f"unknown endpoint {request.method} {request.path}")
+        return error_response(ErrorKind.NOT_FOUND, f"unknown endpoint {request.method} {asked}")
     except web.HTTPMethodNotAllowed as exc:
         return error_response(ErrorKind.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on "
-                              f"{request.path}; use {', '.join(sorted(exc.allowed_methods))}")
+                              f"{asked}; use {', '.join(sorted(exc.allowed_methods))}")
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[CONTEXT].settings.max_body_bytes
         return error_response(ErrorKind.TOO_LARGE, f"request body larger than {limit // 2**20} MiB")
 
 
+MIDDLEWARES: tuple[Middleware, ...] = (browser_guard_middleware, preflight_middleware, error_middleware,
+                                       api_key_middleware, tolerant_path_middleware)
+# Outside the prefix: refused origins and preflights are answered as anywhere, every other request is a 404
+_OUTSIDE: tuple[Middleware, ...] = (browser_guard_middleware, preflight_middleware, error_middleware)
+# Router mode takes any string, and serves nothing at all when it lacks the leading slash or has a trailing one
+_PREFIX_RE = re.compile(r"(/[A-Za-z0-9._~-]+)+")
+
+
+def parse_api_prefix(value: str) -> str:
+    """`--api-prefix`: "" (none) or `/name[/name...]`, without the trailing slash. ConfigError otherwise."""
+    if value == "":
+        return ""
+    fixed = "/" + value.strip("/")
+    if fixed == "/":
+        problem = "leave it out to serve at the root"
+    elif not value.startswith("/"):
+        problem = f"start it with a slash: --api-prefix {fixed}"
+    elif value.endswith("/"):
+        problem = f"write it without the trailing slash: --api-prefix {fixed}"
+    elif not _PREFIX_RE.fullmatch(value) or {".", ".."} & set(value.split("/")):
+        problem = "use path segments of letters, digits and . _ ~ - (for example /llm or /api/v2)"
+    else:
+        return value
+    raise ConfigError(f"--api-prefix {value[:80]!r} is not a path prefix: {problem}")
+
+
+def strip_prefix(prefix: str, raw_path: str) -> str | None:
+    """The path the routes know for `raw_path` (as sent, percent-encoded), or None when it is outside the
+    prefix. `/llm` alone is outside, as in router mode (its root is `/llm/`)."""
+    if raw_path.startswith(prefix + "/"):
+        return raw_path[len(prefix):]
+    return None
+
+
+def _chain(middlewares: Sequence[Middleware], handler: Handler) -> Handler:
+    """`handler` behind `middlewares`, the first outermost, as aiohttp builds an app's chain."""
+    for middleware in reversed(middlewares):
+        handler = update_wrapper(partial(middleware, handler=handler), handler)
+    return handler
+
+
+def _with_prefix(prefix: str, response: web.StreamResponse) -> None:
+    """A redirect to one of our own paths (`/` -> `/ui`) must stay under the prefix."""
+    location = response.headers.get("Location", "")
+    if location.startswith("/") and not location.startswith("//") and not response.prepared:
+        response.headers["Location"] = prefix + location
+
+
+def prefix_middleware(prefix: str) -> Middleware:
+    """Serve the app under `prefix`: the only middleware of the app, it runs the others on the stripped path."""
+
+    async def outside(request: web.Request) -> web.StreamResponse:
+        path = request.path
+        hint = prefix + ("/" if path == prefix else path)
+        return error_response(ErrorKind.NOT_FOUND, f"unknown endpoint {request.method} {path}: this server "
+                              f"serves under --api-prefix {prefix}; try {hint}")
+
+    @web.middleware
+    async def serve_under_prefix(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # `handler` is the route of the whole path, which aiohttp resolved before any middleware ran: unused
+        path = strip_prefix(prefix, request.rel_url.raw_path)
+        if path is None:
+            return await _chain(_OUTSIDE, outside)(request)
+        inner = request.clone(rel_url=request.rel_url.with_path(path, encoded=True, keep_query=True))
+        inner[PREFIX] = prefix
+        match = await request.app.router.resolve(inner)
+        match.add_app(request.app)
+        match.freeze()
+        inner._match_info = match  # what aiohttp's own dispatch does with a resolved route
+        try:
+            response = await _chain(MIDDLEWARES, match.handler)(inner)
+        except web.HTTPRedirection as redirect:
+            _with_prefix(prefix, redirect)
+            raise
+        _with_prefix(prefix, response)
+        return response
+
+    return serve_under_prefix
+
+
 def build_app(context: AppContext) -> web.Application:
-    app = web.Application(middlewares=[browser_guard_middleware, preflight_middleware, error_middleware,
-                                       api_key_middleware, tolerant_path_middleware],
+    prefix = context.settings.api_prefix
+    app = web.Application(middlewares=[prefix_middleware(prefix)] if prefix else MIDDLEWARES,
                           client_max_size=context.settings.max_body_bytes)
     app.on_response_prepare.append(add_cors_headers)
     app[CONTEXT] = context

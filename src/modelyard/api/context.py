@@ -27,6 +27,7 @@ class ServerSettings:
     send_loading_state: bool = False  # --send-loading-state (api/loading.py)
     build_info: str = ""
     webui: WebUi | None = None  # llama.cpp's web UI, served at / (api/ui.py); None: / sends browsers to /ui
+    api_prefix: str = ""  # --api-prefix: every route is served under it (api/app.py)
     started_at: float = field(default_factory=time.time)
 
 

@@ -72,7 +72,13 @@ def _answer(name: str) -> web.Response:
 
 
 async def page(request: web.Request) -> web.Response:
-    return _answer("index.html")
+    """The page names its stylesheet and script by absolute path; under --api-prefix (api/app.py) they carry it
+    (the scripts take theirs from their own URL: ui/api.js)."""
+    response = _answer("index.html")
+    prefix = request.app[CONTEXT].settings.api_prefix
+    if prefix and isinstance(response.body, bytes):
+        response.body = response.body.replace(b'="/ui/', f'="{prefix}/ui/'.encode())
+    return response
 
 
 async def asset(request: web.Request) -> web.Response:

@@ -36,10 +36,11 @@ MODEL_SOURCE_KEYS = ("model", "hf-repo", "model-url", "docker-repo", "cmd")
 PATH_KEYS = ("model", "mmproj", "spec-draft-model")
 # Never passed to a child: the router owns them, or (alias) sets them itself.
 _ROUTER_FLAGS_IN_ENGINE_ARGS = ("--host", "--port", "--api-key", "--models-dir", "--models-preset",
-                                "--models-max", "--models-autoload", "--alias", "--model")
+                                "--models-max", "--models-autoload", "--alias", "--model", "--api-prefix")
 HUB_KEYS = ("hf-repo", "hf-file", "hf-token")  # read by modelyard (modelyard.hub), never passed to a child
+# api-prefix: children are reached only through modelyard, on the path without it (api/app.py)
 ROUTER_ONLY_KEYS = ("api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "models-dir", "models-max",
-                    "models-preset", "models-autoload", "host", "port", "alias", "tags", "log-file")
+                    "models-preset", "models-autoload", "host", "port", "alias", "tags", "log-file", "api-prefix")
 
 
 Source = Literal["preset", "models_dir", "cache"]

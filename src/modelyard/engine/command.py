@@ -18,6 +18,8 @@ CHILD_KEY_ENV = "MODELYARD_CHILD_KEY"  # the child's secret, in its environment 
 _ROUTER_ENV = ("LLAMA_ARG_MODELS_DIR", "LLAMA_ARG_MODELS_PRESET", "LLAMA_ARG_MODELS_MAX",
                "LLAMA_ARG_MODELS_AUTOLOAD", "LLAMA_API_KEY", "LLAMA_ARG_API_KEY", "LLAMA_ARG_API_KEY_FILE",
                "LLAMA_ARG_CORS_ORIGINS", "LLAMA_ARG_CORS_CREDENTIALS", "MODELYARD_API_KEY",
+               # modelyard serves under the prefix and asks its children for the path without it (api/app.py)
+               "LLAMA_ARG_API_PREFIX",
                # Vertex AI (api/gcp.py): a llama-server child with AIP_MODE=PREDICTION leaves its --port for
                # AIP_HTTP_PORT, the router's own
                "AIP_MODE", "AIP_HTTP_PORT", "AIP_HEALTH_ROUTE", "AIP_PREDICT_ROUTE")

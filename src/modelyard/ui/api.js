@@ -3,6 +3,9 @@
 // SSE streams are fetched and parsed here instead, and reconnected with a backoff when they end.
 
 const KEY_STORAGE = "modelyard.apiKey";
+// The server's path prefix (`--api-prefix`), "" without one: this file is served as {prefix}/ui/api.js, and
+// every call below is made under it.
+const BASE = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 
 export class ApiError extends Error {
   constructor(message, status) {
@@ -67,7 +70,7 @@ async function errorMessage(response) {
 // fetch() with the stored key; on a 401 it asks for a key (once for all pending calls) and tries again.
 export async function apiFetch(path, options = {}) {
   for (;;) {
-    const response = await fetch(path, { ...options, headers: withKey(options.headers ?? {}) });
+    const response = await fetch(BASE + path, { ...options, headers: withKey(options.headers ?? {}) });
     if (response.status !== 401) return response;
     if (declined) throw new ApiError("an API key is needed to read this server", 401);
     const reason = storedKey() ? "The stored API key was refused; enter another one." : await errorMessage(response);
