@@ -24,11 +24,11 @@ from modelyard.api.context import AppContext, ServerSettings
 from modelyard.api.json import dumps
 from modelyard.api.ollama import _iso
 from modelyard.config import models_dir as models_dir_module
-from modelyard.config.catalog import Catalog, ModelConfig
+from modelyard.config.catalog import Catalog, ModelConfig, parse_engine_args
 from modelyard.config.durations import FOREVER, MAX_SECONDS, parse_duration
 from modelyard.config.models_dir import scan_models_dir
-from modelyard.config.options import OptionTable, parse_help
-from modelyard.config.presets import ConfigError
+from modelyard.config.options import OptionTable, environment_refusal, parse_help
+from modelyard.config.presets import ConfigError, read_preset_file
 from modelyard.engine.command import Engine
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.manager import ModelManager
@@ -402,6 +402,35 @@ def test_unreadable_models_dir_itself_is_a_config_error(tmp_path: Path, monkeypa
         scan_models_dir(tmp_path)
 
 
+@pytest.mark.parametrize("args, refused", [
+    (("--tools", "all"), "--tools"), (("--tools=read_file",), "--tools"), (("--tools-runtime", "docker:x"),
+                                                                           "--tools-runtime"),
+    (("-ag",), "-ag"), (("--agent",), "--agent"), (("--ui-mcp-proxy",), "--ui-mcp-proxy"),
+    (("--webui-mcp-proxy",), "--webui-mcp-proxy"), (("--mcp-servers-config", "m.json"), "--mcp-servers-config"),
+    (("--mcp-servers-json", "{}"), "--mcp-servers-json"),
+    (("--no-agent", "-no-ag", "--no-ui-mcp-proxy", "--no-webui-mcp-proxy", "--tools="), None),  # off: fine
+])
+def test_agent_features_are_refused_wherever_written(args: tuple[str, ...], refused: str | None,
+                                                     tmp_path: Path) -> None:
+    """The flags, a preset's keys and the environment are checked alike (config/options.py `refusal`)."""
+    table = OptionTable(parse_help(HELP.read_text()))
+    preset = tmp_path / "models.ini"
+    key, _, value = args[0].lstrip("-").partition("=")
+    preset.write_text(f"[m]\n{key} = {value or (args[1] if len(args) > 1 else 'on')}\n")
+    option = table.lookup(args[0].partition("=")[0])
+    assert option is not None
+    env = {option.env[0]: value or (args[1] if len(args) > 1 else "1")} if option.env else {}
+    if refused is None:
+        parse_engine_args(args, table)
+        return
+    with pytest.raises(ConfigError, match=f"^{refused} is not offered by modelyard: .*stay 403"):
+        parse_engine_args(args, table)
+    with pytest.raises(ConfigError, match=rf"\[m\]: {key} is not offered by modelyard"):
+        read_preset_file(preset, table)
+    assert (environment_refusal(env, table) or "").startswith(f"{option.env[0]} is not offered by modelyard")
+    assert environment_refusal({option.env[0]: "0" if option.is_bool else ""}, table) is None
+
+
 # --- 7. start-up failures ---------------------------------------------------------------------------------------
 
 def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -422,7 +451,7 @@ def fake_server(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("case", [
     "missing-dir", "bad-preset", "preset-keep-alive", "keep-alive-flag", "max-wait-flag", "memory-budget",
     "memory-budget-inf", "gpu-budget", "unknown-flag", "directory-as-preset", "missing-keys-file", "bad-port",
-    "load-timeout-flag",
+    "load-timeout-flag", "tools-flag", "agent-env", "api-prefix",
 ])
 def test_startup_failures_are_one_line(tmp_path: Path, fake_server: Path, case: str) -> None:
     gguf = tmp_path / "m.gguf"
@@ -444,11 +473,15 @@ def test_startup_failures_are_one_line(tmp_path: Path, fake_server: Path, case: 
                               "does not exist"),
         "bad-port": (["--models-dir", str(tmp_path), "--port", "99999"], "--port"),
         "load-timeout-flag": (["--models-dir", str(tmp_path), "--load-timeout", "soon"], "--load-timeout"),
+        # llama-server's agent features: /tools and /cors-proxy would run commands and fetch URLs for any caller
+        "tools-flag": (["--models-dir", str(tmp_path), "--tools", "all"], "--tools is not offered by modelyard"),
+        "agent-env": (["--models-dir", str(tmp_path)], "LLAMA_ARG_AGENT is not offered by modelyard"),
+        "api-prefix": (["--models-dir", str(tmp_path), "--api-prefix", "/llm/"], "without the trailing slash"),
     }
     preset.write_text({"bad-preset": "[m\n", "preset-keep-alive": f"[m]\nmodel = {gguf}\nkeep-alive = nan\n"}
                       .get(case, ""))
     args, expected = cases[case]
-    result = _serve("--llama-server", str(fake_server), *args)
+    result = _serve("--llama-server", str(fake_server), *args, env={"agent-env": {"LLAMA_ARG_AGENT": "on"}}.get(case))
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.stderr

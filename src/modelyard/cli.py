@@ -26,6 +26,7 @@ from modelyard.api.server import ConnectionLimits, LimitedSite, bind_error_messa
 from modelyard.bench.__main__ import main as bench_command
 from modelyard.config.catalog import parse_engine_args
 from modelyard.config.durations import parse_duration
+from modelyard.config.options import environment_refusal
 from modelyard.config.presets import ConfigError
 from modelyard.console.commands import COMMANDS as console_commands
 from modelyard.demo import default_models_dir, install_demo_models
@@ -174,6 +175,9 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
         manager = ModelManager.create(models_dir=models_dir, models_preset=models_preset,
                                       llama_server=llama_server, engine_args=engine_args, limits=limits,
                                       router_port=port, watchdog=watchdog)
+        refused = environment_refusal(os.environ, manager.engine.options)  # the flags' refusals: catalog.py
+        if refused:
+            raise ConfigError(refused)
         manager.check_startup_loads()
         manager.check_pinned()
         ui_choice = webui.choose(parse_engine_args(engine_args, manager.engine.options), os.environ,

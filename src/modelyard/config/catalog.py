@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from modelyard.config.durations import parse_duration
 from modelyard.config.models_dir import scan_models_dir
-from modelyard.config.options import FALSEY, TRUTHY, OptionTable, value_error
+from modelyard.config.options import FALSEY, TRUTHY, OptionTable, refusal, value_error
 from modelyard.config.presets import ConfigError, PresetFile, Setting, normalise_value, read_preset_file
 from modelyard.hub.access import Token
 from modelyard.hub.cache import CachedFile, cache_dir, cached_files, cached_models, resolve
@@ -364,4 +364,7 @@ def parse_engine_args(args: tuple[str, ...], table: OptionTable) -> dict[str, st
             settings[option.canonical] = inline
         else:
             settings[option.canonical] = normalise_value(table, key, "true")
+        problem = refusal(option, key, settings[option.canonical])
+        if problem:
+            raise ConfigError(problem)
     return settings

@@ -72,6 +72,44 @@ def value_error(canonical: str, value: str) -> str | None:
     return None
 
 
+# llama-server's agent features, which modelyard does not offer, by canonical flag: what each would let any
+# caller do on this host. /tools and /cors-proxy answer 403 "this feature is disabled" (api/disabled.py), as
+# router mode's do without these flags, and a child is never started with them (its MCP servers would run in
+# every child, unreachable).
+_AGENT_FEATURES = {
+    "--tools": "llama-server's built-in tools would run shell commands and edit files on this host for any "
+               "caller of /tools",
+    "--tools-runtime": "it runs llama-server's built-in tools, which would run shell commands and edit files for "
+                       "any caller of /tools",
+    "--agent": "it turns on llama-server's built-in tools, which would run shell commands and edit files on this "
+               "host for any caller, and /cors-proxy, which would fetch any URL for them",
+    "--webui-mcp-proxy": "/cors-proxy would fetch any URL, this host's own network included, for any caller",
+    "--mcp-servers-config": "it starts MCP servers whose tools any caller of /tools could run on this host",
+    "--mcp-servers-json": "it starts MCP servers whose tools any caller of /tools could run on this host",
+}
+
+
+def refusal(option: EngineOption, written: str, value: str) -> str | None:
+    """Why modelyard refuses this setting (`written`: the flag, preset key or variable as the user wrote it),
+    or None. Turning a feature off (`--no-agent`, an empty list) is accepted."""
+    why = _AGENT_FEATURES.get(option.canonical)
+    if why is None or (value.lower() not in TRUTHY if option.is_bool else not value.strip()):
+        return None
+    return (f"{written} is not offered by modelyard: {why}; /tools and /cors-proxy stay 403 \"this feature is "
+            f"disabled\". Remove it")
+
+
+def environment_refusal(environ: Mapping[str, str], table: OptionTable) -> str | None:
+    """The refusal of an agent feature set in the environment (LLAMA_ARG_TOOLS, LLAMA_ARG_AGENT, ...), which
+    llama-server reads as its flags, or None."""
+    for name, value in sorted(environ.items()):
+        option = table.lookup(name) if name.startswith("LLAMA_ARG_") else None
+        problem = refusal(option, name, value) if option is not None and name in option.env else None
+        if problem:
+            return problem
+    return None
+
+
 class OptionTable:
     """Maps every spelling of an option (long, short, env name) to the option."""
 

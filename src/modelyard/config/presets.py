@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelyard.config.options import FALSEY, TRUTHY, OptionTable, value_error
+from modelyard.config.options import FALSEY, TRUTHY, OptionTable, refusal, value_error
 
 GLOBAL_SECTION = "*"
 DEFAULT_SECTION = "default"  # keys before any [section] land here, as in router mode
@@ -113,7 +113,8 @@ def _add_setting(table: OptionTable, section: Section, key: str, value: str, whe
     if option.is_bool and value.lower() not in TRUTHY | FALSEY:
         raise ConfigError(f"{where}: option '{key}' in preset [{section.name}] is a boolean; "
                           f"got {value!r}, expected one of on/off, true/false, enabled/disabled, 1/0")
-    problem = value_error(option.canonical, value)
+    normalised = normalise_value(table, key, value)
+    problem = value_error(option.canonical, value) or refusal(option, key, normalised)
     if problem:
         raise ConfigError(f"{where}: in preset [{section.name}]: {problem}")
-    section.settings[option.canonical] = Setting(normalise_value(table, key, value), where)
+    section.settings[option.canonical] = Setting(normalised, where)
