@@ -475,6 +475,106 @@ async def test_vertex_predictions_reach_the_models_unstreamed(rig: Rig) -> None:
             assert reply.status == 400
 
 
+# --- activity records of the requests that have no record of their own route ------------------------------------
+
+async def records(rig: Rig, wanted: Any = lambda data: True) -> dict[str, Any]:
+    """GET /activity once `wanted` holds of it (polled: the background tasks end their records on their own)."""
+    for _ in range(300):
+        async with rig.http.get("/activity") as reply:
+            data = await reply.json()
+        if wanted(data):
+            return data  # type: ignore[no-any-return]
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"activity never became as wanted: {data}")
+
+
+USAGE = b'{"usage": {"prompt_tokens": 7, "completion_tokens": 3}}'
+
+
+async def test_each_vertex_instance_for_a_model_has_its_record_and_an_admin_cancels_one_alone(rig: Rig) -> None:
+    child = await rig.loaded("a")
+    hung: list[FakeReply] = []
+
+    def answer(c: FakeChild, method: str, path: str, body: Any) -> FakeReply:
+        if path == "/tokenize":  # never answers: the one an admin cancels
+            hung.append(FakeReply(c))
+            return hung[-1]
+        return FakeReply(c, body=USAGE)
+
+    child.handler = answer
+    instances = [{"@requestFormat": "chatCompletions", "model": "a", "messages": []},
+                 {"@requestFormat": "/tokenize", "model": "a", "content": "hi"},
+                 {"@requestFormat": "health"}, {"@requestFormat": "nope"}, {"@requestFormat": "completions"}]
+    predict = asyncio.ensure_future(rig.http.post("/predict", json={"instances": instances}))
+    waiting = await records(rig, lambda data: any(r["route"] == "/tokenize" and r["state"] == "running"
+                                                  for r in data["in_flight"]))
+    (tokenize,) = [r for r in waiting["in_flight"] if r["route"] == "/tokenize"]
+    async with rig.http.post(f"/activity/{tokenize['id']}/cancel") as reply:
+        assert reply.status == 200
+    async with await predict as reply:
+        assert reply.status == 200
+        predictions = (await reply.json())["predictions"]
+    assert predictions[0] == {"usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+    assert predictions[1]["error"]["message"] == f"request {tokenize['id']} was cancelled by an admin " \
+                                                 f"(POST /activity/{tokenize['id']}/cancel)"
+    assert predictions[2] == {"status": "ok"}
+    done = {r["route"]: r for r in (await records(rig))["data"]}
+    assert set(done) == {"/v1/chat/completions", "/tokenize", "/v1/completions"}  # not health, not the bad one
+    chat = done["/v1/chat/completions"]
+    assert (chat["model"], chat["status"], chat["tokens_in"], chat["tokens_out"]) == ("a", 200, 7, 3)
+    assert done["/tokenize"]["status"] == 499 and "cancelled by an admin" in done["/tokenize"]["error"]
+    assert done["/v1/completions"]["status"] == 400 and "model name is missing" in done["/v1/completions"]["error"]
+
+
+async def test_a_request_sent_after_its_client_left_has_its_own_record(rig: Rig) -> None:
+    request = asyncio.ensure_future(rig.http.post("/v1/chat/completions", json={"model": "b", "messages": []},
+                                                  headers={"X-Conversation-Id": "c5"}))
+    child = await rig.fleet.child("b")
+    await records(rig, lambda data: any(r["state"] == "queued" for r in data["in_flight"]))
+    request.cancel()  # the client goes away while the model loads
+    await asyncio.gather(request, return_exceptions=True)
+    child.handler = lambda c, method, path, body: FakeReply(c, body=USAGE)
+    queued = await records(rig, lambda data: len(data["in_flight"]) == 1 and len(data["data"]) == 1)
+    assert queued["data"][0]["error"] == "the client went away"
+    assert queued["in_flight"][0]["state"] == "queued" and queued["in_flight"][0]["model"] == "b"
+    child.become_ready()
+    (detached, left) = (await records(rig, lambda data: len(data["data"]) == 2))["data"]
+    assert left["error"] == "the client went away"
+    assert (detached["route"], detached["model"], detached["status"], detached["tokens_out"]) == (
+        "/v1/chat/completions", "b", 200, 3)
+    assert detached["client"] == left["client"] and detached["error"] is None
+
+
+async def test_an_admin_cancel_of_a_generation_without_its_client_stops_its_session(rig: Rig) -> None:
+    child = await rig.loaded("a")
+    streamed: list[FakeReply] = []
+
+    def handle(c: FakeChild, method: str, path: str, body: Any) -> FakeReply:
+        if path == "/v1/streams/lookup":  # never done until stopped
+            return FakeReply(c, body=json.dumps([{"conversation_id": "c6", "is_done": False}]).encode())
+        if path == "/v1/stream":
+            return FakeReply(c, status=204, body=b"")
+        streamed.append(FakeReply(c, headers={"Content-Type": "text/event-stream"}))
+        return streamed[-1]
+
+    child.handler = handle
+    asked = sends_before_answering(child)
+    async with rig.http.post("/v1/chat/completions", json={"model": "a", "stream": True, "messages": []},
+                             headers={"X-Conversation-Id": "c6"}) as reply:
+        streamed[0].send(b"data: first\n\n")
+        assert await reply.content.readline() == b"data: first\n"
+    held = await records(rig, lambda data: len(data["in_flight"]) == 1 and data["data"])
+    (record,) = held["in_flight"]
+    assert (record["route"], record["model"], record["state"]) == ("/v1/chat/completions", "a", "running")
+    assert rig.manager.models()[0].state.in_flight == 1
+    async with rig.http.post(f"/activity/{record['id']}/cancel") as reply:
+        assert reply.status == 200
+    ended = await records(rig, lambda data: not data["in_flight"])
+    assert ended["data"][0]["status"] == 499 and ended["data"][0]["id"] == record["id"]
+    assert ("DELETE", "/v1/stream", {"conv_id": "c6"}) in asked  # the child's session is stopped
+    assert rig.manager.models()[0].state.in_flight == 0
+
+
 # --- end to end, SmolLM2 ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -121,10 +121,11 @@ def _canonical(request: web.Request, model: str) -> str:
 
 
 async def acquire(request: web.Request, model: str, autoload: bool = True, keep_alive: float | None = None,
-                  stream: bool = False) -> Lease:
-    """manager.acquire, with the request's record showing it queued, then running with its queue wait."""
+                  stream: bool = False, record: Record | None = None) -> Lease:
+    """manager.acquire, with the request's record (or `record`: one of several model requests in one HTTP
+    request, a Vertex AI prediction's instances) showing it queued, then running with its queue wait."""
     context = request.app[CONTEXT]
-    record = request.get(RECORD)
+    record = record or request.get(RECORD)
     if record is None:
         return await context.manager.acquire(model, autoload, keep_alive)
     context.activity.queued(record, _canonical(request, model), stream)

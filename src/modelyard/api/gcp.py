@@ -12,7 +12,10 @@ answers are streams ("predict route does not support streaming responses") and i
 AIP_MODE, move to AIP_HTTP_PORT and fail to load; here they reach the model (the children never see AIP_*:
 engine/command.py). The router's own routes served as predictions are /health, /v1/health, /props, /models and
 /v1/models (router mode's alias `models` is its POST /models, a download, when its hash map says so); an alias
-shared by two paths means the /v1 one (`completions`: /v1/completions).
+shared by two paths means the /v1 one (`completions`: /v1/completions). Each instance sent to a model route is a
+model request of its own, with its own activity record under that route (llama-server dispatches it as an
+internal request to the route's handler), which an admin's cancel ends alone; the router's own routes get none,
+as elsewhere.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from modelyard.activity import Record, tokens_in_body
 from modelyard.api import auth, management, openai
+from modelyard.api.activity import acquire, admins_cancel, cancel_message
 from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_body, error_response, from_model_error
@@ -151,30 +156,64 @@ async def _predict_one(request: web.Request, instance: Any) -> Any:
     body = {k: v for k, v in instance.items() if k != "@requestFormat"}
     if "stream" in body:
         body["stream"] = False
+    return await _model_request(request, path, body)
+
+
+async def _model_request(request: web.Request, path: str, body: dict[str, Any]) -> Any:
+    """One instance for a model route, under its own record; this task (one of the gather's) is the one an
+    admin's cancel ends, and its prediction then says so."""
+    activity = request.app[CONTEXT].activity
+    record = activity.begin(request.remote, path, "POST", asyncio.current_task())
+    model = body.get("model")
+    record.model = model if isinstance(model, str) and model else None
+    try:
+        status, prediction = await _ask_model(request, path, body, record)
+    except asyncio.CancelledError:
+        if not admins_cancel(record):
+            activity.end(record, None, "the client went away")
+            raise
+        status, prediction = ErrorKind.CANCELLED.status, _error(ErrorKind.CANCELLED, cancel_message(record.id))
+    except Exception as exc:
+        activity.end(record, 500, f"internal error: {exc!r}")
+        raise
+    activity.end(record, status, _message(prediction) if status >= 400 else None)
+    return prediction
+
+
+async def _ask_model(request: web.Request, path: str, body: dict[str, Any], record: Record) -> tuple[int, Any]:
+    """The instance's status and prediction."""
     planned = openai.plan(request, path, body, orjson.dumps(body))
     if isinstance(planned, web.Response):
-        return _json(planned)
-    return await _ask_model(request, path, planned)
-
-
-async def _ask_model(request: web.Request, path: str, planned: openai.Planned) -> Any:
+        return planned.status, _json(planned)
     context = request.app[CONTEXT]
     manager = context.manager
     try:
         auth.require_named(request, planned.model, manager.resolve)
-        lease = await manager.acquire(planned.model, openai.autoload_flag(request, context.settings.autoload),
-                                      planned.keep_alive)
+        lease = await acquire(request, planned.model, openai.autoload_flag(request, context.settings.autoload),
+                              planned.keep_alive, record=record)
     except ModelError as error:
-        return _error(error.kind, error.message)
+        return error.kind.status, _error(error.kind, error.message)
     try:
         async with lease.child.request("POST", path, body=planned.body,
                                        headers={"Content-Type": "application/json"}) as reply:
             answer = await reply.read()
+            status = reply.status
     except ChildError as exc:
-        return _error(ErrorKind.UPSTREAM, str(exc))
+        return ErrorKind.UPSTREAM.status, _error(ErrorKind.UPSTREAM, str(exc))
     finally:
         manager.release(lease)
-    return _parsed(answer)
+    context.activity.first_byte(record)
+    if status == 200:
+        record.count(tokens_in_body(answer))
+    return status, _parsed(answer)
+
+
+def _message(prediction: Any) -> str | None:
+    """An error prediction's message, for its record."""
+    error = prediction.get("error") if isinstance(prediction, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message", error))
+    return None if error is None else str(error)
 
 
 def _json(response: web.StreamResponse) -> Any:

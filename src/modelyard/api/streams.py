@@ -12,6 +12,11 @@ client goes away (a page reload): the generation goes on into the child's sessio
 until the session is done, so the model is not unloaded or evicted under it. Unlike router mode: the map is
 bounded (oldest ids forgotten first), a conversation is visible only to the API key that started it (and to
 admin keys), and a lookup body that is not `{"conversation_ids": [strings]}` is a 400, not an empty list.
+
+A generation that goes on without its client is a model request of its own: it gets an activity record (the
+client's ended with "the client went away"), queued then running, with the child's status and tokens when it
+reads the answer itself, and an admin's cancel of it stops the child's session too (as a stop does), since
+closing the connection to the child does not.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from modelyard.activity import Activity, Record, tokens_in_body
 from modelyard.api import auth
+from modelyard.api.activity import admins_cancel, cancel_message
 from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_response, from_model_error
@@ -45,6 +52,7 @@ HEADER = "X-Conversation-Id"
 MAX_CONVERSATIONS = 4096  # router mode never forgets one; a conversation id is small, but clients are many
 CHILD_TIMEOUT_S = 2.0  # a lookup or stop sent to a child (router mode: 250 ms, too tight on a busy machine)
 POLL_S = 0.5  # how often a held lease asks its child whether the session is done
+_TAIL = 16384  # the end of an answer read without its client: where its usage and timings are
 
 
 # --- the map: pure ------------------------------------------------------------------------------------------
@@ -126,6 +134,7 @@ class State:
 
     conversations: Conversations = field(default_factory=Conversations)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    activity: Activity = field(default_factory=Activity)  # the app's: the records of generations without client
 
     def spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -139,11 +148,15 @@ STATE = web.AppKey("modelyard.streams", State)
 
 @dataclass(frozen=True)
 class Session:
-    """One request's claim on its conversation id."""
+    """One request's claim on its conversation id, and what a record of its generation without the client
+    shows of the request (its client, its route as registered, its method)."""
 
     conv_id: str
     ticket: int
     state: State
+    client: str | None = None
+    route: str = ""
+    method: str = "POST"
 
     def alive(self) -> bool:
         return self.state.conversations.alive(self.conv_id, self.ticket)
@@ -156,10 +169,35 @@ def begin(request: web.Request, conv_id: str, model: str) -> Session:
     """Remember the model of the request's conversation, before its load wait: a stop during the wait then
     cancels it."""
     state = request.app[STATE]
-    return Session(conv_id, state.conversations.remember(conv_id, model, request[auth.API_KEY]), state)
+    resource = request.match_info.route.resource
+    return Session(conv_id, state.conversations.remember(conv_id, model, request[auth.API_KEY]), state,
+                   request.remote, resource.canonical if resource is not None else request.path, request.method)
 
 
 STOPPED = "request cancelled by a stop while the model was loading"
+
+
+def _record(session: Session) -> Record:
+    """The record of a generation that goes on without its client (this task is the one an admin cancels)."""
+    return session.state.activity.begin(session.client, session.route, session.method, asyncio.current_task())
+
+
+async def _stop_session(session: Session, child: Child | None) -> None:
+    """An admin cancelled a generation that has no client: stop the child's session, as a stop does."""
+    session.state.conversations.forget(session.conv_id, None)
+    if child is not None:
+        with contextlib.suppress(ChildError, TimeoutError):
+            async with asyncio.timeout(CHILD_TIMEOUT_S), child.request(
+                    "DELETE", "/v1/stream", params={"conv_id": session.conv_id}) as reply:
+                await reply.read()
+
+
+def _is_stream(body: bytes | None) -> bool:
+    try:
+        payload = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(payload, dict) and payload.get("stream") is True
 
 
 def finish_detached(manager: ModelManager, session: Session, model: str, autoload: bool,
@@ -169,38 +207,82 @@ def finish_detached(manager: ModelManager, session: Session, model: str, autoloa
     the answer to its end, so that the child's session has the generation when the client comes back."""
 
     async def run() -> None:
+        activity = session.state.activity
+        record = _record(session)
+        activity.queued(record, model, _is_stream(body))
+        lease: Lease | None = None
         try:
-            lease = await manager.acquire(model, autoload, keep_alive)
-        except ModelError as error:
-            log.info("conversation %s: not sent after its client left: %s", session.conv_id[:80], error.message)
-            return
-        finally:
-            session.settled()
-        try:
-            if not session.alive():
-                return  # stopped while it waited
-            async with lease.child.request(method, path, body=body, headers=headers, params=query) as reply:
-                async for _ in reply.chunks():
-                    pass
+            try:
+                lease = await manager.acquire(model, autoload, keep_alive)
+            except ModelError as error:
+                log.info("conversation %s: not sent after its client left: %s", session.conv_id[:80],
+                         error.message)
+                activity.end(record, error.kind.status, error.message)
+                return
+            finally:
+                session.settled()
+            activity.running(record, lease.model)
+            if not session.alive():  # stopped while it waited
+                activity.end(record, ErrorKind.BAD_REQUEST.status, STOPPED)
+                return
+            status, tail = await _read_through(lease.child, record, activity, method, path, body, headers, query)
+            if status == 200:
+                record.count(tokens_in_body(tail))
+            activity.end(record, status, None if status < 400 else tail[-2000:].decode(errors="replace"))
         except ChildError as exc:
             log.info("conversation %s: generation without its client failed: %s", session.conv_id[:80], exc)
+            activity.end(record, ErrorKind.UPSTREAM.status, str(exc))
+        except asyncio.CancelledError:
+            if not admins_cancel(record):
+                activity.end(record, None, "modelyard is shutting down")
+                raise
+            await _stop_session(session, lease.child if lease is not None else None)
+            activity.end(record, ErrorKind.CANCELLED.status, cancel_message(record.id))
         finally:
-            manager.release(lease)
+            if lease is not None:
+                manager.release(lease)
 
     session.state.spawn(run())
 
 
+async def _read_through(child: Child, record: Record, activity: Activity, method: str, path: str,
+                        body: bytes | None, headers: Mapping[str, str], query: Mapping[str, str]
+                        ) -> tuple[int, bytes]:
+    """Send the request and read its answer to the end: its status and its last bytes."""
+    tail = b""
+    async with child.request(method, path, body=body, headers=headers, params=query) as reply:
+        async for chunk in reply.chunks():
+            activity.first_byte(record)
+            tail = (tail + chunk)[-_TAIL:]
+        return reply.status, tail
+
+
 def hold_until_done(manager: ModelManager, session: Session, lease: Lease) -> None:
-    """The client left mid-generation: the child goes on into its session; keep the lease until it is done."""
+    """The client left mid-generation: the child goes on into its session; keep the lease until it is done.
+    Its record runs until then: 200 once the session is done (the child keeps the answer; its tokens are not
+    read here)."""
 
     async def run() -> None:
+        activity = session.state.activity
+        record = _record(session)
+        activity.queued(record, lease.model, False)
+        activity.running(record, lease.model)
         try:
             while True:
                 found = await _child_lookup(lease.child, [session.conv_id])
-                if found is None or not any(s.get("conversation_id") == session.conv_id and not s.get("is_done")
-                                            for s in found):
+                if found is None:
+                    activity.end(record, None, "the model's server could not say whether the generation is done")
+                    return
+                if not any(s.get("conversation_id") == session.conv_id and not s.get("is_done") for s in found):
+                    activity.end(record, 200)
                     return
                 await asyncio.sleep(POLL_S)
+        except asyncio.CancelledError:
+            if not admins_cancel(record):
+                activity.end(record, None, "modelyard is shutting down")
+                raise
+            await _stop_session(session, lease.child)
+            activity.end(record, ErrorKind.CANCELLED.status, cancel_message(record.id))
         finally:
             manager.release(lease)
 
@@ -324,7 +406,7 @@ async def delete_stream(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    state = State()
+    state = State(activity=app[CONTEXT].activity)
     app[STATE] = state
 
     async def cancel_tasks(app: web.Application) -> None:
