@@ -14,8 +14,9 @@ APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive
 serve: setup
 	$(BIN)/modelyard serve $(ARGS)
 
+# One worker per core (at most 4), each taking whole files: a file's tests share its routers and run in order.
 test: setup browser lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests
