@@ -68,7 +68,7 @@ async def tolerant_path_middleware(request: web.Request, handler: Handler) -> we
     path = auth.canonical_path(request.path)
     if path == request.path:
         return await handler(request)
-    retry = request.clone(rel_url=request.rel_url.with_path(path))
+    retry = request.clone(rel_url=request.rel_url.with_path(path, keep_query=True))  # `?model=` stays
     match = await request.app.router.resolve(retry)
     if match.http_exception is not None:
         return await handler(request)
