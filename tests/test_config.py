@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
 
 from modelyard.config.catalog import Sources, build_catalog
-from modelyard.config.options import OptionTable, parse_help
+from modelyard.config.options import OptionTable, load_option_table, parse_help
 from modelyard.config.presets import ConfigError, canonical_section_name
 from modelyard.engine.command import Engine, launch_plan, render_settings
 
@@ -30,6 +32,29 @@ def catalog(tmp_path: Path, table: OptionTable, ini: str, **kwargs: object):  # 
     preset = tmp_path / "models.ini"
     preset.write_text(ini)
     return build_catalog(Sources(table, preset_path=preset, **kwargs))  # type: ignore[arg-type]
+
+
+def _help_printer(path: Path, runs: Path) -> Path:
+    """A stand-in binary that prints the real --help and counts its runs."""
+    path.write_text(f"#!/bin/sh\necho run >> {runs}\ncat {HELP}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_the_option_table_is_read_once_per_binary_version_and_gone_binaries_leave_the_cache(tmp_path: Path) -> None:
+    cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
+    first, second = _help_printer(tmp_path / "a-server", runs), _help_printer(tmp_path / "b-server", runs)
+    for _ in range(2):
+        assert load_option_table(first, cache_dir).lookup("ctx-size") is not None
+    assert runs.read_text().count("run") == 1  # the second came from the cache
+    os.utime(first, ns=(1, 1))  # a rebuilt binary: read again
+    load_option_table(first, cache_dir)
+    assert runs.read_text().count("run") == 2
+    first.unlink()
+    load_option_table(second, cache_dir)
+    cached = json.loads((cache_dir / "engine-options.json").read_text())
+    assert [key.split("|")[1] for key in cached] == [str(second.resolve())]  # one file, a's entry dropped
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["engine-options.json", "engine-options.json.lock"]
 
 
 def test_option_table_knows_long_short_env_and_negations(table: OptionTable) -> None:

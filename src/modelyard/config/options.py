@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from modelyard.file_cache import FileCache
 
 TRUTHY = frozenset({"on", "enabled", "true", "1"})
 FALSEY = frozenset({"off", "disabled", "false", "0"})
@@ -174,24 +175,25 @@ _PARSER_VERSION = 2  # bump when parse_help changes, so cached tables are parsed
 
 
 def load_option_table(binary: Path, cache_dir: Path) -> OptionTable:
-    """Run `binary --help` once per binary version and cache the parsed table next to the engine cache."""
-    stat = binary.stat()
-    cache_file = cache_dir / f"options-v{_PARSER_VERSION}-{stat.st_size}-{int(stat.st_mtime)}-{binary.name}.json"
-    try:
-        raw = json.loads(cache_file.read_text())
-        return OptionTable(_option_from_json(item) for item in raw)
-    except (OSError, ValueError, TypeError, KeyError):
-        pass
+    """Run `binary --help` once per binary version and cache the parsed table next to the engine cache: one
+    file of tables keyed by the binary's path, size and mtime (FileCache: written atomically; the entries of
+    binaries since changed or gone are dropped, where a file per binary version grew with every build and
+    every test's stand-in binary)."""
+    cache = FileCache(cache_dir / "engine-options.json", version=str(_PARSER_VERSION))
+    key = cache.key(binary)
+    raw = None if key is None else cache.lookup(key)
+    if raw is not None:
+        try:
+            return OptionTable(_option_from_json(item) for item in raw)
+        except (ValueError, TypeError, KeyError):  # written by another parser: read the help again
+            pass
     result = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60, check=False)
     options = parse_help(result.stdout)
     if not options:
         raise RuntimeError(f"could not read the options of {binary}: `--help` printed no options "
                            f"(exit code {result.returncode}): {result.stderr[-500:]}")
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps([asdict(o) for o in options]))
-    except OSError:
-        pass
+    if key is not None:
+        cache.put(key, [asdict(o) for o in options])
     return OptionTable(options)
 
 
