@@ -114,20 +114,25 @@ async def test_post_models_downloads_with_router_modes_events_then_lists_it(http
 
 async def test_a_download_in_flight_is_listed_and_unload_cancels_it(http: TestClient[Any, Any],
                                                                       served: FakeHub, tmp_path: Path) -> None:
+    """Named as posted, as router mode names it (the web UI follows and cancels a download by the string it
+    posted): a lower-case quant stays lower case until the cache's own `org/repo:Q4_K_M` entry replaces it."""
     served.pace = 0.5  # 3 MiB: a few seconds unless cancelled
+    posted = f"{REPO}:q4_k_m"
     feed = _events(http, "download_failed")
     await anext(feed)
-    assert (await http.post("/models", json={"model": REPO})).status == 200
+    assert (await http.post("/models", json={"model": posted})).status == 200
     async for message in feed:
         if message["event"] == "download_progress":
+            assert message["model"] == posted
             break
-    entry = (await _listed(http))[REPO]
+    entry = (await _listed(http))[posted]
     assert entry["status"]["value"] == "downloading" and entry["source"] == "cache"
-    cancel = await http.post("/models/unload", json={"model": REPO})
+    cancel = await http.post("/models/unload", json={"model": posted})
     assert cancel.status == 200
     failed = [m async for m in feed][-1]
+    assert failed["model"] == posted
     assert failed["event"] == "download_failed" and "cancelled" in failed["data"]["error"]
-    assert REPO not in await _listed(http) and cached_files(tmp_path / "hub") == []
+    assert posted not in await _listed(http) and cached_files(tmp_path / "hub") == []
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "says"), [

@@ -37,15 +37,16 @@ def hub_ref(name: str) -> HubRef:
 
 
 async def begin_download(context: AppContext, name: str, exists_ok: bool = False) -> Download:
-    """Start (or join) the download of `name`; router mode refuses a model it already has, Ollama's pull
+    """Start (or join) the download of `name`, named as written (its events, its `downloading` entry and a
+    cancel use that string, as in router mode); router mode refuses a model it already has, Ollama's pull
     (`exists_ok`) fetches it again (a no-op for files already whole in the cache)."""
     manager = context.manager
     ref = hub_ref(name)
-    if not exists_ok and manager.downloads.find(ref.name) is None:
+    if not exists_ok and manager.downloads.find(name) is None:
         for candidate in (name, ref.name):
             if manager.catalog.resolve(candidate) is not None:
                 raise ModelError(ErrorKind.BAD_REQUEST, f"model '{candidate}' already exists")
-    return await manager.downloads.start(ref)
+    return await manager.downloads.start(ref, name=name)
 
 
 async def post_models(request: web.Request) -> web.Response:

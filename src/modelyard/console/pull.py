@@ -74,7 +74,8 @@ def pull_with_progress(client: Client, reference: str, err: Console, show: bool)
     last = PullStep("downloading")
     with client.events("/models/sse") as frames, \
             Progress(*columns, console=err, transient=True, disable=not show) as progress:
-        client.post("/models", {"model": reference})  # subscribed first: no event falls between
+        # subscribed first: no event falls between; the server names the events by the string posted
+        client.post("/models", {"model": name})
         task = progress.add_task("pull", total=None, model=name)
         try:
             for frame in frames:

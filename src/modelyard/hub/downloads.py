@@ -49,10 +49,14 @@ class _FileJob:
 
 
 class Download:
-    """One model's download: `result()` is its cached files (or raises HubError), `updates()` follows it."""
+    """One model's download: `result()` is its cached files (or raises HubError), `updates()` follows it.
+    `name` is what its events and its `downloading` entry are called: the reference as the caller wrote it
+    (router mode's download child is named by POST /models' string, so `org/repo:q4_k_m` stays lower case and
+    a cancel with that string finds it), else `org/repo:QUANT`."""
 
-    def __init__(self, ref: HubRef, hub: Hub, want_mmproj: bool) -> None:
+    def __init__(self, ref: HubRef, hub: Hub, want_mmproj: bool, name: str = "") -> None:
         self.ref = ref
+        self.name = name or ref.name
         self.hub = hub
         self.want_mmproj = want_mmproj
         self.files: list[_FileJob] = []
@@ -60,10 +64,6 @@ class Download:
         self.task: asyncio.Task[CachedModel] | None = None
         self._changed = asyncio.Event()
         self._last_publish = 0.0
-
-    @property
-    def name(self) -> str:
-        return self.ref.name
 
     def progress(self) -> list[events.FileProgress]:
         return [job.progress for job in self.files]
@@ -127,11 +127,14 @@ class Downloads:
     def active(self) -> list[Download]:
         return list(self._downloads.values())
 
-    async def start(self, ref: HubRef, token: Token | None = None, want_mmproj: bool = True) -> Download:
-        """The download of `ref`, joined if one of the same name is in flight, else started once the hub has
-        listed the repository and it has the file (router mode validates first too): a missing repo, file or
-        quant, a refused token, no network or too little disk space raise HubError here, before any event."""
-        running = self._downloads.get(ref.name)
+    async def start(self, ref: HubRef, token: Token | None = None, want_mmproj: bool = True,
+                    name: str = "") -> Download:
+        """The download of `ref` under `name` (default `ref.name`), joined if one of that name is in flight, else
+        started once the hub has listed the repository and it has the file (router mode validates first too): a
+        missing repo, file or quant, a refused token, no network or too little disk space raise HubError here,
+        before any event. Two names of one file share its fetch."""
+        name = name or ref.name
+        running = self._downloads.get(name)
         if running is not None:
             return running
         if self._closed:
@@ -144,11 +147,11 @@ class Downloads:
             raise HubError(ErrorKind.HUB_NOT_FOUND, f"{exc} (on {hub.endpoint})") from None
         files = [listing.file(path) for path in chosen.files]
         self._check_space(hub, files)
-        running = self._downloads.get(ref.name)  # started while this one listed
+        running = self._downloads.get(name)  # started while this one listed
         if running is not None:
             return running
-        download = Download(ref, hub, want_mmproj)
-        self._downloads[ref.name] = download
+        download = Download(ref, hub, want_mmproj, name)
+        self._downloads[name] = download
         self._notify(events.STARTED, download.name, {"status": "downloading"})
         download.files = [self._share(hub, file, download) for file in files]
         download.task = asyncio.create_task(self._run(download, chosen), name=f"download {ref.name}")
