@@ -3,14 +3,17 @@
 
 - `GET /api/models/{repo}[/revision/{rev}]` (model_info; `?blobs=true` adds sizes and LFS sha256s),
   `GET /api/models/{repo}/tree/{rev}` and `GET /api/models/{repo}/refs` (what llama.cpp reads);
-- `HEAD|GET /{repo}/resolve/{rev}/{path}`: 302 to the CDN (another port, so another origin: the auth header
-  must not follow) with X-Repo-Commit, X-Linked-Etag (the sha256), X-Linked-Size and ETag;
+- `HEAD|GET /{repo}/resolve/{rev}/{path}`: for an LFS file (a model), 302 to the CDN (another port, so another
+  origin: the auth header must not follow) with X-Repo-Commit, X-Linked-Etag (the sha256), X-Linked-Size and
+  ETag; a small file kept in git (`add(..., lfs=False)`: a preset.ini, a README) is answered there and then,
+  its ETag the git blob id, as the hub answers it;
 - `GET /cdn/{sha256}` on the CDN port: the bytes, 206 for a Range request.
 
 Errors as the hub sends them (X-Error-Code): RepoNotFound (401 without a token, 404 with one), EntryNotFound,
 GatedRepo. It can be told to require a token (`gated`), to cut the connection after N bytes for the next
-downloads (`cut_after`), to serve a wrong byte (`corrupt`) or to be slow (`pace`); `requests` records what
-was asked.
+downloads (`cut_after`), to serve a wrong byte (`corrupt`), to have lost a file's object from the CDN though
+the hub still lists it (`gone`: the CDN's 404 NoSuchKey, to HEAD and GET) or to be slow (`pace`); `requests`
+records what was asked.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class HubFile:
     source: Path  # served from disk (a synthetic file, or the real demo GGUF)
     size: int
     sha256: str
-    git_oid: str
+    git_oid: str  # the LFS pointer's git id, or the file's own for a file kept in git
+    lfs: bool = True
 
 
 @dataclass
@@ -53,16 +57,18 @@ class FakeHub:
     cuts_left: int = 0  # ... this many times
     corrupt: bool = False  # flip a byte of every download
     pace: float = 0.0  # seconds between two MiB of a download (a slow link, to act during one)
+    gone: set[str] = field(default_factory=set)  # sha256s whose CDN object is missing
     requests: list[Seen] = field(default_factory=list)
     url: str = ""
     cdn_url: str = ""
 
-    def add(self, repo: str, path: str, source: Path) -> HubFile:
+    def add(self, repo: str, path: str, source: Path, lfs: bool = True) -> HubFile:
         digest = _sha256(source)
         size = source.stat().st_size
-        oid = hashlib.sha1(f"version https://git-lfs.github.com/spec/v1\noid sha256:{digest}\nsize {size}\n"
-                           .encode()).hexdigest()
-        file = HubFile(path, source, size, digest, oid)
+        stored = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{digest}\nsize {size}\n".encode() if lfs
+                  else source.read_bytes())  # what git keeps: the LFS pointer, or the file itself
+        oid = hashlib.sha1(f"blob {len(stored)}\0".encode() + stored).hexdigest()
+        file = HubFile(path, source, size, digest, oid, lfs)
         self.repos.setdefault(repo, {})[path] = file
         return file
 
@@ -94,8 +100,9 @@ class FakeHub:
         for file in files.values():
             sibling: dict[str, Any] = {"rfilename": file.path}
             if blobs:
-                sibling.update(size=file.size, blobId=file.git_oid,
-                               lfs={"size": file.size, "sha256": file.sha256, "pointerSize": 134})
+                sibling.update(size=file.size, blobId=file.git_oid)
+                if file.lfs:
+                    sibling["lfs"] = {"size": file.size, "sha256": file.sha256, "pointerSize": 134}
             siblings.append(sibling)
         return web.json_response({"_id": "6650" + COMMIT[:20], "id": repo, "modelId": repo,
                                   "author": repo.split("/")[0],
@@ -110,7 +117,7 @@ class FakeHub:
         if isinstance(found, web.Response):
             return found
         return web.json_response([{"type": "file", "oid": f.git_oid, "size": f.size, "path": f.path,
-                                   "lfs": {"oid": f.sha256, "size": f.size, "pointerSize": 134}}
+                                   **({"lfs": {"oid": f.sha256, "size": f.size, "pointerSize": 134}} if f.lfs else {})}
                                   for f in found[1].values()])
 
     async def refs(self, request: web.Request) -> web.Response:
@@ -128,6 +135,9 @@ class FakeHub:
         if file is None:
             return web.json_response({"error": "Entry not found"}, status=404,
                                      headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
+        if not file.lfs:
+            return web.Response(body=file.source.read_bytes(), headers={
+                "X-Repo-Commit": COMMIT, "ETag": f'"{file.git_oid}"', "Content-Type": "text/plain; charset=utf-8"})
         return web.Response(status=302, headers={
             "Location": f"{self.cdn_url}/cdn/{file.sha256}", "X-Repo-Commit": COMMIT,
             "X-Linked-Etag": f'"{file.sha256}"', "X-Linked-Size": str(file.size), "ETag": f'"{file.git_oid}"',
@@ -137,7 +147,7 @@ class FakeHub:
     async def cdn(self, request: web.Request) -> web.StreamResponse:
         digest = request.match_info["sha"]
         file = next((f for files in self.repos.values() for f in files.values() if f.sha256 == digest), None)
-        if file is None:
+        if file is None or digest in self.gone:
             return web.Response(status=404, text="NoSuchKey")
         start = 0
         if request.headers.get("Range", "").startswith("bytes="):
