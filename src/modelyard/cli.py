@@ -34,6 +34,7 @@ from modelyard.engine import webui
 from modelyard.engine.install import LLAMA_CPP_BUILD, install_engine
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
 from modelyard.errors import ModelError
+from modelyard.hub.presets import names_hub_repo
 from modelyard.logformat import stderr_handler
 from modelyard.manager import ModelManager, ModelNotice
 from modelyard.memory import gpu_total_memory, parse_size, system_memory
@@ -147,7 +148,7 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[stderr_handler(os.environ)])
     notifier = Notifier.take_from_environ(os.environ)  # before any child or worker inherits the environment
     try:
-        if models_dir is None and models_preset is None:
+        if models_dir is None and models_preset is None and not names_hub_repo(engine_args):
             models_dir = default_models_dir()
             if not models_dir.is_dir():
                 raise ConfigError(f"no models: pass --models-dir or --models-preset, or install the demo "

@@ -49,6 +49,7 @@ from modelyard.feed import Feed
 from modelyard.hub.access import Token
 from modelyard.hub.cache import cache_dir
 from modelyard.hub.downloads import Download, Downloads
+from modelyard.hub.presets import router_presets
 from modelyard.logbook import Logbook
 from modelyard.memory import (
     Footprint,
@@ -272,8 +273,10 @@ class ModelManager:
         """
         binary = locate_llama_server(llama_server)
         table = load_option_table(binary, cache_root())
-        sources = Sources(table, models_dir=models_dir, preset_path=models_preset,
-                          router_settings=parse_engine_args(tuple(engine_args), table),
+        # `-hf org/repo` on the command line serves that repository's preset.ini, as in router mode
+        models_preset, router_settings = router_presets(parse_engine_args(tuple(engine_args), table),
+                                                        models_preset, table)
+        sources = Sources(table, models_dir=models_dir, preset_path=models_preset, router_settings=router_settings,
                           hub_cache=cache_dir(os.environ))  # router mode lists the Hugging Face cache's models
         manager = cls(sources, Engine(binary, table, router_port=router_port), catalog=sources.load(),
                       limits=limits, max_models=max_models, max_queue=max_queue, gpus=gpu_total_memory() > 0,

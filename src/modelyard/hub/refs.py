@@ -16,6 +16,7 @@ from dataclasses import dataclass
 _SPLIT_RE = re.compile(r"^(.+)-([0-9]{5})-of-([0-9]{5})$", re.IGNORECASE)
 _TAG_RE = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
 _DEFAULT_TAGS = ("Q4_K_M", "Q8_0")
+PRESET_FILE = "preset.ini"  # at a repository's root: a preset repository (hub/presets.py)
 # Files next to a model that are not models themselves (llama.cpp's gguf_filename_is_model).
 _COMPANION_MARKS = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
 
@@ -168,18 +169,27 @@ class NotInRepo(LookupError):
 def plan(files: Sequence[str], ref: HubRef, want_mmproj: bool = True) -> Plan:
     """The files `ref` needs out of a repository's (or the cache's) file list."""
     if ref.file and ref.file not in files:
-        raise NotInRepo(f"file '{ref.file}' is not in {ref.repo}{_available(files)}")
+        raise NotInRepo(f"file '{ref.file}' is not in {ref.repo}{_available(files, ref.repo)}")
     primary = ref.file or best_model(files, ref.tag)
     if primary is None:
         what = f"no GGUF file with quant {ref.tag}" if ref.tag else "no GGUF model file"
-        raise NotInRepo(f"{ref.repo} has {what}{_available(files)}")
+        raise NotInRepo(f"{ref.repo} has {what}{_available(files, ref.repo)}")
     mmproj = best_sibling(files, primary, "mmproj") if want_mmproj else None
     return Plan(primary, tuple(split_files(files, primary)), mmproj)
 
 
-def _available(files: Sequence[str]) -> str:
+def is_preset_repo(paths: Sequence[str]) -> bool:
+    """Whether a repository's files make it a preset repository (llama.cpp's plan.preset): `preset.ini` at
+    its root, not in a folder."""
+    return PRESET_FILE in paths
+
+
+def _available(files: Sequence[str], repo: str) -> str:
     ggufs = [p for p in files if p.endswith(".gguf")]
     tags = sorted({info.tag for p in ggufs if is_model_file(p) and (info := split_info(p)) and info.tag})
+    if not ggufs and is_preset_repo(files):
+        return (f" (it has no .gguf files: it is a preset repository, whose {PRESET_FILE} names other models; "
+                f"serve its presets with `modelyard serve -hf {repo}`)")
     if not ggufs:
         return " (it has no .gguf files at all)"
     shown = ", ".join(tags) if tags else ", ".join(ggufs[:8])
