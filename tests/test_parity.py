@@ -9,16 +9,22 @@ Every difference must be explained: DELIBERATE lists modelyard's deliberate diff
 reason; NOT_YET would list what work in progress is about to serve (its cases xfail, saying who adds it, and
 fail once they match, so that the list only shrinks; it is empty: every route is served). Anything else fails.
 
-Routers are started once per module: the main pair, a pair with the Vertex AI variables (`AIP_MODE`) and a
-pair with --sleep-idle-seconds 1. Each pair gets its requests at once, each router in order.
+Routers are started once per module: the main pair, a pair with the Vertex AI variables (`AIP_MODE`), a
+pair with --sleep-idle-seconds 1, and a pair over a fake Hugging Face hub (tests/fake_hub.py, HF_ENDPOINT:
+router mode's own downloader speaks plain HTTP to it) with a filled cache each and `-hf` on a preset
+repository, for the cache's listing, the repository's presets, POST /models downloads with their
+/models/sse events (finished, failed, cancelled), the downloads refused at once, and DELETE /models. Each
+pair gets its requests at once, each router in order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
+import struct
 import threading
 import time
 import wave
@@ -41,6 +47,7 @@ from modelyard.bench.processes import (
     stop_all,
 )
 from modelyard.demo import SMOLLM2
+from tests.fake_hub import COMMIT, FakeHub, running
 from tests.shapes import Shape, differences, shape
 
 SMOL, SMOL_B = "smol", "smol-b"
@@ -146,13 +153,30 @@ DELIBERATE: tuple[Explained, ...] = (
               "without (router mode's build fetches it from a hub bucket): it answers 404. modelyard serves the "
               "UI that `modelyard engine install` builds from tools/ui (test_webui.py drives it in Chromium), "
               "and to a client that is no browser Ollama's \"Ollama is running\""),
-    Explained(r"DELETE /models: (unknown model|a model not from the cache)", r"status 500 != (404|400)",
+    Explained(r"DELETE /models: (unknown model|a model not from the cache|removed already)", r"status 500 != (404|400)",
               "a name it does not have (404) or a model it cannot remove (400, not from the Hugging Face cache) is "
               "the caller's error; router mode's exception wrapper answers both with 500"),
     Explained(r"POST /v1/streams/lookup: (no ids|malformed JSON)", r"status 200 != 400|type \$: array != object",
               "a lookup body that is not {\"conversation_ids\": [strings]} is a 400 that says so (router mode "
               "answers an empty list), see api/streams.py"),
     Explained(r"SSE .*", r"#\d+ .*: extra \$\.data\.reason", "why the transition happened (an eviction, an unload)"),
+    Explained(r"POST /models: (no such repo|no such quant|a gated repo, no token)",
+              r"status 200 != (404|403)|(missing|extra) \$\.(error|success)",
+              "a download that cannot start is the caller's error at once, with what to fix (404 no such repo or "
+              "quant, 403 a refused token); router mode answers success and its download child, finding no "
+              "file, reports download_finished"),
+    Explained(r"SSE download (org/missing-GGUF|org/tiny-GGUF:Q8_0|org/gated-GGUF|org/presets)", r"events .* != \[\]",
+              "refused at once (above), so there is no download to report; router mode's child reports "
+              "model_status downloading then download_finished although nothing was fetched"),
+    Explained(r"POST /models: a preset repository", r"status 200 != 404|(missing|extra) \$\.(error|success)",
+              "a repository whose preset.ini names other models has no model to download: the 404 says to serve "
+              "it with `modelyard serve -hf org/repo`; router mode fetches its preset.ini, which nothing then "
+              "reads, and lists nothing new"),
+    Explained(r"POST /models: being downloaded", r"status 400 != 200|(missing|extra) \$\.(error|success)",
+              "a second POST /models of a model being downloaded joins its download (so do `modelyard pull` "
+              "and Ollama's /api/pull run twice), where router mode refuses it as existing"),
+    Explained(r"SSE download .*", r"#\d+ download_failed: extra \$\.data",
+              "download_failed says why ({\"error\": message}); router mode's has no data"),
 )
 
 # Statuses modelyard reports on /models/sse that router mode has not; left out before the sequences are
@@ -219,15 +243,17 @@ def _environment(tmp: Path, extra: Mapping[str, str]) -> dict[str, str]:
             **extra}
 
 
-def _start_pair(binary: Path, models: Path, workdir: Path, args: tuple[str, ...] = (), aip: bool = False) -> Pair:
+def _start_pair(binary: Path, models: Path, workdir: Path, args: tuple[str, ...] = (), aip: bool = False,
+                env: Callable[[str], dict[str, str]] | None = None) -> Pair:
     """Both routers, started at once. `aip`: with Vertex AI's variables (AIP_MODE=PREDICTION); router mode
-    then listens on AIP_HTTP_PORT, so each gets its own port there."""
+    then listens on AIP_HTTP_PORT, so each gets its own port there. `env(kind)`: each router's own environment
+    instead of the shared offline one."""
     started = []
     for kind in (ROUTER_MODE, MODELYARD):
         port = free_port() if aip else 0
         extra = {"AIP_MODE": "PREDICTION", "AIP_HTTP_PORT": str(port), "AIP_HEALTH_ROUTE": "/gcp/health"} if aip else {}
-        started.append(start_router(kind, binary, ["--models-dir", str(models)], 1, workdir,
-                                    [*ENGINE_ARGS, *args], env=_environment(workdir, extra), port=port))
+        started.append(start_router(kind, binary, ["--models-dir", str(models)], 1, workdir, [*ENGINE_ARGS, *args],
+                                    env=env(kind) if env else _environment(workdir, extra), port=port))
     try:
         for process in started:
             process.wait_ready(30)
@@ -344,6 +370,7 @@ class Run:
     answers: dict[str, Answer] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     event_media: str = ""
+    seen: dict[str, Any] = field(default_factory=dict)  # values a step checks besides the shapes
 
     def ask(self, client: httpx.Client, label: str, method: str, path: str, **request: Any) -> httpx.Response:
         response = client.request(method, path, **request)
@@ -672,3 +699,176 @@ def test_sleep_idle_seconds_events(sleep_runs: tuple[Run, Run]) -> None:
     assert [n for n, _ in event_sequence(router.events, SMOL, False)][-3:] == [
         "status_change sleeping", "status_change loading", "status_change loaded"]
     judge("SSE smol (--sleep-idle-seconds)", compare_events(router.events, modelyard.events, SMOL))
+
+
+# --- Hugging Face: a filled cache's listing, POST /models downloads and their events, DELETE /models -----------
+
+CACHED_REPO, SPLIT_REPO = "org/cached-GGUF", "org/split-GGUF"
+TINY_REPO = "org/tiny-GGUF"
+POSTED = f"{TINY_REPO}:q4_k_m"  # named as posted while it downloads, as the cache lists it after
+TINY = f"{TINY_REPO}:Q4_K_M"
+SLOW, BROKEN = "org/slow-GGUF:Q4_K_M", "org/broken-GGUF:Q4_K_M"
+NOT_STARTED = {"no such repo": "org/missing-GGUF", "no such quant": f"{TINY_REPO}:Q8_0",
+               "a gated repo, no token": "org/gated-GGUF", "a preset repository": "org/presets"}
+# What each router's cache holds at its start (the same files, in a cache of its own): two quants and a
+# projector, a split model, and a download in progress that has no snapshot link yet (listed by neither).
+FILLED = {CACHED_REPO: ("cached-Q4_K_M.gguf", "cached-Q8_0.gguf", "mmproj-cached-F16.gguf", "README.md"),
+          SPLIT_REPO: ("split-Q4_K_M-00001-of-00002.gguf", "split-Q4_K_M-00002-of-00002.gguf")}
+
+
+def _gguf(size: int, salt: str) -> bytes:
+    """A GGUF v3 header with no tensors and no metadata, then `size` bytes in all (`salt` makes each file's
+    sha256 its own: the fake CDN finds objects by it)."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, 0) + salt.encode()
+    return head + os.urandom(max(0, size - len(head)))
+
+
+def _fill_cache(cache: Path) -> None:
+    """FILLED laid out as huggingface_hub and llama.cpp write the cache: blobs by sha256, snapshot links to
+    them, refs/main; and a partial blob (`.incomplete`) with no link."""
+    for repo, paths in FILLED.items():
+        folder = cache / ("models--" + repo.replace("/", "--"))
+        for path in paths:
+            content = _gguf(4096, f"{repo}/{path}") if path.endswith(".gguf") else b"# a model card\n"
+            blob = folder / "blobs" / hashlib.sha256(content).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(content)
+            link = folder / "snapshots" / COMMIT / path
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        (folder / "refs").mkdir(exist_ok=True)
+        (folder / "refs" / "main").write_text(COMMIT)
+    partial = cache / "models--org--partial-GGUF"
+    (partial / "blobs").mkdir(parents=True)
+    (partial / "blobs" / f"{'0' * 64}.incomplete").write_bytes(b"GGUF")
+    (partial / "refs").mkdir()
+    (partial / "refs" / "main").write_text(COMMIT)
+
+
+def _hub_environment(hub: FakeHub, workdir: Path) -> Callable[[str], dict[str, str]]:
+    """Each router's environment: HF_ENDPOINT on the fake hub, its own filled cache, no token."""
+    def environment(kind: str) -> dict[str, str]:
+        home = workdir / kind.replace(" ", "-")
+        _fill_cache(home / "hub")
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_CACHE"))
+                 and k != "MODEL_ENDPOINT"}
+        return {**clean, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(home / "hub"), "HF_HOME": str(home)}
+    return environment
+
+
+def event_of(model: str, event: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda m: m.get("model") == model and m.get("event") == event
+
+
+def _ended(model: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda m: m.get("model") == model and m.get("event") in ("download_finished", "download_failed")
+
+
+def hub_downloads(client: httpx.Client) -> Run:
+    """The filled cache listed; a download through POST /models (listed while it runs, then as the cache's
+    entry); downloads that cannot start, one whose file is gone from the CDN, one cancelled by
+    POST /models/unload; DELETE /models of the downloaded model and of a filled one."""
+    run = Run()
+
+    def listing(label: str, path: str = "/models") -> None:
+        entries = run.ask(client, label, "GET", path).json()["data"]
+        run.seen[label] = sorted((e["id"], e["status"]["value"], e["source"], e["can_remove"]) for e in entries)
+
+    feed = EventLog(client, until=event_of(TINY, "model_remove"))
+    listing("GET /models: a filled cache")
+    listing("GET /v1/models: a filled cache", "/v1/models")
+    run.ask(client, "POST /models: good", "POST", "/models", json={"model": POSTED})
+    listing("GET /models: downloading")
+    run.ask(client, "POST /models: being downloaded", "POST", "/models", json={"model": POSTED})
+    feed.wait_for(_ended(POSTED))
+    listing("GET /models: downloaded")
+    run.ask(client, "POST /models: already downloaded", "POST", "/models", json={"model": TINY})
+    for label, model in NOT_STARTED.items():
+        if run.ask(client, f"POST /models: {label}", "POST", "/models", json={"model": model}).status_code == 200:
+            feed.wait_for(_ended(model))  # router mode's child, finding nothing, says so at once
+    run.ask(client, "POST /models: the file is gone from the CDN", "POST", "/models", json={"model": BROKEN})
+    feed.wait_for(_ended(BROKEN))
+    run.ask(client, "POST /models: to be cancelled", "POST", "/models", json={"model": SLOW})
+    feed.wait_for(event_of(SLOW, "download_progress"))
+    run.ask(client, "POST /models/unload: a download", "POST", "/models/unload", json={"model": SLOW})
+    feed.wait_for(_ended(SLOW))
+    listing("GET /models: after the failures")
+    run.ask(client, "DELETE /models: a filled cache's model", "DELETE", "/models",
+            params={"model": f"{CACHED_REPO}:Q8_0"})
+    run.ask(client, "DELETE /models: downloaded", "DELETE", "/models", params={"model": TINY})
+    feed.wait_for(event_of(TINY, "model_remove"))
+    listing("GET /models: removed")
+    run.ask(client, "DELETE /models: removed already", "DELETE", "/models", params={"model": TINY})
+    run.event_media = feed.media
+    run.events = feed.close()
+    return run
+
+
+HUB_STEPS = (
+    "GET /models: a filled cache", "GET /v1/models: a filled cache", "POST /models: good", "GET /models: downloading",
+    "POST /models: being downloaded", "GET /models: downloaded", "POST /models: already downloaded",
+    *(f"POST /models: {label}" for label in NOT_STARTED), "POST /models: the file is gone from the CDN",
+    "POST /models: to be cancelled", "POST /models/unload: a download", "GET /models: after the failures",
+    "DELETE /models: a filled cache's model", "DELETE /models: downloaded", "GET /models: removed",
+    "DELETE /models: removed already",
+)
+
+
+PRESETS_REPO = "org/presets"  # a preset repository: its preset.ini alone, served with -hf on the command line
+REPO_PRESET = f"""[*]
+temp = 0.5
+
+[from-a-preset]
+hf = {SPLIT_REPO}:Q4_K_M
+"""
+
+
+@pytest.fixture(scope="module")
+def hub_runs(llama_server: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Run, Run]]:
+    """Both routers over the fake hub (tests/fake_hub.py; router mode's own downloader speaks plain HTTP to it),
+    each with its own filled cache, over an empty models directory and the presets of PRESETS_REPO (`-hf`)."""
+    workdir = tmp_path_factory.mktemp("parity-hub")
+    (workdir / "models").mkdir()
+    fake = FakeHub(pace=0.4)  # 3 MiB: about a second, time to see it listed as downloading
+    (workdir / "preset.ini").write_text(REPO_PRESET)
+    fake.add(PRESETS_REPO, "preset.ini", workdir / "preset.ini", lfs=False)
+    for repo, size in ((TINY_REPO, 3 * 2**20), ("org/slow-GGUF", 3 * 2**20), ("org/broken-GGUF", 4096),
+                       ("org/gated-GGUF", 4096)):
+        name = repo.split("/")[1].removesuffix("-GGUF")
+        source = workdir / f"{name}-Q4_K_M.gguf"
+        source.write_bytes(_gguf(size, repo))
+        fake.add(repo, source.name, source)
+    fake.gone.add(fake.repos["org/broken-GGUF"]["broken-Q4_K_M.gguf"].sha256)
+    fake.gated["org/gated-GGUF"] = "hf_" + "a" * 34
+    with running(fake):
+        pair = _start_pair(llama_server, workdir / "models", workdir, ("-hf", PRESETS_REPO),
+                           env=_hub_environment(fake, workdir))
+        try:
+            router, modelyard = pair.both(hub_downloads)
+            assert list(router.answers) == list(modelyard.answers) == list(HUB_STEPS)
+            yield router, modelyard
+        finally:
+            pair.stop()
+
+
+@pytest.mark.parametrize("step", HUB_STEPS)
+def test_hub_download(step: str, hub_runs: tuple[Run, Run]) -> None:
+    router, modelyard = hub_runs
+    judge(step, compare(router.answers[step], modelyard.answers[step]))
+
+
+@pytest.mark.parametrize("step", [step for step in HUB_STEPS if step.startswith("GET")])
+def test_hub_listing(step: str, hub_runs: tuple[Run, Run]) -> None:
+    """The same models, each with the same status, source and can_remove: the filled cache's quants (not its
+    projector, nor the partial download), the download in flight under the name posted, then the cache's own
+    entry for it, and neither once removed."""
+    router, modelyard = hub_runs
+    assert router.seen[step] == modelyard.seen[step]
+
+
+@pytest.mark.parametrize("model", [POSTED, TINY, BROKEN, SLOW, *NOT_STARTED.values(), f"{CACHED_REPO}:Q8_0", "*"])
+def test_hub_download_events(model: str, hub_runs: tuple[Run, Run]) -> None:
+    """model_status downloading, download_progress, download_finished or download_failed, model_remove."""
+    router, modelyard = hub_runs
+    assert router.event_media == modelyard.event_media == "text/event-stream"
+    judge(f"SSE download {model}", compare_events(router.events, modelyard.events, model))
