@@ -829,7 +829,7 @@ def hub_runs(llama_server: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     each with its own filled cache, over an empty models directory and the presets of PRESETS_REPO (`-hf`)."""
     workdir = tmp_path_factory.mktemp("parity-hub")
     (workdir / "models").mkdir()
-    fake = FakeHub(pace=0.4)  # 3 MiB: about a second, time to see it listed as downloading
+    fake = FakeHub(pace=0.25)  # 3 MiB: 0.75 s, time to see it listed as downloading
     (workdir / "preset.ini").write_text(REPO_PRESET)
     fake.add(PRESETS_REPO, "preset.ini", workdir / "preset.ini", lfs=False)
     for repo, size in ((TINY_REPO, 3 * 2**20), ("org/slow-GGUF", 3 * 2**20), ("org/broken-GGUF", 4096),
