@@ -153,6 +153,15 @@ WAITING = [
                   "28 s (--max-wait)", ("A",), 28),
                   Waiting(3, "C", 1, 1, "waiting behind 'B', first in line for room to load", ("B",), None)],
                  id="behind another model"),
+    pytest.param(["A", "B", "C"], ONE, [*BUSY_A, (10, Acquire(2, "B")), (11, Acquire(3, "C")), (11.5, Acquire(4, "C"))],
+                 12,
+                 [Waiting(2, "B", 1, 2, "waiting behind 'C', first in line for room to load (2 requests waiting "
+                  "against 1)", ("C",), None),
+                  Waiting(3, "C", 1, 1, "waiting for 'A' to finish 1 request(s) (--models-max 1); drains them in "
+                  "29 s (--max-wait)", ("A",), 29),
+                  Waiting(4, "C", 2, 0.5, "#2 in the queue of 'C': waiting for 'A' to finish 1 request(s) "
+                  "(--models-max 1); drains them in 29 s (--max-wait)", ("A",), 29)],
+                 id="behind a model with more requests waiting"),
     pytest.param([ModelSpec("A", footprint=6 * G), ModelSpec("B", footprint=6 * G)], MEM,
                  [*BUSY_A, (2, Acquire(2, "B"))], 3,
                  [Waiting(2, "B", 1, 1, "waiting for 'A' to finish 1 request(s) (--memory-budget 10.00 GiB, "

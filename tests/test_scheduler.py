@@ -28,11 +28,13 @@ from modelyard.scheduler import (
     Acquire,
     Action,
     Cancel,
+    Candidate,
     ChildUnhealthy,
     Decided,
     DecisionKind,
     Event,
     Grant,
+    InLine,
     InstanceExited,
     KillInstance,
     Limits,
@@ -53,6 +55,9 @@ from modelyard.scheduler import (
     StopInstance,
     Tick,
     UnloadRequested,
+    Waiter,
+    eviction_choice,
+    load_order,
     overages,
     unload_refusal,
 )
@@ -865,6 +870,7 @@ class Sim:
                     self.waiting.discard(rid)
                     self.outcomes[rid] += 1
         check_explained(actions, before, where)
+        check_no_overtaking(sched, actions, where)
         for rid, count in self.outcomes.items():
             assert count <= 1, f"request {rid} answered {count} times\n{where}"
         queued = {w.request_id for w in sched.queue}
@@ -947,7 +953,7 @@ class Sim:
         return sorted(m for m in self.killed if m in self.sched.models and self.sched.models[m].status in RUNNING)
 
 
-CAUSES = {DecisionKind.LOAD: {"request"}, DecisionKind.EVICT: {"lru", "max_wait"},
+CAUSES = {DecisionKind.LOAD: {"request"}, DecisionKind.EVICT: {"lru", "size", "reload_cost", "max_wait"},
           DecisionKind.UNLOAD: {"request"}, DecisionKind.EXPIRE: {"keep_alive"},
           DecisionKind.KILL: {"load_timeout", "watchdog"}, DecisionKind.FAIL: {"load", "exit"},
           DecisionKind.DRAIN: {"config_changed", "removed", "shutdown"},
@@ -983,6 +989,25 @@ def check_explained(actions: list[Action], before: dict[str, tuple[Status, int]]
                 assert explained(model, {DecisionKind.FAIL}), where
     for d in decided:
         assert any(_carries_out(a, d) for a in actions), f"{d} without its action\n{where}"
+
+
+def check_no_overtaking(sched: Scheduler, actions: list[Action], where: str) -> None:
+    """While a request that has waited max-wait still waits for its model's load, no load starts for a model
+    whose requests are younger, unless that model has a higher priority (the bound on "most waiting requests
+    first")."""
+    deadline = sched.now - sched.limits.max_wait
+    oldest: dict[str, float] = {}
+    for waiter in sched.queue:
+        oldest.setdefault(waiter.model, waiter.since)
+    overdue = {name: since for name, since in oldest.items() if since <= deadline
+               and sched.models[name].status in (Status.UNLOADED, Status.FAILED)}
+    for action in actions:
+        if not isinstance(action, StartLoad) or action.model not in oldest:
+            continue
+        started, priority = oldest[action.model], sched.models[action.model].spec.priority
+        overtaken = [name for name, since in overdue.items()
+                     if since < started and sched.models[name].spec.priority >= priority]
+        assert not overtaken, f"{action.model} loaded ahead of {overtaken}, which waited max-wait\n{where}"
 
 
 def _carries_out(action: Action, d: Decided) -> bool:
@@ -1338,11 +1363,11 @@ SCHEDULING_SCENARIOS = [
             (Release(1), []),  # A idle (3 GiB), B busy (5 GiB)
             (Acquire(3, "C"), []),  # evicting A would leave 5 + 6 > 10: A stays
             (Tick(), []),
-            (Release(2), [stop("A"), stop("B")]),  # now it can fit: both go, least recently used first
-            (exited("A"), []),
+            # now it can fit, and B alone makes room (3 + 6 <= 10): A, less recently used, stays (one reload fewer)
+            (Release(2), [stop("B")]),
             (exited("B"), [start("C")]),
         ],
-        final={"A": Status.UNLOADED, "B": Status.UNLOADED, "C": Status.LOADING},
+        final={"A": Status.LOADED, "B": Status.UNLOADED, "C": Status.LOADING},
     ),
     Scenario(
         "memory-a-model-bigger-than-the-budget-is-rejected-at-once-without-eviction",
@@ -2162,3 +2187,204 @@ def test_unload_validity(status: Status, refused: bool) -> None:
 ])
 def test_the_one_budget_rule(need: Room, limits: Limits, kinds: list[str]) -> None:
     assert [o.kind for o in overages(need, limits)] == kinds
+
+
+# === point 5 of issue 12: most waiting requests first (bounded by max-wait); the cheapest eviction ========
+
+ORDER = Limits(max_models=1, max_wait=30.0)
+
+
+def w(rid: int, model: str, since: float) -> Waiter:
+    return Waiter(rid, model, since)
+
+
+@pytest.mark.parametrize(("queue", "priorities", "now", "expected"), [
+    pytest.param([w(1, "B", 0), w(2, "C", 1), w(3, "C", 2), w(4, "C", 3)], {}, 10,
+                 [InLine("C", False, 3, 1), InLine("B", False, 1, 0)], id="most-waiting-first"),
+    pytest.param([w(1, "B", 0), w(2, "C", 1)], {}, 10, [InLine("B", False, 1, 0), InLine("C", False, 1, 1)],
+                 id="equal-counts-oldest-first"),
+    pytest.param([w(1, "B", 0), w(2, "C", 1), w(3, "C", 2)], {}, 30,
+                 [InLine("B", True, 1, 0), InLine("C", False, 2, 1)], id="overdue-is-never-overtaken"),
+    pytest.param([w(1, "B", 0), w(2, "C", 1), w(3, "C", 2)], {}, 31,
+                 [InLine("B", True, 1, 0), InLine("C", True, 2, 1)], id="overdue-ones-by-age-not-count"),
+    pytest.param([w(1, "B", 0), w(2, "C", 1), w(3, "C", 2)], {"B": 1}, 10,
+                 [InLine("B", False, 1, 0), InLine("C", False, 2, 1)], id="priority-before-count"),
+    pytest.param([w(1, "A", 0), w(2, "C", 1), w(3, "C", 2), w(4, "A", 3)], {}, 10,
+                 [InLine("C", False, 2, 1)], id="a-model-that-needs-no-load-is-not-in-line"),
+    pytest.param([], {}, 10, [], id="empty"),
+])
+def test_load_order(queue: list[Waiter], priorities: dict[str, int], now: float, expected: list[InLine]) -> None:
+    assert load_order(queue, lambda n: n != "A", lambda n: priorities.get(n, 0), now, 30.0) == expected
+
+
+def c(model: str, last_used: float, load_seconds: float) -> Candidate:
+    return Candidate(model, last_used, load_seconds)
+
+
+@pytest.mark.parametrize(("candidates", "chosen", "rival"), [
+    pytest.param([c("a", 1, 2.0)], "a", None, id="one"),
+    pytest.param([c("a", 1, 2.1), c("b", 2, 0.4)], "b", "a", id="cheaper-to-bring-back"),
+    pytest.param([c("a", 1, 1.14), c("b", 2, 1.19)], "a", None, id="lru-when-costs-are-close"),
+    pytest.param([c("a", 1, 1.0), c("b", 2, 0.85)], "a", None, id="15-percent-cheaper-is-noise"),
+    pytest.param([c("a", 1, 1.0), c("b", 2, 0.79)], "b", "a", id="over-20-percent-cheaper"),
+    pytest.param([c("a", 1, 3.0), c("b", 2, 1.0), c("c", 3, 0.5)], "c", "a", id="the-cheapest-of-the-cheaper"),
+    pytest.param([c("a", 1, 3.0), c("b", 2, 1.0), c("c", 3, 1.0)], "b", "a", id="equal-costs-lru-first"),
+    pytest.param([c("a", 1, 2.0), c("b", 2, 0.0)], "a", None, id="an-unknown-load-time-is-not-cheap"),
+    pytest.param([c("a", 1, 0.0), c("b", 2, 1.0)], "a", None, id="lru-unknown-stays-lru"),
+])
+def test_eviction_choice(candidates: list[Candidate], chosen: str, rival: str | None) -> None:
+    pick, instead = eviction_choice(candidates)
+    assert (pick.model, instead.model if instead else None) == (chosen, rival)
+
+
+PREFERENCE_SCENARIOS = [
+    Scenario(
+        "the-model-with-the-most-waiting-requests-loads-first",
+        limits=ORDER,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Acquire(2, "B"), []),  # the oldest waiter, alone
+            At(3, Acquire(3, "C"), []),
+            At(4, Acquire(4, "C"), []),
+            At(5, Release(1), [stop("A")]),
+            At(6, exited("A"), [start("C")]),  # one load serves two requests
+            At(7, loaded("C"), [grant(3, "C"), grant(4, "C")]),
+            At(8, Release(3), []),
+            At(9, Release(4), [stop("C")]),
+            At(10, exited("C"), [start("B")]),
+        ],
+        final={"B": Status.LOADING, "C": Status.UNLOADED},
+    ),
+    Scenario(
+        "a-request-that-waited-max-wait-is-not-overtaken-by-more-requests",
+        limits=ORDER,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Acquire(2, "B"), []),
+            At(3, Acquire(3, "C"), []),
+            At(4, Acquire(4, "C"), []),
+            At(32, Tick(), []),  # B's request waited 30 s: A, though busy, is drained for it...
+            At(33, Release(1), [stop("A")]),  # ...and stops once its request is done
+            At(34, exited("A"), [start("B")]),  # B first, though C has more requests waiting
+        ],
+        final={"B": Status.LOADING, "C": Status.UNLOADED},
+    ),
+    Scenario(
+        "evicts-the-model-cheaper-to-bring-back-rather-than-the-lru-one",
+        max_models=2,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(5, loaded("A"), [grant(1, "A")]),  # A takes 5 s to load
+            At(6, Acquire(2, "B"), [start("B")]),
+            At(7, loaded("B"), [grant(2, "B")]),  # B 1 s
+            At(8, Release(1), []),  # A is the least recently used...
+            At(9, Release(2), []),
+            At(10, Acquire(3, "C"), [stop("B")]),  # ...but B costs a fifth as much to bring back
+        ],
+        final={"A": Status.LOADED, "B": Status.STOPPING},
+    ),
+    Scenario(
+        "close-load-times-keep-lru",
+        max_models=2,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(1.0, loaded("A"), [grant(1, "A")]),
+            At(2, Acquire(2, "B"), [start("B")]),
+            At(2.9, loaded("B"), [grant(2, "B")]),  # 0.9 s against 1 s: noise
+            At(4, Release(1), []),
+            At(5, Release(2), []),
+            At(6, Acquire(3, "C"), [stop("A")]),
+        ],
+        final={"A": Status.STOPPING, "B": Status.LOADED},
+    ),
+    Scenario(
+        "a-cheap-model-with-waiters-is-never-the-victim",
+        models=("A", "B", "C"),
+        max_models=2,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(5, loaded("A"), [grant(1, "A")]),
+            At(6, Acquire(2, "B"), [start("B")]),
+            At(7, loaded("B"), [grant(2, "B")]),
+            At(8, Release(1), []),
+            At(9, Acquire(3, "C"), [stop("A")]),  # B, busy, is not idle: A (idle) goes, slow to reload or not
+        ],
+        final={"A": Status.STOPPING, "B": Status.LOADED},
+    ),
+    Scenario(
+        "a-reload-with-a-new-configuration-forgets-the-old-load-time",
+        max_models=2,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(5, loaded("A"), [grant(1, "A")]),
+            At(6, Acquire(2, "B"), [start("B")]),
+            At(7, loaded("B"), [grant(2, "B")]),
+            At(8, Release(1), []),
+            At(9, Release(2), []),
+            At(10, ModelChanged(ModelSpec("B")), [stop("B")]),  # idle: restarts at once
+            At(11, exited("B"), []),
+            At(12, Acquire(4, "B"), [start("B")]),
+            At(12, loaded("B"), [grant(4, "B")]),  # loaded in no measurable time: unknown, not cheap
+            At(13, Release(4), []),
+            At(14, Acquire(5, "C"), [stop("A")]),  # so A, the least recently used, goes
+        ],
+        final={"A": Status.STOPPING, "B": Status.LOADED},
+    ),
+]
+
+
+@pytest.mark.parametrize("scenario", PREFERENCE_SCENARIOS, ids=[s.id for s in PREFERENCE_SCENARIOS])
+def test_preference_scenario(scenario: Scenario) -> None:
+    run_scenario(scenario)
+
+
+def _decided(actions: list[Action], kind: DecisionKind) -> list[tuple[str, str, str]]:
+    return [(d.cause, d.model, d.reason) for d in actions if isinstance(d, Decided) and d.kind == kind]
+
+
+def test_an_eviction_for_a_cheaper_reload_says_what_it_spared() -> None:
+    sched = run_scenario(PREFERENCE_SCENARIOS[2])
+    assert sched.models["B"].drain_reason == ("evicted to make room for 'C': it reloads in 1 s, rather than 'A' "
+                                              "(least recently used, reloads in 5 s); idle 1 s")
+    actions = Scheduler(["A", "B"], max_models=1).handle(Acquire(1, "A"), 0.0)
+    assert _decided(actions, DecisionKind.LOAD) == [("request", "A", "1 request(s) waiting")]
+
+
+def test_an_eviction_that_spares_a_reload_by_size_says_so() -> None:
+    sched = Scheduler([spec("A", 3), spec("B", 5), spec("C", 6)], MB)
+    for now, event in [(0, Acquire(1, "A")), (1, LoadSucceeded("A")), (2, Acquire(2, "B")), (3, LoadSucceeded("B")),
+                       (4, Release(1)), (5, Release(2))]:
+        sched.handle(event, now)
+    actions = sched.handle(Acquire(3, "C"), 6)
+    assert _decided(actions, DecisionKind.EVICT) == [
+        ("size", "B", "evicted to make room for 'C': stopping it makes room, where stopping 'A' (less recently used) "
+                      "would not; idle 1 s")]
+
+
+def test_a_load_that_overtakes_an_older_request_says_why() -> None:
+    sched = Scheduler(["A", "B", "C"], ORDER)
+    for now, event in [(0, Acquire(1, "A")), (1, LoadSucceeded("A")), (2, Acquire(2, "B")), (3, Acquire(3, "C")),
+                       (4, Acquire(4, "C")), (5, Release(1))]:
+        sched.handle(event, now)
+    actions = sched.handle(InstanceExited("A", 0), 6)
+    assert _decided(actions, DecisionKind.LOAD) == [
+        ("request", "C", "2 request(s) waiting, the first for 3 s; ahead of 'B' (1 waiting, the first for 4 s): "
+                         "more requests waiting")]
+
+
+OVERTAKE_OPS = ("acquire", "acquire", "acquire", "release", "load_ok", "exit", "tick")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.tuples(st.sampled_from(OVERTAKE_OPS), st.integers(0, 11), st.just(True)), min_size=30,
+                    max_size=80))
+def test_random_queues_never_overtake_a_request_that_waited_max_wait(ops: list[tuple[str, int, bool]]) -> None:
+    """Many requests over three models and one slot, with time passing: the queue where "most waiting
+    requests first" and max-wait meet (`check_no_overtaking` runs after every step)."""
+    sim = Sim(Scheduler(["A", "B", "C"], Limits(max_models=1, max_wait=8.0)), 1, drain_after_grant=True)
+    for op, pick, flag in ops:
+        sim.step(op, pick, flag)
+    sim.settle()
+    assert sim.waiting == set(), "\n".join(sim.log)

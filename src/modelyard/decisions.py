@@ -5,7 +5,8 @@ For each request in the queue it says where it stands in its model's queue, what
 is loading; its previous instance is still stopping; the models that hold the slots or the memory it needs,
 busy, loading, pinned or wanted by their own waiters, and which limit they fill: --models-max,
 --memory-budget, --gpu-memory-budget; or another model first in line for that room) and, when busy models
-are in its way, how long until --max-wait lets it drain them. It reads the same rules as the scheduler
+are in its way, how long until --max-wait lets it drain them; behind a model that came later, the rule that
+put that one first (its priority, or more requests waiting). It reads the same rules as the scheduler
 (`overages` for the budgets, `load_order` for who gets room first), so an explanation never disagrees with the
 decision it explains. The decisions themselves (why a model was loaded, evicted, killed...) are explained
 where they are taken, in the scheduler (`Decided`).
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from modelyard.scheduler import (
     RUNNING,
     Board,
+    InLine,
     ModelSnapshot,
     Overage,
     Room,
@@ -41,8 +43,8 @@ class Waiting:
 
 def explain_waiting(board: Board, now: float) -> list[Waiting]:
     """One explanation per waiting request, in queue order."""
-    order = [name for name, _ in load_order(board.queue, lambda n: _needs_load(board, n),
-                                            lambda n: board.models[n].priority, now, board.limits.max_wait)]
+    order = load_order(board.queue, lambda n: _needs_load(board, n), lambda n: board.models[n].priority, now,
+                       board.limits.max_wait)
     oldest: dict[str, float] = {}
     positions: dict[str, int] = {}
     out = []
@@ -63,7 +65,7 @@ def _needs_load(board: Board, name: str) -> bool:
     return board.models[name].status in (Status.UNLOADED, Status.FAILED)
 
 
-def _obstacles(board: Board, model: ModelSnapshot, order: list[str], oldest: float, now: float
+def _obstacles(board: Board, model: ModelSnapshot, order: list[InLine], oldest: float, now: float
                ) -> tuple[str, tuple[str, ...], float | None]:
     name = model.name
     if model.status == Status.LOADING:
@@ -75,9 +77,16 @@ def _obstacles(board: Board, model: ModelSnapshot, order: list[str], oldest: flo
         busy = f", finishing {model.in_flight} request(s)" if model.in_flight else ""
         return (f"waiting for the previous instance of '{name}' to stop{why}{busy}; it loads again then",
                 (name,), None)
-    ahead = order[:order.index(name)] if name in order else []
+    names = [line.model for line in order]
+    ahead = order[:names.index(name)] if name in names else []
     if ahead:
-        return (f"waiting behind '{ahead[0]}', first in line for room to load", tuple(ahead), None)
+        first, mine = ahead[0], order[names.index(name)]
+        why = ""
+        if first.since > mine.since and not first.overdue:  # younger, but first: the rule that put it there
+            why = (" (higher priority)" if board.models[first.model].priority > model.priority
+                   else f" ({first.waiting} requests waiting against {mine.waiting})")
+        return (f"waiting behind '{first.model}', first in line for room to load{why}",
+                tuple(line.model for line in ahead), None)
     return _room_obstacles(board, model, oldest, now)
 
 

@@ -41,7 +41,7 @@ class Counted:
     reason: str = ""
 
 
-_EVICTIONS = frozenset({DecisionKind.EVICT, DecisionKind.EXPIRE})  # causes: lru, max_wait; keep_alive
+_EVICTIONS = frozenset({DecisionKind.EVICT, DecisionKind.EXPIRE})  # lru, size, reload_cost, max_wait; keep_alive
 _FAILURES = frozenset({DecisionKind.FAIL, DecisionKind.KILL})  # causes: load, exit; load_timeout, watchdog
 
 
@@ -101,8 +101,8 @@ class Metrics:
         self.registry = CollectorRegistry()  # not auto_describe: that would read the manager at construction
         r = self.registry
         self.loads = Counter("modelyard_loads", "loads started", ["model"], registry=r)
-        self.evictions = Counter("modelyard_evictions", "models stopped by the scheduler (lru, max_wait, "
-                                 "keep_alive)", ["model", "reason"], registry=r)
+        self.evictions = Counter("modelyard_evictions", "models stopped by the scheduler (lru, size, reload_cost, "
+                                 "max_wait, keep_alive)", ["model", "reason"], registry=r)
         self.load_failures = Counter("modelyard_load_failures", "children that failed or were killed (load, exit, "
                                      "load_timeout, watchdog)", ["model", "reason"], registry=r)
         self.load_duration = Histogram("modelyard_load_duration_seconds", "from the start of a load to ready",

@@ -20,6 +20,11 @@ Invariants kept here:
 - swap-aware: a loaded model serves every request queued for it, so requests are served grouped by model,
   and an idle model is evicted only for a waiting one; but no request waits longer than `max_wait` behind
   other models' batches: once it has, the models in its way are drained even though they are busy;
+- when several models wait for room, the one with the most waiting requests gets it first (`load_order`:
+  after priority, before age), but never ahead of a request that has waited `max_wait`;
+- when idle models must make room, as few as possible stop (one that makes room alone rather than two), and
+  among those that would do, the least recently used unless another is clearly cheaper to bring back (its
+  last load took under `CHEAPER` of the LRU one's): `eviction_choice`;
 - no request waits on a wedged child: a load that is not ready within its `load_timeout` is killed and its
   waiters get the reason; a loaded child the shell's watchdog reports unhealthy (`ChildUnhealthy`) is killed,
   takes no new requests, and its next request loads it again.
@@ -216,7 +221,8 @@ class StatusChanged:
 
 class DecisionKind(StrEnum):
     LOAD = "load"  # a load started (cause: request)
-    EVICT = "evict"  # chosen to stop to make room for another model (cause: lru, max_wait)
+    EVICT = "evict"  # chosen to stop to make room for another model (cause: lru; size, reload_cost: another
+    # than the least recently used, see eviction_choice; max_wait)
     UNLOAD = "unload"  # an explicit unload (cause: request)
     EXPIRE = "expire"  # its keep-alive ended (cause: keep_alive)
     KILL = "kill"  # its child is killed at once (cause: load_timeout, watchdog)
@@ -257,6 +263,7 @@ class ModelState:
     failure: str = ""
     measured: int = 0  # peak host bytes measured for the current instance; 0 = not yet
     measured_gpu: int = 0  # peak GPU bytes measured alongside
+    load_seconds: float = 0.0  # how long its last load took (start to ready); 0 = never loaded with this spec
     keep_alive: float | None = None  # set by the last request that asked; overrides the spec
     expires_at: float | None = None  # when an idle loaded model's keep-alive ends
     load_deadline: float | None = None  # when a loading model's load-timeout ends
@@ -325,6 +332,7 @@ class ModelSnapshot:
     priority: int = 0
     since: float = 0.0  # when it entered its current status
     stopping_reason: str = ""  # why it is stopping (drained or killed), while it is
+    load_seconds: float = 0.0  # how long its last load took; 0 = not loaded yet with this configuration
 
     @property
     def room(self) -> Room:
@@ -368,17 +376,69 @@ class Board:
     queue: tuple[Waiter, ...]
 
 
+@dataclass(frozen=True)
+class InLine:
+    """One model waiting for room to load: how many requests wait for it, since when, and whether the oldest
+    has waited `max_wait` (overdue)."""
+
+    model: str
+    overdue: bool
+    waiting: int
+    since: float
+
+
 def load_order(queue: Iterable[Waiter], needs_load: Callable[[str], bool], priority: Callable[[str], int],
-               now: float, max_wait: float) -> list[tuple[str, bool]]:
-    """The models with waiters and no instance, in the order they get room, each with whether it is overdue
-    (its oldest request waited `max_wait`): overdue ones first, then by priority, then the oldest waiter."""
+               now: float, max_wait: float) -> list[InLine]:
+    """The models with waiters and no instance, in the order they get room: overdue ones first (by priority,
+    then age: once a request has waited max-wait nothing overtakes it), then by priority, then the one with
+    the most waiting requests (one load serves them all), then the oldest waiter."""
     oldest: dict[str, float] = {}
+    waiting: Counter[str] = Counter()
     for waiter in queue:
         if needs_load(waiter.model):
             oldest.setdefault(waiter.model, waiter.since)
+            waiting[waiter.model] += 1
     deadline = now - max_wait
-    order = sorted(oldest, key=lambda n: (oldest[n] > deadline, -priority(n), oldest[n]))
-    return [(name, oldest[name] <= deadline) for name in order]
+
+    def rank(name: str) -> tuple[bool, int, int, float]:
+        overdue = oldest[name] <= deadline
+        return (not overdue, -priority(name), 0 if overdue else -waiting[name], oldest[name])
+
+    return [InLine(name, oldest[name] <= deadline, waiting[name], oldest[name]) for name in sorted(oldest, key=rank)]
+
+
+def overtaken(order: list[InLine], index: int) -> InLine | None:
+    """The model first in line after `order[index]` whose oldest request waited longer, if any: the one that
+    more waiting requests (or a higher priority) put behind it."""
+    chosen = order[index]
+    return next((later for later in order[index + 1:] if later.since < chosen.since), None)
+
+
+# A model is evicted rather than the least recently used one only when its last load took less than this
+# share of the LRU one's: one model's load times vary by more than 10% from one load to the next (page cache,
+# a busy disk), and recency is the better guess of what is wanted again.
+CHEAPER = 0.8
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A loaded model that could be stopped to make room."""
+
+    model: str
+    last_used: float
+    load_seconds: float  # its last load's duration; 0 = unknown
+
+
+def eviction_choice(candidates: list[Candidate]) -> tuple[Candidate, Candidate | None]:
+    """Which of `candidates` (each of which would make room, the least recently used first) to evict: the
+    least recently used, unless another's last load took under CHEAPER of its own (then the cheapest of those
+    to bring back, least recently used first among equals); returned with the LRU one it was preferred to, if
+    it was. A model whose load time is unknown is never preferred for being cheap."""
+    lru = candidates[0]
+    cheaper = [c for c in candidates if 0 < c.load_seconds < CHEAPER * lru.load_seconds]
+    if not cheaper:
+        return lru, None
+    return min(cheaper, key=lambda c: (c.load_seconds, c.last_used)), lru
 
 
 class Scheduler:
@@ -444,7 +504,8 @@ class Scheduler:
         return ModelSnapshot(m.name, m.status, m.in_flight, queued, m.last_used, m.exit_code, m.failure,
                              m.spec.footprint, m.spec.gpu_footprint, m.measured, m.measured_gpu,
                              self.effective_keep_alive(m), m.expires_at, pinned=m.spec.pinned,
-                             priority=m.spec.priority, since=m.since, stopping_reason=stopping)
+                             priority=m.spec.priority, since=m.since, stopping_reason=stopping,
+                             load_seconds=m.load_seconds)
 
     def leases_out(self) -> int:
         """Requests holding a lease (in flight on a child)."""
@@ -572,6 +633,7 @@ class Scheduler:
         if model.status != Status.LOADING or model.kill_reason:
             return  # a child being killed (its load timed out just before it became ready) serves no one
         self._set_load_deadline(model, None)
+        model.load_seconds = self.now - model.since  # since it became `loading`: what bringing it back costs
         model.last_used = model.loaded_at = self.now
         self._set_status(model, Status.LOADED, actions)
         self._start_idle_timer(model)
@@ -663,7 +725,9 @@ class Scheduler:
         model = self.models[spec.name]
         model.spec = spec
         if restart:
-            model.measured = model.measured_gpu = 0  # another configuration: the old measurement says nothing
+            # another configuration: the old measurements say nothing
+            model.measured = model.measured_gpu = 0
+            model.load_seconds = 0.0
             if model.status in (Status.LOADING, Status.LOADED):
                 self._drain(model, DecisionKind.DRAIN, "config_changed", "configuration changed", actions)
         elif model.status == Status.LOADED and model.in_flight == 0:
@@ -755,7 +819,9 @@ class Scheduler:
 
     def _start_loads(self, actions: list[Action]) -> None:
         claimed = Room()  # what stopping children hand back that is already promised to earlier waiting models
-        for name, overdue in self._models_needing_load():
+        order = self._models_needing_load()
+        for index, line in enumerate(order):
+            name, overdue = line.model, line.overdue
             model = self.models[name]
             too_big = self._never_fits(model)
             if too_big:
@@ -770,6 +836,12 @@ class Scheduler:
                 waited = self.now - first.since
                 reason = f"{self.queued_for(name)} request(s) waiting" + (
                     f", the first for {human_duration(waited)}" if waited >= 1 else "")
+                behind = overtaken(order, index)
+                if behind is not None and not overdue:
+                    reason += (f"; ahead of '{behind.model}' ({behind.waiting} waiting, the first for "
+                               f"{human_duration(self.now - behind.since)}): "
+                               + ("higher priority" if model.spec.priority > self.models[behind.model].spec.priority
+                                  else "more requests waiting"))
                 actions.append(Decided(DecisionKind.LOAD, "request", name, reason, first.request_id))
                 actions.append(StartLoad(name, reason))
                 continue
@@ -778,8 +850,8 @@ class Scheduler:
                 return  # the head of the line waits for room; later models must not take it
             claimed = room
 
-    def _models_needing_load(self) -> list[tuple[str, bool]]:
-        """Models with waiters and no instance: overdue ones first, then by priority, then the oldest waiter."""
+    def _models_needing_load(self) -> list[InLine]:
+        """Models with waiters and no instance, in the order they get room (`load_order`)."""
         return load_order(self.queue, lambda n: self.models[n].status in (Status.UNLOADED, Status.FAILED),
                           lambda n: self.models[n].spec.priority, self.now, self.limits.max_wait)
 
@@ -788,27 +860,58 @@ class Scheduler:
         return not overages(used - freed + model.room, self.limits)
 
     def _make_room(self, model: ModelState, overdue: bool, claimed: Room, actions: list[Action]) -> Room | None:
-        """Stop idle models (least recently used first), and busy ones too if `model` has waited past
-        max_wait, but only if that is enough to make it fit. Returns the room now promised, or None."""
+        """Stop idle models, and busy ones too if `model` has waited past max_wait, but only if that is enough
+        to make it fit (`_victims_for`). Returns the room now promised, or None."""
         freed = self._pending_room() - claimed
         promised = claimed + model.room
         if self._fits(model, freed):
             return promised  # children already stopping will make room: wait for them
-        victims: list[ModelState] = []
-        for victim in self._victims(busy_too=overdue):
-            victims.append(victim)
+        idle = self._victims(busy_too=False)
+        chosen = self._victims_for(model, freed, idle)
+        if chosen is None and overdue:
+            chosen = self._victims_for(model, freed, self._victims(busy_too=True))
+        if chosen is None:
+            return None
+        first = self._first_waiter(model.name)
+        for victim, (cause, why) in chosen:
+            idle_for = human_duration(self.now - victim.last_used)
+            if overdue:
+                cause, reason = "max_wait", (f"evicted to make room for '{model.name}': its request waited "
+                                             f"{human_duration(self.limits.max_wait)} (max-wait)")
+            elif cause == "lru":
+                reason = f"evicted (least recently used) to make room for '{model.name}', idle {idle_for}"
+            else:
+                reason = f"evicted to make room for '{model.name}': {why}; idle {idle_for}"
+            self._drain(victim, DecisionKind.EVICT, cause, reason, actions, first.request_id)
+        return promised
+
+    def _victims_for(self, model: ModelState, freed: Room, pool: list[ModelState]
+                     ) -> list[tuple[ModelState, tuple[str, str]]] | None:
+        """The models of `pool` (idle before busy, least recently used first) to stop so that `model` fits,
+        each with its cause and why: as soon as one would make room alone, that one is the last (the choice
+        among several such: `eviction_choice`); until then, the least recently used. None if all of them
+        would not make room."""
+        if not self._fits(model, freed + sum((v.room for v in pool), Room())):
+            return None
+        pool = list(pool)
+        chosen: list[tuple[ModelState, tuple[str, str]]] = []
+        while True:
+            enough = [v for v in pool if self._fits(model, freed + v.room)]
+            if enough:
+                enough = [v for v in enough if v.in_flight == 0] or enough  # an idle one rather than a busy one
+                pick, rival = eviction_choice([Candidate(v.name, v.last_used, v.load_seconds) for v in enough])
+                victim = self.models[pick.model]
+                if rival is not None:
+                    why = (f"it reloads in {human_duration(pick.load_seconds)}, rather than '{rival.model}' "
+                           f"(least recently used, reloads in {human_duration(rival.load_seconds)})")
+                    return [*chosen, (victim, ("reload_cost", why))]
+                if victim is not pool[0]:
+                    why = f"stopping it makes room, where stopping '{pool[0].name}' (less recently used) would not"
+                    return [*chosen, (victim, ("size", why))]
+                return [*chosen, (victim, ("lru", ""))]
+            victim = pool.pop(0)
+            chosen.append((victim, ("lru", "")))
             freed += victim.room
-            if self._fits(model, freed):
-                first = self._first_waiter(model.name)
-                for chosen in victims:
-                    idle = human_duration(self.now - chosen.last_used)
-                    reason = (f"evicted (least recently used) to make room for '{model.name}', idle {idle}"
-                              if not overdue else f"evicted to make room for '{model.name}': its request "
-                              f"waited {human_duration(self.limits.max_wait)} (max-wait)")
-                    self._drain(chosen, DecisionKind.EVICT, "max_wait" if overdue else "lru", reason, actions,
-                                first.request_id)
-                return promised
-        return None
 
     def _pending_room(self) -> Room:
         """Memory and slots that children being stopped will hand back (draining ones count: they are
