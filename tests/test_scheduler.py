@@ -2217,24 +2217,30 @@ def test_load_order(queue: list[Waiter], priorities: dict[str, int], now: float,
     assert load_order(queue, lambda n: n != "A", lambda n: priorities.get(n, 0), now, 30.0) == expected
 
 
-def c(model: str, last_used: float, load_seconds: float) -> Candidate:
-    return Candidate(model, last_used, load_seconds)
+def c(model: str, last_used: float, load_seconds: float, gib: float = 1.0) -> Candidate:
+    return Candidate(model, last_used, load_seconds, int(gib * G))
 
 
 @pytest.mark.parametrize(("candidates", "chosen", "rival"), [
     pytest.param([c("a", 1, 2.0)], "a", None, id="one"),
-    pytest.param([c("a", 1, 2.1), c("b", 2, 0.4)], "b", "a", id="cheaper-to-bring-back"),
-    pytest.param([c("a", 1, 1.14), c("b", 2, 1.19)], "a", None, id="lru-when-costs-are-close"),
-    pytest.param([c("a", 1, 1.0), c("b", 2, 0.85)], "a", None, id="15-percent-cheaper-is-noise"),
-    pytest.param([c("a", 1, 1.0), c("b", 2, 0.79)], "b", "a", id="over-20-percent-cheaper"),
-    pytest.param([c("a", 1, 3.0), c("b", 2, 1.0), c("c", 3, 0.5)], "c", "a", id="the-cheapest-of-the-cheaper"),
-    pytest.param([c("a", 1, 3.0), c("b", 2, 1.0), c("c", 3, 1.0)], "b", "a", id="equal-costs-lru-first"),
-    pytest.param([c("a", 1, 2.0), c("b", 2, 0.0)], "a", None, id="an-unknown-load-time-is-not-cheap"),
-    pytest.param([c("a", 1, 0.0), c("b", 2, 1.0)], "a", None, id="lru-unknown-stays-lru"),
+    pytest.param([c("a", 1, 2.1, 4), c("b", 2, 0.4, 0.5)], "b", "a", id="smaller-and-much-faster-to-bring-back"),
+    pytest.param([c("a", 1, 2.1, 1), c("b", 2, 0.4, 1)], "a", None, id="same-size-lru-a-cold-first-load-is-no-cost"),
+    pytest.param([c("a", 1, 2.1, 1), c("b", 2, 0.4, 4)], "a", None, id="faster-but-larger-lru"),
+    pytest.param([c("a", 1, 1.0, 4), c("b", 2, 0.6, 1)], "a", None, id="smaller-but-not-twice-as-fast-lru"),
+    pytest.param([c("a", 1, 1.0, 4), c("b", 2, 0.5, 1)], "b", "a", id="half-the-time-is-enough"),
+    pytest.param([c("a", 1, 3.0, 4), c("b", 2, 1.0, 2), c("c", 3, 0.5, 2)], "c", "a", id="the-fastest-of-the-cheaper"),
+    pytest.param([c("a", 1, 3.0, 4), c("b", 2, 1.0, 2), c("c", 3, 1.0, 1)], "b", "a", id="equal-times-lru-first"),
+    pytest.param([c("a", 1, 2.0, 4), c("b", 2, 0.0, 1)], "a", None, id="an-unknown-load-time-is-not-cheap"),
+    pytest.param([c("a", 1, 2.0, 4), c("b", 2, 0.5, 0)], "a", None, id="an-unknown-size-is-not-cheap"),
+    pytest.param([c("a", 1, 0.0, 4), c("b", 2, 1.0, 1)], "a", None, id="lru-unknown-stays-lru"),
 ])
 def test_eviction_choice(candidates: list[Candidate], chosen: str, rival: str | None) -> None:
     pick, instead = eviction_choice(candidates)
     assert (pick.model, instead.model if instead else None) == (chosen, rival)
+
+
+TWO = Limits(max_models=2, max_wait=1000.0)
+SIZED = (spec("A", 4), spec("B", 1), spec("C", 1))  # A is four times B's size
 
 
 PREFERENCE_SCENARIOS = [
@@ -2273,7 +2279,8 @@ PREFERENCE_SCENARIOS = [
     ),
     Scenario(
         "evicts-the-model-cheaper-to-bring-back-rather-than-the-lru-one",
-        max_models=2,
+        specs=SIZED,
+        limits=TWO,
         steps=[
             At(0, Acquire(1, "A"), [start("A")]),
             At(5, loaded("A"), [grant(1, "A")]),  # A takes 5 s to load
@@ -2281,18 +2288,19 @@ PREFERENCE_SCENARIOS = [
             At(7, loaded("B"), [grant(2, "B")]),  # B 1 s
             At(8, Release(1), []),  # A is the least recently used...
             At(9, Release(2), []),
-            At(10, Acquire(3, "C"), [stop("B")]),  # ...but B costs a fifth as much to bring back
+            At(10, Acquire(3, "C"), [stop("B")]),  # ...but B, a quarter of its size, loads in a fifth of its time
         ],
         final={"A": Status.LOADED, "B": Status.STOPPING},
     ),
     Scenario(
         "close-load-times-keep-lru",
-        max_models=2,
+        specs=SIZED,
+        limits=TWO,
         steps=[
             At(0, Acquire(1, "A"), [start("A")]),
             At(1.0, loaded("A"), [grant(1, "A")]),
             At(2, Acquire(2, "B"), [start("B")]),
-            At(2.9, loaded("B"), [grant(2, "B")]),  # 0.9 s against 1 s: noise
+            At(2.6, loaded("B"), [grant(2, "B")]),  # 0.6 s against 1 s: not clearly cheaper
             At(4, Release(1), []),
             At(5, Release(2), []),
             At(6, Acquire(3, "C"), [stop("A")]),
@@ -2300,9 +2308,9 @@ PREFERENCE_SCENARIOS = [
         final={"A": Status.STOPPING, "B": Status.LOADED},
     ),
     Scenario(
-        "a-cheap-model-with-waiters-is-never-the-victim",
-        models=("A", "B", "C"),
-        max_models=2,
+        "a-cheap-busy-model-is-never-the-victim",
+        specs=SIZED,
+        limits=TWO,
         steps=[
             At(0, Acquire(1, "A"), [start("A")]),
             At(5, loaded("A"), [grant(1, "A")]),
@@ -2314,8 +2322,29 @@ PREFERENCE_SCENARIOS = [
         final={"A": Status.STOPPING, "B": Status.LOADED},
     ),
     Scenario(
+        "the-fastest-load-counts-not-the-last",
+        specs=SIZED,
+        limits=TWO,
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(5, loaded("A"), [grant(1, "A")]),
+            At(6, Acquire(2, "B"), [start("B")]),
+            At(7, loaded("B"), [grant(2, "B")]),  # B: 1 s
+            At(8, Release(2), []),
+            At(9, UnloadRequested("B"), [stop("B")]),
+            At(10, exited("B"), []),
+            At(11, Acquire(3, "B"), [start("B")]),
+            At(15, loaded("B"), [grant(3, "B")]),  # 4 s this time (beside a busy disk, say)
+            At(16, Release(1), []),
+            At(17, Release(3), []),
+            At(18, Acquire(4, "C"), [stop("B")]),  # its best, 1 s, is still a fifth of A's
+        ],
+        final={"A": Status.LOADED, "B": Status.STOPPING},
+    ),
+    Scenario(
         "a-reload-with-a-new-configuration-forgets-the-old-load-time",
-        max_models=2,
+        specs=SIZED,
+        limits=TWO,
         steps=[
             At(0, Acquire(1, "A"), [start("A")]),
             At(5, loaded("A"), [grant(1, "A")]),
@@ -2323,7 +2352,7 @@ PREFERENCE_SCENARIOS = [
             At(7, loaded("B"), [grant(2, "B")]),
             At(8, Release(1), []),
             At(9, Release(2), []),
-            At(10, ModelChanged(ModelSpec("B")), [stop("B")]),  # idle: restarts at once
+            At(10, ModelChanged(spec("B", 1)), [stop("B")]),  # idle: restarts at once
             At(11, exited("B"), []),
             At(12, Acquire(4, "B"), [start("B")]),
             At(12, loaded("B"), [grant(4, "B")]),  # loaded in no measurable time: unknown, not cheap
@@ -2346,8 +2375,8 @@ def _decided(actions: list[Action], kind: DecisionKind) -> list[tuple[str, str, 
 
 def test_an_eviction_for_a_cheaper_reload_says_what_it_spared() -> None:
     sched = run_scenario(PREFERENCE_SCENARIOS[2])
-    assert sched.models["B"].drain_reason == ("evicted to make room for 'C': it reloads in 1 s, rather than 'A' "
-                                              "(least recently used, reloads in 5 s); idle 1 s")
+    assert sched.models["B"].drain_reason == ("evicted to make room for 'C': it reloads in 1 s (1.00 GiB), rather "
+                                              "than 'A' (least recently used, reloads in 5 s, 4.00 GiB); idle 1 s")
     actions = Scheduler(["A", "B"], max_models=1).handle(Acquire(1, "A"), 0.0)
     assert _decided(actions, DecisionKind.LOAD) == [("request", "A", "1 request(s) waiting")]
 

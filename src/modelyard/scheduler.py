@@ -23,8 +23,8 @@ Invariants kept here:
 - when several models wait for room, the one with the most waiting requests gets it first (`load_order`:
   after priority, before age), but never ahead of a request that has waited `max_wait`;
 - when idle models must make room, as few as possible stop (one that makes room alone rather than two), and
-  among those that would do, the least recently used unless another is clearly cheaper to bring back (its
-  last load took under `CHEAPER` of the LRU one's): `eviction_choice`;
+  among those that would do, the least recently used unless another is clearly cheaper to bring back
+  (smaller, and its fastest load took at most `CHEAPER` of the LRU one's): `eviction_choice`;
 - no request waits on a wedged child: a load that is not ready within its `load_timeout` is killed and its
   waiters get the reason; a loaded child the shell's watchdog reports unhealthy (`ChildUnhealthy`) is killed,
   takes no new requests, and its next request loads it again.
@@ -263,7 +263,9 @@ class ModelState:
     failure: str = ""
     measured: int = 0  # peak host bytes measured for the current instance; 0 = not yet
     measured_gpu: int = 0  # peak GPU bytes measured alongside
-    load_seconds: float = 0.0  # how long its last load took (start to ready); 0 = never loaded with this spec
+    # its fastest load so far (start to ready) with this configuration; 0 = none yet. The fastest, not the
+    # last: the first load reads the file cold, and a load beside another load shares the cores
+    load_seconds: float = 0.0
     keep_alive: float | None = None  # set by the last request that asked; overrides the spec
     expires_at: float | None = None  # when an idle loaded model's keep-alive ends
     load_deadline: float | None = None  # when a loading model's load-timeout ends
@@ -332,7 +334,7 @@ class ModelSnapshot:
     priority: int = 0
     since: float = 0.0  # when it entered its current status
     stopping_reason: str = ""  # why it is stopping (drained or killed), while it is
-    load_seconds: float = 0.0  # how long its last load took; 0 = not loaded yet with this configuration
+    load_seconds: float = 0.0  # its fastest load with this configuration; 0 = not loaded yet
 
     @property
     def room(self) -> Room:
@@ -414,10 +416,11 @@ def overtaken(order: list[InLine], index: int) -> InLine | None:
     return next((later for later in order[index + 1:] if later.since < chosen.since), None)
 
 
-# A model is evicted rather than the least recently used one only when its last load took less than this
-# share of the LRU one's: one model's load times vary by more than 10% from one load to the next (page cache,
-# a busy disk), and recency is the better guess of what is wanted again.
-CHEAPER = 0.8
+# Another model is evicted rather than the least recently used one only when it is clearly cheaper to bring
+# back on both counts: smaller (its estimated footprint), and its fastest load took at most this share of the
+# LRU one's. Load times alone mislead: the same file loads twice as fast warm as cold, or beside another load;
+# and recency is the better guess of what is wanted again, so only a large difference outweighs it.
+CHEAPER = 0.5
 
 
 @dataclass(frozen=True)
@@ -426,16 +429,17 @@ class Candidate:
 
     model: str
     last_used: float
-    load_seconds: float  # its last load's duration; 0 = unknown
+    load_seconds: float  # its fastest load; 0 = unknown
+    size: int = 0  # its estimated footprint, host and GPU bytes; 0 = unknown
 
 
 def eviction_choice(candidates: list[Candidate]) -> tuple[Candidate, Candidate | None]:
     """Which of `candidates` (each of which would make room, the least recently used first) to evict: the
-    least recently used, unless another's last load took under CHEAPER of its own (then the cheapest of those
-    to bring back, least recently used first among equals); returned with the LRU one it was preferred to, if
-    it was. A model whose load time is unknown is never preferred for being cheap."""
+    least recently used, unless others are smaller and load in at most CHEAPER of its time (then the fastest
+    of those to bring back, the least recently used among equals); returned with the LRU one it was preferred
+    to, if it was. A model whose load time or size is unknown is never preferred for being cheap."""
     lru = candidates[0]
-    cheaper = [c for c in candidates if 0 < c.load_seconds < CHEAPER * lru.load_seconds]
+    cheaper = [c for c in candidates if 0 < c.load_seconds <= CHEAPER * lru.load_seconds and 0 < c.size < lru.size]
     if not cheaper:
         return lru, None
     return min(cheaper, key=lambda c: (c.load_seconds, c.last_used)), lru
@@ -633,7 +637,8 @@ class Scheduler:
         if model.status != Status.LOADING or model.kill_reason:
             return  # a child being killed (its load timed out just before it became ready) serves no one
         self._set_load_deadline(model, None)
-        model.load_seconds = self.now - model.since  # since it became `loading`: what bringing it back costs
+        took = self.now - model.since  # since it became `loading`: what bringing it back costs
+        model.load_seconds = min(model.load_seconds, took) if model.load_seconds > 0 else took
         model.last_used = model.loaded_at = self.now
         self._set_status(model, Status.LOADED, actions)
         self._start_idle_timer(model)
@@ -899,11 +904,13 @@ class Scheduler:
             enough = [v for v in pool if self._fits(model, freed + v.room)]
             if enough:
                 enough = [v for v in enough if v.in_flight == 0] or enough  # an idle one rather than a busy one
-                pick, rival = eviction_choice([Candidate(v.name, v.last_used, v.load_seconds) for v in enough])
+                pick, rival = eviction_choice([Candidate(v.name, v.last_used, v.load_seconds,
+                                                         v.spec.footprint + v.spec.gpu_footprint) for v in enough])
                 victim = self.models[pick.model]
                 if rival is not None:
-                    why = (f"it reloads in {human_duration(pick.load_seconds)}, rather than '{rival.model}' "
-                           f"(least recently used, reloads in {human_duration(rival.load_seconds)})")
+                    why = (f"it reloads in {human_duration(pick.load_seconds)} ({_gib(pick.size)}), rather than "
+                           f"'{rival.model}' (least recently used, reloads in {human_duration(rival.load_seconds)}, "
+                           f"{_gib(rival.size)})")
                     return [*chosen, (victim, ("reload_cost", why))]
                 if victim is not pool[0]:
                     why = f"stopping it makes room, where stopping '{pool[0].name}' (less recently used) would not"
