@@ -21,6 +21,14 @@ def test_bench_smoke_mode_writes_a_report_and_plots(tmp_path: Path, demo_models:
                     "Swap right after start-up", "Soak (modelyard only)"):
         assert section in report
     assert "| modelyard |" in report and "| llama-server router |" in report
+    # Point 7's paired figures (each row with its interval), point 2's swap phases (every mark seen).
+    for endpoint in ("tokenize", "chat, 1 token", "stream, first token"):
+        assert f"| {endpoint} | 1 | modelyard | 4 pairs |" in report
+    assert "modelyard - router mode, median (interval)" in report
+    phases = report.split("| phase | ends when |")[1].split("\n\n")[0]
+    for phase in ("drain", "stop", "handover", "process start", "weight load", "warm-up", "ready", "first token"):
+        assert f"| {phase} |" in phases
+    assert "n/a" not in phases
     assert ("**held**" in report) == (result.returncode == 0)
-    for plot in ("latency-cdf.png", "mixed-timeline.png"):
+    for plot in ("latency-cdf.png", "mixed-timeline.png", "swap-phases.png"):
         assert (tmp_path / "smoke" / plot).read_bytes().startswith(b"\x89PNG")

@@ -61,16 +61,19 @@ async def timed_requests(session: aiohttp.ClientSession, url: str, body: Callabl
 
 @dataclass
 class Stream:
-    first_token: float
+    first_token: float  # seconds from the request to the first content token
     gaps: list[float]
     tokens: int
-    total: float
+    total: float  # from the request to the last content token
+    started: float = 0.0  # perf_counter() when the request was sent
+    ended: float = 0.0  # perf_counter() when the answer had ended (after [DONE])
 
 
 async def streamed_chat(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int,
                         prompt: str = "Tell me a story about a lighthouse.",
-                        headers: dict[str, str] | None = None) -> Stream:
-    """One streamed chat completion: time to first content token, the gaps between tokens, token count."""
+                        headers: dict[str, str] | None = None, first: asyncio.Event | None = None) -> Stream:
+    """One streamed chat completion: time to first content token, the gaps between tokens, token count.
+    `first` is set when the first content token arrives (a swap is asked for while this one is in flight)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True}
     started = time.perf_counter()
@@ -84,10 +87,13 @@ async def streamed_chat(session: aiohttp.ClientSession, url: str, model: str, ma
             choices = json.loads(line[6:]).get("choices") or [{}]
             if choices[0].get("delta", {}).get("content"):
                 stamps.append(time.perf_counter())
+                if first is not None:
+                    first.set()
+    ended = time.perf_counter()
     if not stamps:
         raise RuntimeError(f"no token streamed from {url} for {model}")
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    return Stream(stamps[0] - started, gaps, len(stamps), stamps[-1] - started)
+    return Stream(stamps[0] - started, gaps, len(stamps), stamps[-1] - started, started, ended)
 
 
 @dataclass
@@ -95,10 +101,12 @@ class StatusRecorder:
     """Follows a router's /models/sse and keeps every status transition (duplicates folded)."""
 
     url: str
+    linger_s: float = 0.2  # how long the last transitions are waited for when it closes
     origin: float = field(default_factory=time.perf_counter)
     transitions: list[tuple[float, str, str]] = field(default_factory=list)
     _last: dict[str, str] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def __aenter__(self) -> StatusRecorder:
         ready = asyncio.get_running_loop().create_future()
@@ -107,7 +115,7 @@ class StatusRecorder:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await asyncio.sleep(0.2)  # let the last transitions arrive
+        await asyncio.sleep(self.linger_s)  # let the last transitions arrive
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -115,6 +123,16 @@ class StatusRecorder:
 
     def loads(self) -> int:
         return sum(1 for _, _, status in self.transitions if status == "loading")
+
+    def reached(self, model: str, status: str, after: float) -> float | None:
+        """When (perf_counter) `model` first went to `status` at or after `after`, if it has."""
+        return next((self.origin + t for t, m, s in self.transitions
+                     if m == model and s == status and self.origin + t >= after), None)
+
+    async def wait_for(self, model: str, status: str, after: float) -> None:
+        """Until `reached` has an answer."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.reached(model, status, after) is not None)
 
     async def _follow(self, ready: asyncio.Future[None]) -> None:
         async with aiohttp.ClientSession() as session, session.get(self.url + "/models/sse") as response:
@@ -129,3 +147,5 @@ class StatusRecorder:
                 if status and model and self._last.get(model) != status:
                     self._last[model] = status
                     self.transitions.append((time.perf_counter() - self.origin, model, status))
+                    async with self._changed:
+                        self._changed.notify_all()

@@ -57,14 +57,18 @@ class RouterProcess:
                 time.sleep(0.02)
         raise TimeoutError(f"{self.kind} was not ready after {timeout:.0f} s")
 
+    def child_port(self, model: str) -> int:
+        """The port of the child serving `model`, from /models (status.args, as both routers list it)."""
+        listing = httpx.get(self.url + "/models", timeout=30).json()["data"]
+        entry = next(m for m in listing if m["id"] == model)
+        args = entry["status"]["args"]
+        return int(args[args.index("--port") + 1])
+
     def child_target(self, model: str) -> tuple[str, dict[str, str]]:
         """The loopback URL of the child serving `model` (from /models status.args), and the headers a direct
         call needs: modelyard's children answer only with their key, which the bench (the same user) reads from
         the child's environment, as only modelyard and root can."""
-        listing = httpx.get(self.url + "/models", timeout=30).json()["data"]
-        entry = next(m for m in listing if m["id"] == model)
-        args = entry["status"]["args"]
-        port = args[args.index("--port") + 1]
+        port = self.child_port(model)
         for pid in self.children():
             try:
                 if f"--port\0{port}\0" not in Path(f"/proc/{pid}/cmdline").read_text():
@@ -133,6 +137,22 @@ def children_of(router_pid: int) -> list[int]:
         except OSError:
             continue
     return sorted(found)
+
+
+def child_pid(parent: int, port: int) -> int | None:
+    """The process that `parent` started with `--port <port>` (either router's child of that model), if any."""
+    marker = f"--port\0{port}\0".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            if marker in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    return None
 
 
 def stop_gracefully(proc: subprocess.Popen[bytes], grace: float = 30) -> None:

@@ -10,8 +10,10 @@ from typing import Any
 
 from modelyard import __version__
 from modelyard.bench import soak
+from modelyard.bench.phases import PHASES, swap_phases
 from modelyard.bench.processes import MODELYARD, ROUTER_MODE
 from modelyard.bench.scenarios import KINDS, SCALE_START_LIMIT_S, Plan, Results
+from modelyard.bench.stats import median_interval, ratio_bounds
 from modelyard.demo import SMOLLM2
 
 
@@ -49,7 +51,7 @@ def render(results: Results, plan: Plan, model: str, build: str, command: str) -
              "- ratio = modelyard / router mode: below 1 means modelyard is faster or smaller.", ""]
     # A run restricted with --only has only some sections: each is written when its figures exist.
     sections: list[tuple[object, Callable[[], list[str]]]] = [
-        (results.overhead, lambda: _overhead(results)), (results.streams, lambda: _streaming(results)),
+        (results.paired, lambda: _overhead(results)), (results.streams, lambda: _streaming(results)),
         (results.cold, lambda: _cold(results)), (results.mixed, lambda: _mixed(results)),
         (results.rate, lambda: _cost(results)), (results.scale, lambda: _scale(results)),
         (results.starved_wait, lambda: _busy(results, plan)), (results.fresh, lambda: _fresh(results, plan)),
@@ -60,23 +62,51 @@ def render(results: Results, plan: Plan, model: str, build: str, command: str) -
     return "\n".join(lines) + "\n"
 
 
+def _interval(values: Sequence[float]) -> str:
+    i = median_interval(values)
+    return f"[{i.low * 1000:+.2f}, {i.high * 1000:+.2f}] ms ({i.confidence:.1%})"
+
+
 def _overhead(results: Results) -> list[str]:
     out = ["## 1. Hot-path overhead (latency added over calling the child directly)", "",
-           "| endpoint | concurrency | router | direct p50 | via p50 | added p50 | direct p99 | via p99 | added p99 |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    added: dict[tuple[str, int, str], tuple[float, float]] = {}
-    for (endpoint, conc, kind, route) in sorted({k for k in results.overhead if k[3] == "via router"}):
-        via = results.overhead[(endpoint, conc, kind, route)]
-        direct = results.overhead[(endpoint, conc, kind, "direct")]
-        a50, a99 = pct(via, .5) - pct(direct, .5), pct(via, .99) - pct(direct, .99)
-        added[(endpoint, conc, kind)] = (a50, a99)
-        out.append(f"| {endpoint} | {conc} | {kind} | {ms(pct(direct, .5))} | {ms(pct(via, .5))} | {ms(a50)} | "
-                   f"{ms(pct(direct, .99))} | {ms(pct(via, .99))} | {ms(a99)} |")
-    out += ["", "| endpoint | concurrency | added p50, modelyard / router mode | added p99, modelyard / router mode |",
-            "|---|---|---|---|"]
-    for endpoint, conc in sorted({(e, c) for e, c, _ in added}):
-        ours, theirs = added[(endpoint, conc, MODELYARD)], added[(endpoint, conc, ROUTER_MODE)]
-        out.append(f"| {endpoint} | {conc} | {ms(ours[0])} / {ms(theirs[0])} | {ms(ours[1])} / {ms(theirs[1])} |")
+           "Paired: at concurrency 1 each step sends, for each router, one request direct to its child and one "
+           "through the router, back to back (router order alternating every step, direct/via every two; each "
+           "target on its own kept-alive pool of one connection); the added latency is the median of the "
+           "per-pair differences, with its distribution-free confidence interval (order statistics). At a "
+           "higher concurrency requests cannot be paired: each step is a round of requests per target (direct "
+           "and via adjacent, fresh pools), the difference that of the rounds' p50s, the interval over rounds "
+           "(its confidence is what their count reaches). Steps go on until each interval is narrower than "
+           "the plan's target or its time budget is spent. p99s are of all requests, unpaired.", "",
+           "| endpoint | concurrency | router | steps | direct p50 | via p50 | added p50 (paired) | interval "
+           "(confidence) | width | direct p99 | via p99 | added p99 |", "|---" * 12 + "|"]
+    for (endpoint, conc), paired in sorted(results.paired.items()):
+        for kind in sorted(paired.direct):
+            added = paired.added(kind)
+            direct = results.overhead.get((endpoint, conc, kind, "direct"), [])
+            via = results.overhead.get((endpoint, conc, kind, "via router"), [])
+            if not added:
+                out.append(f"| {endpoint} | {conc} | {kind} | 0 {paired.unit} ({paired.errors} failed) |"
+                           + " |" * 8)
+                continue
+            i = median_interval(added)
+            out.append(f"| {endpoint} | {conc} | {kind} | {len(added)} {paired.unit} | {ms(pct(direct, .5))} | "
+                       f"{ms(pct(via, .5))} | {ms(i.median)} | {_interval(added)} | {ms(i.width)} | "
+                       f"{ms(pct(direct, .99))} | {ms(pct(via, .99))} | {ms(pct(via, .99) - pct(direct, .99))} |")
+    out += ["", "Between the routers, per step: what modelyard adds minus what router mode adds (below 0: "
+                "modelyard adds less); the ratio's range comes from both intervals (at least 90% together).", "",
+            "| endpoint | concurrency | added p50, modelyard / router mode | ratio (range) | modelyard - router "
+            "mode, median (interval) | measured in | failed steps |", "|---|---|---|---|---|---|---|"]
+    for (endpoint, conc), paired in sorted(results.paired.items()):
+        if not all(paired.direct.get(kind) for kind in KINDS):
+            continue
+        ours, theirs = median_interval(paired.added(MODELYARD)), median_interval(paired.added(ROUTER_MODE))
+        bounds = ratio_bounds(ours, theirs)
+        between = paired.between(MODELYARD, ROUTER_MODE)
+        out.append(f"| {endpoint} | {conc} | {ms(ours.median)} / {ms(theirs.median)} | "
+                   f"{ratio(ours.median, theirs.median)} ("
+                   + (f"{bounds[0]:.2f} to {bounds[1]:.2f}" if bounds else "n/a") + ") | "
+                   f"{ms(statistics.median(between))} {_interval(between)} | {paired.elapsed:.0f} s | "
+                   f"{paired.errors} |")
     return [*out, ""]
 
 
@@ -99,8 +129,55 @@ def _cold(results: Results) -> list[str]:
     return ["## 3. Cold load and swap (request to first token, --models-max 1)", "",
             "| measure | modelyard | router mode | ratio |", "|---|---|---|---|",
             f"| cold load | {ours:.2f} s | {theirs:.2f} s | {ratio(ours, theirs)} |",
-            f"| swap (median of {len(results.swaps[MODELYARD])}) | {swap_ours:.2f} s | {swap_theirs:.2f} s | "
-            f"{ratio(swap_ours, swap_theirs)} |", ""]
+            f"| swap, from the replaced model idle (median of {len(results.swaps[MODELYARD])}) | {swap_ours:.2f} s | "
+            f"{swap_theirs:.2f} s | {ratio(swap_ours, swap_theirs)} |", "", *_phases(results)]
+
+
+# What ends each phase, for the report's table (phases.PHASES names the marks).
+_PHASE_ENDS = {
+    "drain": "the replaced model's in-flight stream ends (bench)",
+    "stop": "its child process exits (/proc)",
+    "handover": "the router's `loading` event for the new model (/models/sse)",
+    "process start": "the new child's first log line",
+    "weight load": "its `llama threadpool init` line (model and context in memory)",
+    "warm-up": "its `model loaded` line (empty run, slots)",
+    "ready": "the router's `loaded` event (/models/sse)",
+    "first token": "the first streamed token reaches the bench",
+}
+
+
+def phase_medians(marks: list[dict[str, float]]) -> dict[str, float | None]:
+    """Each phase's median over the swaps that saw its mark (None if none did)."""
+    each = [swap_phases(m) for m in marks]
+    medians: dict[str, float | None] = {}
+    for phase, _ in PHASES:
+        seen = [d for d in (e[phase] for e in each) if d is not None]
+        medians[phase] = statistics.median(seen) if seen else None
+    return medians
+
+
+def _phases(results: Results) -> list[str]:
+    if not all(results.swap_marks.get(kind) for kind in KINDS):
+        return []
+    medians = {kind: phase_medians(results.swap_marks[kind]) for kind in KINDS}
+    totals = {kind: statistics.median(m["first token"] for m in results.swap_marks[kind] if "first token" in m)
+              for kind in KINDS}
+
+    def cell(value: float | None) -> str:
+        return "n/a" if value is None else ms(value)
+
+    out = [f"Each swap is asked for while the replaced model has a stream in flight (asked after its first "
+           f"token). Its phases, median over {len(results.swap_marks[MODELYARD])} swaps per router; a phase runs "
+           "from the end of the one before to its own end (work overlapping an earlier phase shortens it); the "
+           "child's inner phases are from its own log stamps. Plot: swap-phases.png.", "",
+           "| phase | ends when | modelyard | router mode | ratio |", "|---|---|---|---|---|"]
+    for phase, _ in PHASES:
+        ours, theirs = medians[MODELYARD][phase], medians[ROUTER_MODE][phase]
+        out.append(f"| {phase} | {_PHASE_ENDS[phase]} | {cell(ours)} | {cell(theirs)} | "
+                   + (ratio(ours, theirs) if ours is not None and theirs is not None else "n/a") + " |")
+    out.append(f"| whole swap | asked to first token | {ms(totals[MODELYARD])} | {ms(totals[ROUTER_MODE])} | "
+               f"{ratio(totals[MODELYARD], totals[ROUTER_MODE])} |")
+    return [*out, ""]
 
 
 def _mixed(results: Results) -> list[str]:
@@ -236,7 +313,36 @@ def plot(results: Results, directory: Path) -> list[Path]:
         paths.append(_latency_cdf(plt, results, directory))
     if all(("--models-max 1", kind) in results.mixed for kind in KINDS):
         paths.append(_mixed_timeline(plt, results, directory))
+    if all(results.swap_marks.get(kind) for kind in KINDS):
+        paths.append(_swap_phases(plt, results, directory))
     return paths
+
+
+_PHASE_COLOURS = ("#9aa5b1", "#e12d39", "#f0b429", "#8e6ad8", "#2f80ed", "#27ab83", "#3ebd93", "#1f2933")
+
+
+def _swap_phases(plt: Any, results: Results, directory: Path) -> Path:
+    """One stacked bar per router: the median of each phase, in order, along the swap."""
+    figure, axis = plt.subplots(figsize=(12, 3.2))
+    for row, kind in enumerate(KINDS):
+        left = 0.0
+        for (phase, _), colour in zip(PHASES, _PHASE_COLOURS, strict=True):
+            width = (phase_medians(results.swap_marks[kind])[phase] or 0.0) * 1000
+            axis.barh(row, width, left=left, color=colour, height=0.55, label=phase if row == 0 else None)
+            if width > 40:
+                axis.text(left + width / 2, row, f"{width:.0f}", ha="center", va="center", fontsize=8,
+                          color="white")
+            left += width
+    axis.set_yticks(range(len(KINDS)), list(KINDS))
+    axis.invert_yaxis()
+    axis.set_xlabel("milliseconds since the swap was asked for (median of each phase)")
+    axis.set_title("A swap, phase by phase (--models-max 1, the replaced model draining a stream)")
+    axis.legend(ncol=len(PHASES), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.32))
+    figure.tight_layout()
+    path = directory / "swap-phases.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def _latency_cdf(plt: Any, results: Results, directory: Path) -> Path:

@@ -5,21 +5,26 @@ baseline."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, AsyncExitStack, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 from modelyard.bench import SCENARIOS
 from modelyard.bench.fresh import AFTER_HEALTH_S, EXTRA_COPIES, FreshSwap, fresh_swap
 from modelyard.bench.load import POOL_IDLE_S, StatusRecorder, Stream, Timed, new_session, streamed_chat, timed_requests
+from modelyard.bench.paired import DIRECT, VIA, Paired, Probe, Round, paired_requests, paired_rounds
 from modelyard.bench.processes import MODELYARD, ROUTER_MODE, RouterProcess, start_router, stop_all
 from modelyard.bench.soak import MODELS_MAX, SETTLE_S, SoakResult, run_soak, write_sources
+from modelyard.bench.swaps import measured_swap
 from modelyard.demo import GEMMA3, SMOLLM2
 
 KINDS = (MODELYARD, ROUTER_MODE)
@@ -60,6 +65,20 @@ class Plan:
     busy_ask_after_s: float = 1.0
     fresh_after_health_s: float = AFTER_HEALTH_S
     soak_settle_s: float = SETTLE_S
+    # The paired hot-path measurements (bench/paired.py): at concurrency 1, at least `paired_min` steps per
+    # endpoint, then more until the intervals (each router's added p50, and their difference) are narrower
+    # than `ci_width_s` (a 0.2 ms difference then shows) or `paired_budget_s` is spent; at a higher
+    # concurrency the same with rounds of `overhead_requests` requests per target, at least `rounds` of them,
+    # for `rounds_budget_s`. The first streamed token is paired on streams of `stream_pair_tokens` tokens
+    # (the inter-token gaps come from the `stream_runs` longer ones).
+    paired_min: int = 200
+    paired_budget_s: float = 60.0
+    rounds_budget_s: float = 10.0
+    ci_width_s: float = 0.0002
+    stream_pair_tokens: int = 1
+    # Each swap is asked for while the model it replaces has a stream of this many tokens in flight (asked
+    # after its first token), so that the swap's phases include a drain.
+    drain_tokens: int = 8
 
 
 # The smoke plan checks that the harness runs end to end in the test suite: every scenario runs, as few loads
@@ -69,9 +88,11 @@ PLANS = {
     "smoke": Plan("smoke", 4, 1, 4, 1, 1, 3, 1, 1, 64, (10,), 1.0, 1, 20, 1, pool_idle_s=0.0,
                   overhead_concurrency=(1, 4), fresh_extra_copies=0, share_routers=True,
                   streams_together=2, model=SMOLLM2, busy_ask_after_s=0.3, fresh_after_health_s=0.0,
-                  soak_settle_s=0.0),
-    "quick": Plan("quick", 40, 2, 32, 6, 4, 4, 6, 1, 600, (1000,), 12.0, 2, 1000, 5),
-    "full": Plan("full", 300, 3, 64, 20, 6, 4, 6, 3, 4000, (1000, 10000), 20.0, 3, 10000, 5),
+                  soak_settle_s=0.0, paired_min=4, paired_budget_s=0.0, rounds_budget_s=0.0, drain_tokens=3),
+    "quick": Plan("quick", 64, 5, 32, 6, 4, 4, 6, 1, 600, (1000,), 12.0, 2, 1000, 5,
+                  paired_min=100, paired_budget_s=15.0, rounds_budget_s=5.0),
+    "full": Plan("full", 128, 9, 64, 20, 6, 4, 6, 3, 4000, (1000, 10000), 20.0, 3, 10000, 5,
+                 paired_min=300, paired_budget_s=240.0, rounds_budget_s=30.0),
 }
 
 
@@ -101,6 +122,8 @@ class Results:
     starved_wait: dict[str, float] = field(default_factory=dict)
     fresh: dict[str, list[FreshSwap]] = field(default_factory=dict)
     soak: SoakResult | None = None
+    paired: dict[tuple[str, int], Paired] = field(default_factory=dict)  # (endpoint, concurrency)
+    swap_marks: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # seconds since each swap's ask
 
 
 MAX_WAIT_S = 3.0  # modelyard's --max-wait in the busy-model scenario (router mode has no such bound)
@@ -140,29 +163,96 @@ async def warm(router: RouterProcess, model: str) -> tuple[str, dict[str, str]]:
 
 # -- 1. hot-path overhead, 2. streaming, 5. requests/s at concurrency 64 ---------------------------------
 
+TOKENIZE, CHAT, STREAM_FIRST = "tokenize", "chat, 1 token", "stream, first token"
+Body = Callable[[int], dict[str, Any]]
+ENDPOINTS: dict[str, tuple[str, Body]] = {
+    TOKENIZE: ("/tokenize", lambda i: {"model": "a", "content": f"The quick brown fox {i % 7}"}),
+    CHAT: ("/v1/chat/completions", lambda i: chat_body("a")),
+}
+
+
+# What makes one target's probe: from its pool, base URL and headers.
+Maker = Callable[[aiohttp.ClientSession, str, dict[str, str]], Probe]
+
+
+def _requests(path: str, body: Body) -> Maker:
+    """POSTs to `path`, the i-th call of each target with body(i): a pair's two requests carry the same body."""
+    def make(session: aiohttp.ClientSession, base: str, headers: dict[str, str]) -> Probe:
+        calls = itertools.count()
+        sent = {"Content-Type": "application/json", **headers}
+
+        async def probe() -> float | None:
+            payload = json.dumps(body(next(calls))).encode()  # encoded before the clock starts
+            started = time.perf_counter()
+            try:
+                async with session.post(base + path, data=payload, headers=sent) as response:
+                    await response.read()
+                    ok = response.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            return time.perf_counter() - started if ok else None
+
+        return probe
+
+    return make
+
+
+def _streams(tokens: int) -> Maker:
+    """Streamed chats of `tokens` tokens; the figure is the time to the first."""
+    def make(session: aiohttp.ClientSession, base: str, headers: dict[str, str]) -> Probe:
+        async def probe() -> float | None:
+            try:
+                return (await streamed_chat(session, base, "a", tokens, headers=headers)).first_token
+            except (aiohttp.ClientError, RuntimeError):
+                return None
+
+        return probe
+
+    return make
+
+
+def _round_probe(url: str, body: Body, count: int, concurrency: int, headers: dict[str, str]) -> Round:
+    # A fresh client per round: idle keep-alive connections left over from one target would otherwise hold
+    # threads of the child that the next target needs (llama-server serves one connection per thread).
+    async def probe() -> list[float]:
+        async with new_session(concurrency) as session:
+            return (await timed_requests(session, url, body, count, concurrency, headers)).latencies
+
+    return probe
+
+
 async def hot_path(running: dict[str, RouterProcess], plan: Plan, results: Results) -> None:
-    targets: list[Target] = []
+    targets: dict[str, dict[str, tuple[str, dict[str, str]]]] = {}
     for kind, router in running.items():
         child, key = await warm(router, "a")
-        targets += [(kind, "via router", router.url, {}), (kind, "direct", child, key)]
-    endpoints = {
-        "tokenize": ("/tokenize", lambda i: {"model": "a", "content": f"The quick brown fox {i % 7}"}),
-        "chat, 1 token": ("/v1/chat/completions", lambda i: chat_body("a")),
-    }
-    # A fresh client per run: idle keep-alive connections left over from one target would otherwise hold
-    # threads of the child that the next target needs (llama-server serves one connection per thread).
-    for endpoint, (path, body) in endpoints.items():
-        for concurrency in plan.overhead_concurrency:
+        targets[kind] = {VIA: (router.url, {}), DIRECT: (child, key)}
+    flat: list[Target] = [(kind, route, base, headers) for kind, routes in targets.items()
+                          for route, (base, headers) in routes.items()]
+
+    async def paired_at_one(endpoint: str, make: Maker) -> None:
+        async with AsyncExitStack() as stack:  # one kept-alive connection per target, the same on all four
+            probes = {kind: {route: make(await stack.enter_async_context(new_session(1)), base, headers)
+                             for route, (base, headers) in routes.items()} for kind, routes in targets.items()}
+            paired = await paired_requests(probes, plan.paired_min, plan.paired_budget_s, plan.ci_width_s)
+        results.paired[(endpoint, 1)] = paired
+        for kind in targets:
+            results.overhead[(endpoint, 1, kind, DIRECT)] = paired.direct[kind]
+            results.overhead[(endpoint, 1, kind, VIA)] = paired.via[kind]
+
+    for endpoint, (path, body) in ENDPOINTS.items():
+        await paired_at_one(endpoint, _requests(path, body))
+        for concurrency in (c for c in plan.overhead_concurrency if c > 1):
             count = max(plan.overhead_requests, 2 * concurrency)
-            for round_no in range(plan.rounds):
-                order = targets[round_no % 2:] + targets[:round_no % 2]
-                for kind, route, base, headers in order:
-                    async with new_session(concurrency) as session:
-                        timed = await timed_requests(session, base + path, body, count, concurrency, headers)
-                    results.overhead.setdefault((endpoint, concurrency, kind, route), []).extend(timed.latencies)
+            rounds = {kind: {route: _round_probe(base + path, body, count, concurrency, headers)
+                             for route, (base, headers) in routes.items()} for kind, routes in targets.items()}
+            paired, latencies = await paired_rounds(rounds, plan.rounds, plan.rounds_budget_s, plan.ci_width_s)
+            results.paired[(endpoint, concurrency)] = paired
+            for (kind, route), values in latencies.items():
+                results.overhead[(endpoint, concurrency, kind, route)] = values
+    await paired_at_one(STREAM_FIRST, _streams(plan.stream_pair_tokens))
     async with new_session(8) as session:
-        await streaming(session, targets, plan, results)
-    await request_rate(running, targets, plan, results)
+        await streaming(session, flat, plan, results)
+    await request_rate(running, flat, plan, results)
 
 
 async def streaming(session: Any, targets: list[Target], plan: Plan, results: Results) -> None:
@@ -200,15 +290,26 @@ async def request_rate(running: dict[str, RouterProcess], targets: list[Target],
 # -- 3. cold load and swaps, 4. mixed workloads ----------------------------------------------------------
 
 async def cold_and_swaps(running: dict[str, RouterProcess], plan: Plan, results: Results) -> None:
+    """A cold load of a, then `swaps` swaps between a and b (routers in turn, the first alternating), each
+    asked for while the model it replaces has a stream in flight, and measured phase by phase (swaps.py).
+    The swap figure of section 3 runs from the end of that stream (the replaced model idle) to the first
+    token, as a swap asked for while the other model is idle would."""
     async with new_session(8) as session:
         for kind, router in running.items():
             stream = await streamed_chat(session, router.url, "a", 4)
             results.cold[kind] = stream.first_token
-        for i in range(plan.swaps):
-            model = "b" if i % 2 == 0 else "a"
-            for kind, router in running.items():
-                stream = await streamed_chat(session, router.url, model, 4)
-                results.swaps.setdefault(kind, []).append(stream.first_token)
+        async with AsyncExitStack() as stack:
+            # The swap waits for its `loaded` event itself: nothing is left to wait for at the close.
+            recorders = {kind: await stack.enter_async_context(StatusRecorder(router.url, linger_s=0))
+                         for kind, router in running.items()}
+            loaded = "a"
+            for i in range(plan.swaps):
+                new = "b" if loaded == "a" else "a"
+                for kind, router in (list(running.items()) if i % 2 == 0 else list(reversed(running.items()))):
+                    marks = await measured_swap(session, router, recorders[kind], loaded, new, plan.drain_tokens)
+                    results.swap_marks.setdefault(kind, []).append(marks)
+                    results.swaps.setdefault(kind, []).append(marks["first token"] - marks["drained"])
+                loaded = new
 
 
 async def mixed(running: dict[str, RouterProcess], plan: Plan, label: str, models: tuple[str, ...],
