@@ -114,7 +114,7 @@ def _each(*fields: str) -> str:
 
 
 LISTING_EXTRAS = _each("path", "in_flight", "queued", "memory", "keep_alive", "expires_in", "idle_for",
-                       "pinned", "priority")
+                       "pinned", "priority", "placement")
 
 DELIBERATE: tuple[Explained, ...] = (
     Explained(r".*", r"type \$(\.predictions\[\])?\.error\.code: number != string",
@@ -142,7 +142,7 @@ DELIBERATE: tuple[Explained, ...] = (
               "it wants a model to forward to); with one it is the child's, as in router mode"),
     Explained(r"GET /(v1/)?models.*", rf"extra \$\.data\[\]\.{LISTING_EXTRAS}",
               "modelyard's own fields (its path, requests in flight and queued, memory, keep-alive, pin, "
-              "priority)"),
+              "priority, its child's threads and CPUs)"),
     Explained(r"GET /(v1/)?models.*", r"extra \$\.data\[\]\.status\.failed",
               "modelyard always says whether a model failed (router mode only when it did)"),
     Explained(r"GET /(v1/)?models.*", r"extra \$\.memory(\..*)?", "modelyard's memory budget and use"),
