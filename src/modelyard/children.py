@@ -127,6 +127,18 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _setup_child(cpus: frozenset[int]) -> Callable[[], None]:
+    """What runs in the child between fork and exec: it dies with modelyard, and keeps to `cpus` (its
+    placement) from its first instruction, every thread it starts included. A refusal (a CPU taken away
+    since) leaves it unconfined; the parent checks and says so."""
+    def setup() -> None:
+        _die_with_parent()
+        if cpus and hasattr(os, "sched_setaffinity"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, cpus)
+    return setup
+
+
 async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
     """Lines until EOF; an over-long line is skipped rather than ending the reader (a full pipe would block
     the child)."""
@@ -255,14 +267,24 @@ class ProcessChild:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.plan.argv, env=dict(self.plan.env), stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True, preexec_fn=_die_with_parent, limit=_MAX_LINE)
+                start_new_session=True, preexec_fn=_setup_child(self.plan.cpus), limit=_MAX_LINE)
         finally:
             self._spawned.set_result(self._proc is not None)
+        self._check_cpus(self._proc.pid)
         self._session = new_child_session(self.plan.max_connections)
         self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr()),
                        asyncio.create_task(self._watch_exit())]
         if self.plan.readiness == Readiness.HTTP_HEALTH:
             self._tasks.append(asyncio.create_task(self._poll_health()))
+
+    def _check_cpus(self, pid: int) -> None:
+        if not self.plan.cpus or not hasattr(os, "sched_getaffinity"):
+            return
+        with contextlib.suppress(OSError):  # gone already: its exit is reported elsewhere
+            got = os.sched_getaffinity(pid)
+            if got != self.plan.cpus:
+                log.warning("%s could not be confined to CPUs %s (it runs on %s)", self.model,
+                            sorted(self.plan.cpus), sorted(got))
 
     def failure_summary(self, exit_code: int | None) -> str:
         tail = " | ".join(line for line in self.log_tail()[-_SUMMARY_LINES:] if line.strip())

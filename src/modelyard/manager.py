@@ -8,13 +8,15 @@
 
 It is the imperative shell: it feeds events to `Scheduler`, runs the actions it returns (start a child,
 stop a child, kill a wedged one, hand a lease to a waiting request), and publishes every status change and
-every decision with its reason (`Decision`, the last 500 kept); each model's child output is kept in
-`logbook` across restarts. The status feed (`subscribe`, what /models/sse sends) also carries what the
-children report of themselves (load progress; sleep and wake under --sleep-idle-seconds, which the scheduler
-never hears of: a sleeping child keeps its slot and wakes on its next request, as in router mode) and the
-events other parts publish with `notify` (downloads). The constructor does no I/O (`create` reads the
-sources and asks nvidia-smi); children come from a factory (real processes, or fakes in tests) and time from
-an injected clock.
+every decision with its reason (`Decision`, the last 500 kept); each llama-server child is given its
+threads and cores as its load starts (modelyard.placement, from the scheduler's board and the cores the
+running children hold: a placement lives as long as its child and shows in `models()`); each model's child
+output is kept in `logbook` across restarts. The status feed (`subscribe`, what /models/sse sends) also
+carries what the children report of themselves (load progress; sleep and wake under --sleep-idle-seconds,
+which the scheduler never hears of: a sleeping child keeps its slot and wakes on its next request, as in
+router mode) and the events other parts publish with `notify` (downloads). The constructor does no I/O
+(`create` reads the sources and the CPU topology, and asks nvidia-smi); children come from a factory (real
+processes, or fakes in tests) and time from an injected clock.
 """
 
 from __future__ import annotations
@@ -64,7 +66,18 @@ from modelyard.memory import (
     process_memory,
     serving_context,
 )
+from modelyard.placement import (
+    Placement,
+    Resident,
+    Topology,
+    expected_residents,
+    fully_offloaded,
+    place,
+    read_topology,
+    wishes,
+)
 from modelyard.scheduler import (
+    RUNNING,
     Acquire,
     Action,
     Cancel,
@@ -190,6 +203,7 @@ class ModelView:
     expires_in: float | None = None  # seconds until an idle model's keep-alive ends
     idle_for: float | None = None  # seconds since its last request, if it ever had one
     wake_state: str = ""  # a loaded model's child asleep ("sleeping") or waking up ("loading")
+    placement: Placement | None = None  # its running child's threads and cores (modelyard.placement)
 
     @property
     def status(self) -> Status:
@@ -222,10 +236,12 @@ class ModelManager:
     def __init__(self, source: CatalogSource, engine: Engine, *, catalog: Catalog,
                  limits: Limits | None = None, max_models: int | None = None, max_queue: int | None = None,
                  clock: Clock | None = None, gguf_cache: GgufCache | None = None, gpus: bool = False,
-                 child_factory: ChildFactory = ProcessChild, watchdog: WatchdogSettings | None = None) -> None:
+                 child_factory: ChildFactory = ProcessChild, watchdog: WatchdogSettings | None = None,
+                 topology: Topology | None = None) -> None:
         """`catalog`: the models, as `source` last read them (`source` is read again on reload); `gpus`: whether
         models are offloaded to GPUs, so that estimates count GPU memory (`create` asks nvidia-smi);
-        `child_factory` makes the children (the real processes by default, an in-memory fake in tests)."""
+        `child_factory` makes the children (the real processes by default, an in-memory fake in tests);
+        `topology`: the host's cores, to place children on (`create` reads them; None: no placement)."""
         self._source = source
         self._gpus = gpus
         self._engine = engine
@@ -248,6 +264,10 @@ class ModelManager:
         self._scheduler = Scheduler([self._spec(c) for c in self.catalog.models.values()], limits,
                                     max_models=max_models, max_queue=max_queue)
         self._running: dict[str, _Running] = {}
+        self._topology = topology
+        # The placement of each model's child, from its StartLoad until it is unloaded or failed: set as the
+        # load is started, before its child exists, so that loads started together see each other's cores.
+        self._placements: dict[str, Placement] = {}
         self._waiting: dict[int, asyncio.Future[Lease]] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -280,7 +300,7 @@ class ModelManager:
                           hub_cache=cache_dir(os.environ))  # router mode lists the Hugging Face cache's models
         manager = cls(sources, Engine(binary, table, router_port=router_port), catalog=sources.load(),
                       limits=limits, max_models=max_models, max_queue=max_queue, gpus=gpu_total_memory() > 0,
-                      watchdog=watchdog)
+                      watchdog=watchdog, topology=read_topology())
         token = sources.router_settings.get("--hf-token")
         manager.downloads.token = Token(token, "--hf-token") if token else None
         manager.downloads.offline = sources.router_settings.get("--offline", "false").lower() in TRUTHY
@@ -582,7 +602,8 @@ class ModelManager:
                 port=child.port if child else None, pid=child.pid if child else None,
                 expires_in=max(0.0, state.expires_at - now) if state.expires_at is not None else None,
                 idle_for=now - state.last_used if state.last_used else None,
-                wake_state=record.wake_state if record is not None and loaded else ""))
+                wake_state=record.wake_state if record is not None and loaded else "",
+                placement=self._placements.get(name) if state.status in RUNNING else None))
         return views
 
     def memory(self) -> MemoryUse:
@@ -706,7 +727,12 @@ class ModelManager:
                 if future is not None and not future.done():
                     future.set_exception(ModelError(kind, message, retry_after=retry))
             case StartLoad(model=model, reason=reason):
-                log.info("loading %s: %s", model, reason)
+                try:
+                    placement = self._place(model)
+                except Exception:  # a placement is an optimisation: its failure never stops a load
+                    log.exception("could not place the child of %s; it starts unplaced", model)
+                    placement = None
+                log.info("loading %s: %s%s", model, reason, f"; {placement.reason}" if placement else "")
                 self._spawn(self._start_instance(model))
             case StopInstance(model=model, reason=reason):
                 log.info("stopping %s: %s", model, reason)
@@ -717,6 +743,8 @@ class ModelManager:
                 if record is not None:
                     record.child.kill(f"model '{model}' was killed: {reason}")
             case StatusChanged(model=model, status=status, exit_code=code, reason=reason):
+                if status not in RUNNING:
+                    self._placements.pop(model, None)  # its child is gone: its cores are free
                 level = logging.WARNING if status == Status.FAILED else logging.DEBUG
                 log.log(level, "%s: %s%s", model, status.value, f" ({reason})" if reason else "")
                 record = self._running.get(model)
@@ -734,12 +762,34 @@ class ModelManager:
             return
         future.set_result(Lease(model, request_id, record.child))
 
+    def _place(self, model: str) -> Placement | None:
+        """Threads and cores for the child of `model`, whose load starts now (modelyard.placement), from the
+        scheduler's board and the cores of the children running; None for another engine than llama-server
+        (its thread flags are unknown) or without a topology."""
+        config = self.catalog.models.get(model)
+        if self._topology is None or config is None or config.command is not None:
+            return None
+        board = self._scheduler.board()
+        residents = [Resident(name, placement.cpus, board.models[name].status == Status.STOPPING)
+                     for name, placement in self._placements.items()
+                     if name != model and name in board.models and board.models[name].status in RUNNING]
+        settings = self.launch_settings(config)
+        placement = place(self._topology, wishes(settings, os.environ), residents, expected_residents(board, model),
+                          fully_offloaded(settings, self.gguf_facts(config), self._gpus))
+        self._placements[model] = placement
+        return placement
+
     async def _start_instance(self, model: str) -> None:
         config = self.catalog.models[model]
         port = free_port()
+        placement = self._placements.get(model)
         try:
             settings = self.launch_settings(config)
-            plan = launch_plan(dataclasses.replace(config, settings=settings), self._engine, port, new_child_key())
+            if placement is not None:
+                settings = {**settings, **placement.args}
+            pin = placement is not None and self._topology is not None and self._topology.can_pin
+            plan = launch_plan(dataclasses.replace(config, settings=settings), self._engine, port, new_child_key(),
+                               cpus=placement.cpus if pin and placement is not None else frozenset())
             child = self._new_child(model, plan, port, lambda state, payload: self._on_child_state(
                 model, state, payload), self.logbook.of(model))
         except Exception as exc:

@@ -27,6 +27,7 @@ from modelyard.config.catalog import HubSource, ModelConfig
 from modelyard.config.presets import ConfigError
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.manager import FeedEvent, ModelNotice, ModelsReloaded, ModelView
+from modelyard.placement import Placement, format_cpus
 from modelyard.scheduler import ModelSnapshot, Status
 
 LOAD_STARTED = "model_status"  # router mode's event when it spawns a child
@@ -51,11 +52,19 @@ def model_entry(view: ModelView, created: int) -> dict[str, Any]:
                    "estimated_gpu": view.state.estimated_gpu or None,
                    "measured_gpu": view.state.measured_gpu or None},
         "keep_alive": view.state.keep_alive, "expires_in": _round(view.expires_in), "idle_for": _round(view.idle_for),
-        "pinned": config.pinned, "priority": config.priority,
+        "pinned": config.pinned, "priority": config.priority, "placement": _placement(view.placement),
     }
     for key, value in view.info.items():
         entry.setdefault(key, value)
     return entry
+
+
+def _placement(placement: Placement | None) -> dict[str, Any] | None:
+    """The running child's threads and CPUs (modelyard.placement) and why; null when no child runs."""
+    if placement is None:
+        return None
+    return {"threads": placement.threads, "threads_batch": placement.threads_batch,
+            "cpus": format_cpus(placement.cpus) or None, "reason": placement.reason}
 
 
 def _round(seconds: float | None) -> float | None:

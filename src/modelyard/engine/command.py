@@ -61,10 +61,13 @@ class LaunchPlan:
     env: Mapping[str, str]
     readiness: Readiness
     max_connections: int = 0  # 0 = no limit
+    cpus: frozenset[int] = frozenset()  # the CPUs the child is confined to from its start (placement.py); empty: any
 
 
-def launch_plan(config: ModelConfig, engine: Engine, port: int, key: str = "") -> LaunchPlan:
-    """`key`: the child's secret; modelyard sends it with every request (env only: argv is public)."""
+def launch_plan(config: ModelConfig, engine: Engine, port: int, key: str = "",
+                cpus: frozenset[int] = frozenset()) -> LaunchPlan:
+    """`key`: the child's secret; modelyard sends it with every request (env only: argv is public). `cpus`:
+    the CPUs a llama-server child is confined to (its placement; another engine's are its own business)."""
     env = {k: v for k, v in os.environ.items() if k not in _ROUTER_ENV}
     env["MODELYARD_PARENT_PID"] = str(os.getpid())  # lets tools (and tests) find a router's children
     if key:
@@ -84,7 +87,7 @@ def launch_plan(config: ModelConfig, engine: Engine, port: int, key: str = "") -
     # LLAMA_SERVER_ROUTER_PORT turns on llama-server's child protocol: it reports `ready` on stdout and
     # exits when its stdin closes, i.e. when modelyard dies.
     env["LLAMA_SERVER_ROUTER_PORT"] = str(engine.router_port)
-    return LaunchPlan(argv, env, Readiness.ROUTER_PROTOCOL, max_connections=threads)
+    return LaunchPlan(argv, env, Readiness.ROUTER_PROTOCOL, max_connections=threads, cpus=cpus)
 
 
 def _positive_int(value: str | None) -> int:
