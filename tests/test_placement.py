@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from modelyard.config.catalog import Catalog, ModelConfig
 from modelyard.config.options import EngineOption, OptionTable
@@ -307,6 +309,34 @@ def test_the_resident_set_changing_between_loads() -> None:
     del held["a"]
     assert load("e") == "0"  # c and d hold a core each: e shares the first
     assert {m: format_cpus(p.cpus) for m, p in held.items()} == {"c": "0", "d": "1", "e": "0"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(n_cores=st.integers(1, 8), smt=st.integers(1, 2), expected=st.integers(1, 10),
+       ops=st.lists(st.tuples(st.booleans(), st.integers(0, 9), st.booleans()), max_size=40))
+def test_random_loads_and_unloads_keep_children_off_each_others_cores(
+        n_cores: int, smt: int, expected: int, ops: list[tuple[bool, int, bool]]) -> None:
+    """Loads (some wholly on a GPU) and unloads in any order, never more models at once than expected: with
+    no more models than cores no two share a core, and every child has one thread per core it holds (a GPU
+    child: one core, a thread per CPU of it, at most two); with more, each has one thread and one core."""
+    topology = Topology(tuple(Core(tuple(core + n_cores * i for i in range(smt))) for core in range(n_cores)))
+    held: dict[int, Placement] = {}
+    for load, pick, gpu in ops:
+        if load and len(held) < expected and pick not in held:
+            residents = [Resident(str(m), p.cpus) for m, p in held.items()]
+            held[pick] = place(topology, NONE, residents, Expected(expected, "test"), gpu)
+        elif not load:
+            held.pop(pick, None)
+        for placement in held.values():
+            owned = [core for core in topology.cores if placement.cpus & set(core.cpus)]
+            assert placement.cpus == frozenset(cpu for core in owned for cpu in core.cpus), placement
+            assert placement.threads is not None and 1 <= placement.threads <= len(placement.cpus), placement
+            assert placement.threads == len(owned) or (len(owned) == 1 and placement.threads <= 2), placement
+        if expected <= n_cores:
+            sets = [p.cpus for p in held.values()]
+            assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:]), held
+        else:  # one core each, shared as needed; one thread on it (two SMT threads for a GPU child at most)
+            assert all(len(p.cpus) == smt and (p.threads == 1 or "GPU" in p.reason) for p in held.values()), held
 
 
 # --- the shell, in-process ----------------------------------------------------------------------------------------
