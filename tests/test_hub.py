@@ -382,3 +382,14 @@ async def test_an_unknown_quant_lists_the_repos(fake: FakeHub, tmp_path: Path) -
 ])
 def test_pull_steps(message: dict[str, Any], expected: PullStep | None) -> None:
     assert pull_step(message, "o/r:Q4_0") == expected
+
+
+def test_serving_imports_no_hub_client_until_a_download() -> None:
+    """huggingface_hub and httpx2 (0.16 s, 11 MiB) and the bench's matplotlib load only when used."""
+    import subprocess
+    import sys
+
+    code = ("import sys, modelyard.cli, modelyard.api.app; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'huggingface_hub', 'httpx2', 'matplotlib'}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
