@@ -25,10 +25,11 @@ def test_bench_smoke_mode_writes_a_report_and_plots(tmp_path: Path, demo_models:
     for endpoint in ("tokenize", "chat, 1 token", "stream, first token"):
         assert f"| {endpoint} | 1 | modelyard | 4 pairs |" in report
     assert "modelyard - router mode, median (interval)" in report
-    phases = report.split("| phase | ends when |")[1].split("\n\n")[0]
-    for phase in ("drain", "stop", "handover", "process start", "weight load", "warm-up", "ready", "first token"):
-        assert f"| {phase} |" in phases
-    assert "n/a" not in phases
+    table = report.split("| phase | ends when |")[1].split("\n\n")[0].splitlines()[2:]
+    phases = {row.split(" | ")[0].strip("| "): row.split(" | ")[2:4] for row in table}
+    assert list(phases) == ["drain", "stop", "handover", "process start", "weight load", "warm-up", "ready",
+                            "first token", "whole swap"]
+    assert all(figure.endswith(" ms") for figures in phases.values() for figure in figures), phases
     assert ("**held**" in report) == (result.returncode == 0)
     for plot in ("latency-cdf.png", "mixed-timeline.png", "swap-phases.png"):
         assert (tmp_path / "smoke" / plot).read_bytes().startswith(b"\x89PNG")

@@ -17,8 +17,9 @@ import aiohttp
 POOL_IDLE_S = 5.5  # longer than both modelyard's (4 s) and llama-server's (5 s) keep-alive timeouts
 
 
-def new_session(concurrency: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+def new_session(concurrency: int, force_close: bool = False) -> aiohttp.ClientSession:
+    """A client of at most `concurrency` connections, kept alive unless `force_close` (one per request)."""
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=force_close)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600))
 
 

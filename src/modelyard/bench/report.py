@@ -71,7 +71,8 @@ def _overhead(results: Results) -> list[str]:
     out = ["## 1. Hot-path overhead (latency added over calling the child directly)", "",
            "Paired: at concurrency 1 each step sends, for each router, one request direct to its child and one "
            "through the router, back to back (router order alternating every step, direct/via every two; each "
-           "target on its own kept-alive pool of one connection); the added latency is the median of the "
+           "target on its own pool of one kept-alive connection, or for streams one new connection each, on "
+           "all four alike, since llama-server closes it after a stream); the added latency is the median of the "
            "per-pair differences, with its distribution-free confidence interval (order statistics). At a "
            "higher concurrency requests cannot be paired: each step is a round of requests per target (direct "
            "and via adjacent, fresh pools), the difference that of the rounds' p50s, the interval over rounds "
@@ -318,7 +319,7 @@ def plot(results: Results, directory: Path) -> list[Path]:
     return paths
 
 
-_PHASE_COLOURS = ("#9aa5b1", "#e12d39", "#f0b429", "#8e6ad8", "#2f80ed", "#27ab83", "#3ebd93", "#1f2933")
+_PHASE_COLOURS = ("#9aa5b1", "#e12d39", "#f0b429", "#8e6ad8", "#2f80ed", "#27ab83", "#0b6e79", "#1f2933")
 
 
 def _swap_phases(plt: Any, results: Results, directory: Path) -> Path:

@@ -229,9 +229,10 @@ async def hot_path(running: dict[str, RouterProcess], plan: Plan, results: Resul
     flat: list[Target] = [(kind, route, base, headers) for kind, routes in targets.items()
                           for route, (base, headers) in routes.items()]
 
-    async def paired_at_one(endpoint: str, make: Maker) -> None:
-        async with AsyncExitStack() as stack:  # one kept-alive connection per target, the same on all four
-            probes = {kind: {route: make(await stack.enter_async_context(new_session(1)), base, headers)
+    async def paired_at_one(endpoint: str, make: Maker, force_close: bool = False) -> None:
+        async with AsyncExitStack() as stack:  # one connection per target, the same policy on all four
+            probes = {kind: {route: make(await stack.enter_async_context(new_session(1, force_close)), base,
+                                         headers)
                              for route, (base, headers) in routes.items()} for kind, routes in targets.items()}
             paired = await paired_requests(probes, plan.paired_min, plan.paired_budget_s, plan.ci_width_s)
         results.paired[(endpoint, 1)] = paired
@@ -249,7 +250,10 @@ async def hot_path(running: dict[str, RouterProcess], plan: Plan, results: Resul
             results.paired[(endpoint, concurrency)] = paired
             for (kind, route), values in latencies.items():
                 results.overhead[(endpoint, concurrency, kind, route)] = values
-    await paired_at_one(STREAM_FIRST, _streams(plan.stream_pair_tokens))
+    # llama-server closes a connection after a streamed answer without saying so beforehand: a kept-alive
+    # pool would send the next request on a connection being closed (half of them failed). So every stream
+    # opens its own connection, direct and via alike (a router opens one to its child for each stream too).
+    await paired_at_one(STREAM_FIRST, _streams(plan.stream_pair_tokens), force_close=True)
     async with new_session(8) as session:
         await streaming(session, flat, plan, results)
     await request_rate(running, flat, plan, results)
