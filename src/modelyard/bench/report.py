@@ -51,7 +51,7 @@ def render(results: Results, plan: Plan, model: str, build: str, command: str) -
              "- ratio = modelyard / router mode: below 1 means modelyard is faster or smaller.", ""]
     # A run restricted with --only has only some sections: each is written when its figures exist.
     sections: list[tuple[object, Callable[[], list[str]]]] = [
-        (results.paired, lambda: _overhead(results)), (results.streams, lambda: _streaming(results)),
+        (results.paired, lambda: _overhead(results, plan)), (results.streams, lambda: _streaming(results)),
         (results.cold, lambda: _cold(results)), (results.mixed, lambda: _mixed(results)),
         (results.rate, lambda: _cost(results)), (results.scale, lambda: _scale(results)),
         (results.starved_wait, lambda: _busy(results, plan)), (results.fresh, lambda: _fresh(results, plan)),
@@ -67,7 +67,7 @@ def _interval(values: Sequence[float]) -> str:
     return f"[{i.low * 1000:+.2f}, {i.high * 1000:+.2f}] ms ({i.confidence:.1%})"
 
 
-def _overhead(results: Results) -> list[str]:
+def _overhead(results: Results, plan: Plan) -> list[str]:
     out = ["## 1. Hot-path overhead (latency added over calling the child directly)", "",
            "Paired: at concurrency 1 each step sends, for each router, one request direct to its child and one "
            "through the router, back to back (router order alternating every step, direct/via every two; each "
@@ -93,6 +93,13 @@ def _overhead(results: Results) -> list[str]:
             out.append(f"| {endpoint} | {conc} | {kind} | {len(added)} {paired.unit} | {ms(pct(direct, .5))} | "
                        f"{ms(pct(via, .5))} | {ms(i.median)} | {_interval(added)} | {ms(i.width)} | "
                        f"{ms(pct(direct, .99))} | {ms(pct(via, .99))} | {ms(pct(via, .99) - pct(direct, .99))} |")
+    wide = [f"{endpoint} at {conc}, {kind} ({ms(median_interval(paired.added(kind)).width)})"
+            for (endpoint, conc), paired in sorted(results.paired.items()) if conc == 1
+            for kind in sorted(paired.direct)
+            if paired.added(kind) and median_interval(paired.added(kind)).width >= plan.ci_width_s]
+    out += ["", f"Target width at concurrency 1: {ms(plan.ci_width_s)} (each within "
+                f"{plan.paired_budget_s:g} s, at least {plan.paired_min} pairs): "
+                + (f"not reached by {'; '.join(wide)}." if wide else "reached by every interval.")]
     out += ["", "Between the routers, per step: what modelyard adds minus what router mode adds (below 0: "
                 "modelyard adds less); the ratio's range comes from both intervals (at least 90% together).", "",
             "| endpoint | concurrency | added p50, modelyard / router mode | ratio (range) | modelyard - router "
