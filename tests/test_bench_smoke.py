@@ -21,6 +21,8 @@ def test_bench_smoke_mode_writes_a_report_and_plots(tmp_path: Path, demo_models:
                     "Swap right after start-up", "Soak (modelyard only)"):
         assert section in report
     assert "| modelyard |" in report and "| llama-server router |" in report
+    for kind in ("modelyard", "llama-server router"):  # the all-resident workload with default threads too
+        assert f"| all resident, default threads | {kind} |" in report
     # Point 7's paired figures (each row with its interval), point 2's swap phases (every mark seen).
     for endpoint in ("tokenize", "chat, 1 token", "stream, first token"):
         assert f"| {endpoint} | 1 | modelyard | 4 pairs |" in report

@@ -4,4 +4,4 @@ This package's top level holds only the scenario names, so that `modelyard --hel
 declare the bench command without importing the harness (matplotlib, httpx): `__main__` imports it when run."""
 
 # What `--only` can name, in the order a whole run measures them.
-SCENARIOS = ("hot-path", "swaps", "busy", "resident", "scale", "fresh-swap", "soak")
+SCENARIOS = ("hot-path", "swaps", "busy", "resident", "resident-default", "scale", "fresh-swap", "soak")

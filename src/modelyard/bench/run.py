@@ -20,6 +20,9 @@ from modelyard.engine.install import LLAMA_CPP_BUILD
 # One compute thread per child: with the default (one per core), three resident models computing at once on
 # 2 cores spin against each other; the mixed workload then took 27-72 s instead of 3.9 s, for both routers.
 ENGINE_ARGS = ["-c", "2048", "--threads-http", "64", "--threads", "1"]
+# The all-resident workload once more with llama-server's default threads (issue 12 point 1): router mode's
+# children then each take every core; modelyard gives each child cores of its own (placement.py).
+DEFAULT_THREADS_ARGS = ["-c", "2048", "--threads-http", "64"]
 
 
 class SoakBarNotMet(RuntimeError):
@@ -46,7 +49,8 @@ def run_benchmark(mode: str, out: Path, binary: Path, log: Callable[[str], None]
         models_dir.mkdir()
         for name in ("a", "b", "c"):
             (models_dir / f"{name}.gguf").symlink_to(model)
-        setup = Setup(binary, models_dir, Path(tmp), ENGINE_ARGS, smollm2, model)
+        setup = Setup(binary, models_dir, Path(tmp), ENGINE_ARGS, smollm2, model,
+                      default_threads_args=DEFAULT_THREADS_ARGS)
         started = time.monotonic()
         results = run_all(setup, plan, log, only)
         log(f"measured in {time.monotonic() - started:.0f} s")

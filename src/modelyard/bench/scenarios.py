@@ -110,6 +110,7 @@ class Setup:
     smollm2: Path
     larger: Path  # the plan's `model`
     models: tuple[str, ...] = ("a", "b", "c")
+    default_threads_args: list[str] = field(default_factory=list)  # "resident-default": engine_args less --threads
 
 
 @dataclass
@@ -130,18 +131,21 @@ class Results:
     swap_marks: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # seconds since each swap's ask
 
 
+RESIDENT_DEFAULT = "all resident, default threads"
 MAX_WAIT_S = 3.0  # modelyard's --max-wait in the busy-model scenario (router mode has no such bound)
 SCALE_START_LIMIT_S = 600.0  # a router not answering /v1/models by then is reported as "did not start"
 
 
 @contextmanager
 def routers(setup: Setup, max_models: int, source: list[str] | None = None,
-            modelyard_args: tuple[str, ...] = ()) -> Iterator[dict[str, RouterProcess]]:
+            modelyard_args: tuple[str, ...] = (), engine_args: list[str] | None = None
+            ) -> Iterator[dict[str, RouterProcess]]:
     started: dict[str, RouterProcess] = {}
     try:
         for kind in KINDS:
             started[kind] = start_router(kind, setup.binary, source or ["--models-dir", str(setup.models_dir)],
-                                         max_models, setup.workdir, setup.engine_args, modelyard_args)
+                                         max_models, setup.workdir, engine_args or setup.engine_args,
+                                         modelyard_args)
         for router in started.values():
             router.wait_ready(120)
         yield started
@@ -490,6 +494,10 @@ def run_all(setup: Setup, plan: Plan, log: Any, only: frozenset[str] = frozenset
             log("4: mixed workload with all three models resident")
             with pair(len(setup.models)) as running:
                 asyncio.run(mixed(running, plan, "all resident", setup.models, results, preload=True))
+        if "resident-default" in only and setup.default_threads_args:
+            log("4b: the same with llama-server's default threads (modelyard places each child's threads)")
+            with routers(setup, len(setup.models), engine_args=setup.default_threads_args) as running:
+                asyncio.run(mixed(running, plan, RESIDENT_DEFAULT, setup.models, results, preload=True))
     if "scale" in only:
         log(f"6: scale ({', '.join(str(s) for s in plan.scale_sizes)} registered models)")
         scale(setup, plan.scale_sizes, results)
