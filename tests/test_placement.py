@@ -212,17 +212,19 @@ AUTO = {"--threads": "1", "--threads-batch": "1"}
 
 @pytest.mark.parametrize(("topology", "wish", "residents", "expected", "offloaded", "threads", "cpus", "args"), [
     pytest.param(ONE_CORE, NONE, [], n(1), False, 1, "0", AUTO, id="one-core"),
-    pytest.param(ONE_CORE, NONE, [r("a", {0})], n(2), False, 1, "0", AUTO, id="one-core-shared"),
+    pytest.param(ONE_CORE, NONE, [r("a", {0})], n(2), False, 1, "", AUTO, id="one-core-shared"),
     pytest.param(TWO, NONE, [], n(1), False, 2, "0-1", {"--threads": "2", "--threads-batch": "2"},
                  id="two-cores-one-model"),
     pytest.param(TWO, NONE, [], n(2), False, 1, "0", AUTO, id="two-cores-first-of-two"),
     pytest.param(TWO, NONE, [r("a", {0})], n(2), False, 1, "1", AUTO, id="two-cores-second-of-two"),
     pytest.param(TWO, NONE, [], n(3), False, 1, "0", AUTO, id="two-cores-first-of-three"),
-    pytest.param(TWO, NONE, [r("a", {0}), r("b", {1})], n(3), False, 1, "0", AUTO,
-                 id="two-cores-third-shares-the-first-core"),
-    pytest.param(TWO, NONE, [r("a", {0}), r("b", {1}), r("c", {0})], n(4), False, 1, "1", AUTO,
-                 id="two-cores-fourth-takes-the-least-loaded"),
-    pytest.param(TWO, NONE, [r("a", {0, 1})], n(1), False, 1, "0", AUTO,
+    # no core free: one thread confined to none, so the OS runs it where another child idles (pinned beside
+    # one, it waited while the other core idled: the all-resident bench took 3.02 s against 2.36 s)
+    pytest.param(TWO, NONE, [r("a", {0}), r("b", {1})], n(3), False, 1, "", AUTO,
+                 id="two-cores-third-runs-anywhere"),
+    pytest.param(TWO, NONE, [r("a", {0}), r("b", {1}), r("c", set())], n(4), False, 1, "", AUTO,
+                 id="two-cores-fourth-too"),
+    pytest.param(TWO, NONE, [r("a", {0, 1})], n(1), False, 1, "", AUTO,
                  id="no-core-free-one-thread-never-more"),
     pytest.param(SMT4, NONE, [], n(2), False, 2, "0-1,4-5", {"--threads": "2", "--threads-batch": "2"},
                  id="smt-a-core-comes-with-its-siblings-one-thread-per-core"),
@@ -243,7 +245,7 @@ AUTO = {"--threads": "1", "--threads-batch": "1"}
     pytest.param(TWO, NONE, [], n(2), True, 1, "0", AUTO, id="gpu-model-one-core"),
     pytest.param(SMT4, NONE, [], n(1), True, 2, "0,4", {"--threads": "2", "--threads-batch": "2"},
                  id="gpu-model-two-threads-on-one-smt-core"),
-    pytest.param(TWO, NONE, [r("a", {0}), r("b", {1})], n(3), True, 1, "0", AUTO, id="gpu-model-sharing"),
+    pytest.param(TWO, NONE, [r("a", {0}), r("b", {1})], n(3), True, 1, "", AUTO, id="gpu-model-sharing"),
     pytest.param(TWO, Wishes("4", "threads = 4"), [r("a", {0})], n(2), False, 4, "", {},
                  id="explicit-threads-win-and-no-cpus-are-imposed"),
     pytest.param(TWO, Wishes("4", "threads = 4", threads_batch="8"), [], n(1), True, 4, "", {},
@@ -274,8 +276,8 @@ def test_place(topology: Topology, wish: Wishes, residents: list[Resident], expe
     pytest.param(TWO, NONE, [], n(3), False, "1 thread on CPU 0: 1 core of 2 of its own, 3 models may be resident at "
                                              "once (--models-max 3)", id="own-cores"),
     pytest.param(TWO, NONE, [r("a", {0}), r("b", {1})], n(3), False,
-                 "1 thread on CPU 0, shared with 'a': each of the 2 cores already runs a model (--models-max 3)",
-                 id="shared"),
+                 "1 thread on any CPU: each of the 2 cores already runs a model (--models-max 3), so it is left "
+                 "free to run where one idles", id="shared"),
     pytest.param(ONE_CORE, NONE, [], n(1), False, "1 thread on CPU 0: the only core", id="only-core"),
     pytest.param(TWO, NONE, [], n(1), True, "1 thread on CPU 0: wholly offloaded to the GPU, its CPU work is light",
                  id="gpu"),
@@ -303,12 +305,12 @@ def test_the_resident_set_changing_between_loads() -> None:
         held[model] = place(TWO, NONE, residents, n(3), False)
         return format_cpus(held[model].cpus)
 
-    assert [load("a"), load("b"), load("c")] == ["0", "1", "0"]
+    assert [load("a"), load("b"), load("c")] == ["0", "1", ""]  # c: no core free, confined to none
     del held["b"]  # b is unloaded
     assert load("d") == "1"
     del held["a"]
-    assert load("e") == "0"  # c and d hold a core each: e shares the first
-    assert {m: format_cpus(p.cpus) for m, p in held.items()} == {"c": "0", "d": "1", "e": "0"}
+    assert load("e") == "0"  # c holds no core: e has the first to itself
+    assert {m: format_cpus(p.cpus) for m, p in held.items()} == {"c": "", "d": "1", "e": "0"}
 
 
 @settings(max_examples=200, deadline=None)
@@ -318,7 +320,8 @@ def test_random_loads_and_unloads_keep_children_off_each_others_cores(
         n_cores: int, smt: int, expected: int, ops: list[tuple[bool, int, bool]]) -> None:
     """Loads (some wholly on a GPU) and unloads in any order, never more models at once than expected: with
     no more models than cores no two share a core, and every child has one thread per core it holds (a GPU
-    child: one core, a thread per CPU of it, at most two); with more, each has one thread and one core."""
+    child: one core, a thread per CPU of it, at most two); a child placed when no core was free has one thread
+    and no core of its own."""
     topology = Topology(tuple(Core(tuple(core + n_cores * i for i in range(smt))) for core in range(n_cores)))
     held: dict[int, Placement] = {}
     for load, pick, gpu in ops:
@@ -328,15 +331,17 @@ def test_random_loads_and_unloads_keep_children_off_each_others_cores(
         elif not load:
             held.pop(pick, None)
         for placement in held.values():
+            if not placement.cpus:  # placed when no core was free
+                assert placement.threads == 1, placement
+                continue
             owned = [core for core in topology.cores if placement.cpus & set(core.cpus)]
             assert placement.cpus == frozenset(cpu for core in owned for cpu in core.cpus), placement
             assert placement.threads is not None and 1 <= placement.threads <= len(placement.cpus), placement
             assert placement.threads == len(owned) or (len(owned) == 1 and placement.threads <= 2), placement
+        sets = [p.cpus for p in held.values()]  # no two children confined to one core
+        assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:]), held
         if expected <= n_cores:
-            sets = [p.cpus for p in held.values()]
-            assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:]), held
-        else:  # one core each, shared as needed; one thread on it (two SMT threads for a GPU child at most)
-            assert all(len(p.cpus) == smt and (p.threads == 1 or "GPU" in p.reason) for p in held.values()), held
+            assert all(p.cpus for p in held.values()), held
 
 
 # --- the shell, in-process ----------------------------------------------------------------------------------------
@@ -390,7 +395,7 @@ async def test_each_load_is_placed_off_the_others_cores_and_shows_in_models(
         await rig.load(model)
     plans = {m: rig.fleet.children[m][0].plan for m in ("a", "b", "c")}
     assert {m: (sorted(p.cpus), p.argv[p.argv.index("--threads") + 1]) for m, p in plans.items()} == \
-        {"a": ([0], "1"), "b": ([1], "1"), "c": ([0], "1")}
+        {"a": ([0], "1"), "b": ([1], "1"), "c": ([], "1")}
     assert "--threads-batch" in plans["a"].argv
     assert any(rec.getMessage().startswith("loading a: 1 request(s) waiting; 1 thread on CPU 0: 1 core of 2 of its "
                                            "own, 3 models may be resident at once (--models-max 3)")
@@ -403,7 +408,8 @@ async def test_each_load_is_placed_off_the_others_cores_and_shows_in_models(
     assert listing["a"]["placement"] == {"threads": 1, "threads_batch": 1, "cpus": "0",
                                          "reason": "1 thread on CPU 0: 1 core of 2 of its own, 3 models may be "
                                                    "resident at once (--models-max 3)"}
-    assert listing["c"]["placement"]["reason"].startswith("1 thread on CPU 0, shared with 'a'")
+    assert listing["c"]["placement"]["cpus"] is None  # confined to none
+    assert listing["c"]["placement"]["reason"].startswith("1 thread on any CPU: each of the 2 cores already runs")
     assert listing["d"]["placement"] is None  # not running
 
     rig.manager.unload("b")  # b's core is free again, and the next load takes it
