@@ -108,7 +108,9 @@ async def test_post_models_downloads_with_router_modes_events_then_lists_it(http
     await anext(feed)
     gone = await http.delete("/models", params={"model": NAME})
     assert gone.status == 200 and await gone.json() == {"success": True}
-    assert [m async for m in feed][-1] == {"model": NAME, "event": "model_remove"}
+    removal = [m async for m in feed]
+    assert removal[-1] == {"model": NAME, "event": "model_remove"}
+    assert not any(m["event"] == "models_reload" for m in removal)  # router mode sends model_remove alone
     assert NAME not in await _listed(http) and cached_files(tmp_path / "hub") == []
 
 

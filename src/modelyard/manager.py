@@ -564,8 +564,9 @@ class ModelManager:
         if status != Status.STOPPING:  # a stopping model is already on its way out
             self._dispatch(UnloadRequested(config.name))
 
-    def reload(self) -> None:
-        """Re-read the model sources: add new models, drop removed ones, restart changed ones once idle."""
+    def reload(self, announce: bool = True) -> None:
+        """Re-read the model sources: add new models, drop removed ones, restart changed ones once idle.
+        `announce`: publish models_reload (router mode sends none after DELETE /models, only model_remove)."""
         fresh = self._source.load()
         old = self.catalog
         self.catalog = fresh
@@ -581,7 +582,8 @@ class ModelManager:
             running = record.config if record is not None else None
             restart = running is not None and running.launch_signature() != fresh.models[name].launch_signature()
             self._dispatch(ModelChanged(self._spec(fresh.models[name]), restart=restart))
-        self._publish(ModelsReloaded())
+        if announce:
+            self._publish(ModelsReloaded())
         self._spawn(self.estimate_memory())
         self._digest_files()
 

@@ -95,7 +95,7 @@ async def remove_cached(context: AppContext, name: str) -> None:
         await _stopped(manager, config)
         await asyncio.to_thread(_delete, manager, config.hub.ref, None)
         name = config.name
-    manager.reload()
+    manager.reload(announce=False)  # router mode sends model_remove alone
     manager.notify(events.REMOVED, name)
 
 
