@@ -29,6 +29,8 @@ from typing import Any
 
 from aiohttp import web
 
+from modelyard.digests import sha256_of
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -63,7 +65,7 @@ class FakeHub:
     cdn_url: str = ""
 
     def add(self, repo: str, path: str, source: Path, lfs: bool = True) -> HubFile:
-        digest = _sha256(source)
+        digest = sha256_of(source)
         size = source.stat().st_size
         stored = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{digest}\nsize {size}\n".encode() if lfs
                   else source.read_bytes())  # what git keeps: the LFS pointer, or the file itself
@@ -200,12 +202,6 @@ class FakeHub:
         return app
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as source:
-        while block := source.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextmanager

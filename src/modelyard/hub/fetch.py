@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from modelyard import __version__
+from modelyard.digests import sha256_of
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.hub.access import Hub
 from modelyard.hub.cache import repo_folder
@@ -182,7 +183,7 @@ def _download(location: str, headers: dict[str, str], blob: Path, expected: str,
                                f"{ATTEMPTS} times (last: {cause}); pull again to resume it") from None
             log.warning("download from %s interrupted (%s); resuming", location, cause)
             time.sleep(retry_delay)
-    actual = _sha256(partial) if len(expected) == 64 else _git_oid(partial)
+    actual = sha256_of(partial) if len(expected) == 64 else _git_oid(partial)
     if actual != expected:
         partial.unlink()
         raise HubError(ErrorKind.DOWNLOAD_FAILED, f"the downloaded file's hash is {actual}, the hub lists {expected}: "
@@ -220,14 +221,6 @@ def _get(location: str, headers: dict[str, str], partial: Path, have: int, size:
                 progress(done, total)
     if size is not None and done < size:
         raise _ShortRead(f"got {done} of {size} bytes")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as source:
-        while block := source.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _git_oid(path: Path) -> str:
