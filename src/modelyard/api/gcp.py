@@ -115,10 +115,6 @@ def target(request_format_value: str) -> str | None:
     return request_format_value if request_format_value in DISPATCHED else None
 
 
-def _error(kind: ErrorKind, message: str) -> dict[str, Any]:
-    return error_body(kind, message)
-
-
 async def predict(request: web.Request) -> web.Response:
     try:
         payload = await read_json_object(request, ' with an array field named "instances"')
@@ -137,19 +133,19 @@ async def predict(request: web.Request) -> web.Response:
 
 async def _predict_one(request: web.Request, instance: Any) -> Any:
     if not isinstance(instance, dict):
-        return _error(ErrorKind.BAD_REQUEST, "each instance must be a JSON object")
+        return error_body(ErrorKind.BAD_REQUEST, "each instance must be a JSON object")
     fmt = instance.get("@requestFormat")
     if not isinstance(fmt, str):
-        return _error(ErrorKind.BAD_REQUEST, "each instance must include a string @requestFormat")
+        return error_body(ErrorKind.BAD_REQUEST, "each instance must include a string @requestFormat")
     path = target(fmt)
     if path is None:
-        return _error(ErrorKind.BAD_REQUEST, f"no handler registered for @requestFormat: {fmt[:200]}; use a "
+        return error_body(ErrorKind.BAD_REQUEST, f"no handler registered for @requestFormat: {fmt[:200]}; use a "
                       f"model route's path or alias (chatCompletions, completions, embeddings, tokenize, ...)")
     method = "GET" if path in _ROUTER_OWN else "POST"
     scope = auth.required_scope(method, path, request.query)
     key = request[auth.API_KEY]
     if key is not None and scope is not None and not key.has(scope):
-        return _error(ErrorKind.FORBIDDEN, f"this API key ({key.label}) lacks the '{scope.value}' scope needed "
+        return error_body(ErrorKind.FORBIDDEN, f"this API key ({key.label}) lacks the '{scope.value}' scope needed "
                       f"for {method} {path}")
     if path in _ROUTER_OWN:
         return _json(await _ROUTER_OWN[path](request))
@@ -172,7 +168,7 @@ async def _model_request(request: web.Request, path: str, body: dict[str, Any]) 
         if not admins_cancel(record):
             activity.end(record, None, "the client went away")
             raise
-        status, prediction = ErrorKind.CANCELLED.status, _error(ErrorKind.CANCELLED, cancel_message(record.id))
+        status, prediction = ErrorKind.CANCELLED.status, error_body(ErrorKind.CANCELLED, cancel_message(record.id))
     except Exception as exc:
         activity.end(record, 500, f"internal error: {exc!r}")
         raise
@@ -192,14 +188,14 @@ async def _ask_model(request: web.Request, path: str, body: dict[str, Any], reco
         lease = await acquire(request, planned.model, openai.autoload_flag(request, context.settings.autoload),
                               planned.keep_alive, record=record)
     except ModelError as error:
-        return error.kind.status, _error(error.kind, error.message)
+        return error.kind.status, error_body(error.kind, error.message)
     try:
         async with lease.child.request("POST", path, body=planned.body,
                                        headers={"Content-Type": "application/json"}) as reply:
             answer = await reply.read()
             status = reply.status
     except ChildError as exc:
-        return ErrorKind.UPSTREAM.status, _error(ErrorKind.UPSTREAM, str(exc))
+        return ErrorKind.UPSTREAM.status, error_body(ErrorKind.UPSTREAM, str(exc))
     finally:
         manager.release(lease)
     context.activity.first_byte(record)
