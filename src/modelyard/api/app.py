@@ -20,7 +20,20 @@ from functools import partial, update_wrapper
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from modelyard.api import activity, auth, cors, downloads, gcp, insight, management, ollama, openai, ui
+from modelyard.api import (
+    activity,
+    auth,
+    cors,
+    disabled,
+    downloads,
+    gcp,
+    insight,
+    management,
+    ollama,
+    openai,
+    streams,
+    ui,
+)
 from modelyard.api.context import CONTEXT, AppContext
 from modelyard.api.errors import error_response
 from modelyard.api.json import json_response
@@ -96,17 +109,22 @@ async def api_key_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    asked = request.get(PREFIX, "") + request.path  # the path as the client wrote it
     try:
         return await handler(request)
     except web.HTTPNotFound:
-        return error_response(ErrorKind.NOT_FOUND, f"unknown endpoint {request.method} {asked}")
+        return error_response(ErrorKind.NOT_FOUND, f"unknown endpoint {request.method} {_as_asked(request)}")
     except web.HTTPMethodNotAllowed as exc:
         return error_response(ErrorKind.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on "
-                              f"{asked}; use {', '.join(sorted(exc.allowed_methods))}")
+                              f"{_as_asked(request)}; use {', '.join(sorted(exc.allowed_methods))}")
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[CONTEXT].settings.max_body_bytes
         return error_response(ErrorKind.TOO_LARGE, f"request body larger than {limit // 2**20} MiB")
+
+
+def _as_asked(request: web.Request) -> str:
+    """The path as the client wrote it (with the --api-prefix the app strips)."""
+    prefix: str = request.get(PREFIX, "")
+    return prefix + request.path
 
 
 MIDDLEWARES: tuple[Middleware, ...] = (browser_guard_middleware, preflight_middleware, error_middleware,
@@ -166,12 +184,14 @@ def prefix_middleware(prefix: str) -> Middleware:
         return error_response(ErrorKind.NOT_FOUND, f"unknown endpoint {request.method} {path}: this server "
                               f"serves under --api-prefix {prefix}; try {hint}")
 
+    outside_chain = _chain(_OUTSIDE, outside)
+
     @web.middleware
     async def serve_under_prefix(request: web.Request, handler: Handler) -> web.StreamResponse:
         # `handler` is the route of the whole path, which aiohttp resolved before any middleware ran: unused
         path = strip_prefix(prefix, request.rel_url.raw_path)
         if path is None:
-            return await _chain(_OUTSIDE, outside)(request)
+            return await outside_chain(request)
         inner = request.clone(rel_url=request.rel_url.with_path(path, encoded=True, keep_query=True))
         inner[PREFIX] = prefix
         match = await request.app.router.resolve(inner)
@@ -198,6 +218,8 @@ def build_app(context: AppContext) -> web.Application:
     management.add_routes(app)
     downloads.add_routes(app)
     openai.add_routes(app)
+    streams.add_routes(app)
+    disabled.add_routes(app)
     ollama.add_routes(app)
     activity.add_routes(app)
     ui.add_routes(app)

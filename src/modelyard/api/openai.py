@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from modelyard.api import auth, disabled, loading, multipart, streams
+from modelyard.api import auth, loading, multipart, streams
 from modelyard.api.activity import RECORD, acquire, names_model, router_metrics, tracked
 from modelyard.api.body import read_json_object
 from modelyard.api.context import CONTEXT
@@ -234,5 +234,3 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post(path, tracked(path, post_multipart))
     for path in GET_ROUTES:
         app.router.add_get(path, metrics if path == "/metrics" else get_by_query_model)
-    streams.add_routes(app)
-    disabled.add_routes(app)
