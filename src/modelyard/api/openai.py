@@ -112,8 +112,8 @@ async def _proxy_conversation(request: web.Request, conv_id: str, model: str, bo
         lease = await acquire(request, model, autoload, keep_alive, stream)
     except asyncio.CancelledError:
         if isinstance(body, bytes) and not _cancelled_by_admin(request):
-            streams.finish_detached(manager, session, model, autoload, keep_alive, request.method, request.path,
-                                    body or None, upstream_headers(request), _forward_query(request))
+            streams.finish_detached(manager, session, model, autoload, keep_alive, stream, request.method,
+                                    request.path, body or None, upstream_headers(request), _forward_query(request))
         else:
             session.settled()
         raise

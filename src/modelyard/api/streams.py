@@ -22,7 +22,6 @@ closing the connection to the child does not.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -186,22 +185,22 @@ async def _stop_session(session: Session, child: Child | None) -> None:
     """An admin cancelled a generation that has no client: stop the child's session, as a stop does."""
     session.state.conversations.forget(session.conv_id, None)
     if child is not None:
-        with contextlib.suppress(ChildError, TimeoutError):
-            async with asyncio.timeout(CHILD_TIMEOUT_S), child.request(
-                    "DELETE", "/v1/stream", params={"conv_id": session.conv_id}) as reply:
-                await reply.read()
+        await _child_stop(child, session.conv_id)
 
 
-def _is_stream(body: bytes | None) -> bool:
+async def _child_stop(child: Child, conv_id: str) -> None:
+    """Ask the child to stop and drop its session of `conv_id`; one that does not answer in time is left to
+    its own end (a stop is best effort, as router mode's is)."""
     try:
-        payload = orjson.loads(body or b"{}")
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(payload, dict) and payload.get("stream") is True
+        async with asyncio.timeout(CHILD_TIMEOUT_S), child.request(
+                "DELETE", "/v1/stream", params={"conv_id": conv_id}) as reply:
+            await reply.read()
+    except (ChildError, TimeoutError) as exc:
+        log.debug("could not stop conversation %s on its child: %r", conv_id, exc)
 
 
 def finish_detached(manager: ModelManager, session: Session, model: str, autoload: bool,
-                    keep_alive: float | None, method: str, path: str, body: bytes | None,
+                    keep_alive: float | None, stream: bool, method: str, path: str, body: bytes | None,
                     headers: Mapping[str, str], query: Mapping[str, str]) -> None:
     """The client left while its request waited for the model: load it anyway and send the request, reading
     the answer to its end, so that the child's session has the generation when the client comes back."""
@@ -209,7 +208,7 @@ def finish_detached(manager: ModelManager, session: Session, model: str, autoloa
     async def run() -> None:
         activity = session.state.activity
         record = _record(session)
-        activity.queued(record, model, _is_stream(body))
+        activity.queued(record, model, stream)
         lease: Lease | None = None
         try:
             try:
@@ -393,10 +392,7 @@ async def delete_stream(request: web.Request) -> web.Response:
     lease = None if model is None else await _running_lease(request, model)
     if isinstance(lease, Lease):
         try:
-            with contextlib.suppress(ChildError, TimeoutError):
-                async with asyncio.timeout(CHILD_TIMEOUT_S), lease.child.request(
-                        "DELETE", "/v1/stream", params={"conv_id": conv_id}) as reply:
-                    await reply.read()
+            await _child_stop(lease.child, conv_id)
         finally:
             request.app[CONTEXT].manager.release(lease)
     elif isinstance(lease, web.Response) and lease.status == ErrorKind.FORBIDDEN.status:
