@@ -99,6 +99,8 @@ def with_downloads(request: web.Request, data: list[dict[str, Any]], created: in
     meanwhile (status `downloading`, source `cache`; the cache's own `org/repo:QUANT` entry replaces it)."""
     manager = request.app[CONTEXT].manager
     active = {download.name: download for download in manager.downloads.active()}
+    if not active:  # the usual case: nothing to add or mark
+        return data
     for entry in data:
         config = manager.catalog.resolve(entry["id"])
         if config is not None and config.needs_download and config.hub is not None and config.hub.ref.name in active:
