@@ -13,6 +13,7 @@ build and publish steps.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import re
@@ -201,12 +202,13 @@ def install_ui(echo: Callable[[str], None], force: bool = False, retry: bool = F
         names = asset_names(dist)
         size = sum((dist / name).stat().st_size for name in names)
         _publish(dist, ui_dir())
-    except (UiBuildError, OSError, tarfile.TarError, RuntimeError, StopIteration) as exc:
+    except (OSError, tarfile.TarError, RuntimeError, StopIteration) as exc:  # UiBuildError is a RuntimeError
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if published is not None:  # a forced rebuild: the complete build in place stays in use
             return _said(echo, UiInstall(published, f"llama.cpp web UI rebuild failed: {reason} (log: {log}); "
                                                     f"the previous build stays in use"))
-        failure_file().write_text(reason + "\n")
+        with contextlib.suppress(OSError):  # an unwritable cache must not turn the one line into a traceback
+            failure_file().write_text(reason + "\n")
         return _said(echo, UiInstall(None, f"llama.cpp web UI not built: {reason} (log: {log}); / redirects "
                                            f"browsers to the dashboard at /ui"))
     finally:

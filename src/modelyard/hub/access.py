@@ -35,10 +35,6 @@ class Hub:
     def describe_token(self) -> str:
         return f"the token from {self.token.source}" if self.token else "no token (set HF_TOKEN or hf-token)"
 
-    def with_token(self, token: Token | None) -> Hub:
-        """This hub with a model's own token (`hf-token` in its preset), if it has one."""
-        return Hub(self.endpoint, self.cache, self.offline, token or self.token)
-
 
 def hub_from_environ(environ: Mapping[str, str] | None = None, token: Token | None = None) -> Hub:
     env = os.environ if environ is None else environ

@@ -6,8 +6,9 @@ huggingface_hub does the hub's protocol: the endpoint and headers (user agent, t
 ETag and size and the CDN location, and the hub's errors. The bytes are fetched here rather than by
 `hf_hub_download`, which keeps a partial download only within one call and checks no hash: a download writes
 to `blobs/<sha256>.incomplete`, resumes it with a Range request after an interruption (in the same pull or a
-later one, after a restart too), hashes as it writes, and becomes the blob, then a snapshot link, only once its
-size and sha256 match what the hub said. Free space is checked before the first byte.
+later one, after a restart too), is hashed whole once complete (a second read of the file), and becomes the
+blob, then a snapshot link, only once its size and sha256 match what the hub said. Free space is checked before
+the first byte.
 
 huggingface_hub and httpx2 are imported in the functions that use them, not at the top: importing them took
 0.16 s and 11 MiB of RSS at every `modelyard serve` (the manager imports this module), for downloads that most
