@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from modelyard.bench.stats import median_interval, settled
+from modelyard.bench.stats import differences, median_interval, settled
 
 DIRECT, VIA = "direct", "via router"
 CHECK_EVERY = 16  # steps between two looks at the intervals (sorting every step would cost more than the step)
@@ -50,11 +50,11 @@ class Paired:
     elapsed: float = 0.0
 
     def added(self, kind: str) -> list[float]:
-        return [v - d for v, d in zip(self.via[kind], self.direct[kind], strict=True)]
+        return differences(self.via[kind], self.direct[kind])
 
     def between(self, ours: str, theirs: str) -> list[float]:
         """Per step, what `ours` adds minus what `theirs` adds: the two routers compared at the same moment."""
-        return [a - b for a, b in zip(self.added(ours), self.added(theirs), strict=True)]
+        return differences(self.added(ours), self.added(theirs))
 
 
 def finished(kept: int, errors: int, elapsed: float, minimum: int, budget_s: float, narrow: bool) -> bool:
