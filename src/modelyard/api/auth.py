@@ -222,10 +222,15 @@ def authorise(keys: tuple[ApiKey, ...], headers: Mapping[str, str], method: str,
         return key or ANONYMOUS
     if key is None:
         return Refusal(401, "Invalid API Key")
-    if not key.has(scope):
-        return Refusal(403, f"this API key ({key.label}) lacks the '{scope.value}' scope needed for "
-                            f"{method} {canonical_path(path)}")
-    return key
+    lacking = scope_refusal(key, scope, method, path)
+    return key if lacking is None else Refusal(403, lacking)
+
+
+def scope_refusal(key: ApiKey, scope: Scope, method: str, path: str) -> str | None:
+    """Why `key` may not call `method path`, which needs `scope` (None: it may)."""
+    if key.has(scope):
+        return None
+    return f"this API key ({key.label}) lacks the '{scope.value}' scope needed for {method} {canonical_path(path)}"
 
 
 # --- what handlers ask, once they know the model ------------------------------------------------------------

@@ -140,13 +140,13 @@ async def _predict_one(request: web.Request, instance: Any) -> Any:
     path = target(fmt)
     if path is None:
         return error_body(ErrorKind.BAD_REQUEST, f"no handler registered for @requestFormat: {fmt[:200]}; use a "
-                      f"model route's path or alias (chatCompletions, completions, embeddings, tokenize, ...)")
+                          f"model route's path or alias (chatCompletions, completions, embeddings, tokenize, ...)")
     method = "GET" if path in _ROUTER_OWN else "POST"
     scope = auth.required_scope(method, path, request.query)
     key = request[auth.API_KEY]
-    if key is not None and scope is not None and not key.has(scope):
-        return error_body(ErrorKind.FORBIDDEN, f"this API key ({key.label}) lacks the '{scope.value}' scope needed "
-                      f"for {method} {path}")
+    lacking = None if key is None or scope is None else auth.scope_refusal(key, scope, method, path)
+    if lacking is not None:
+        return error_body(ErrorKind.FORBIDDEN, lacking)
     if path in _ROUTER_OWN:
         return _json(await _ROUTER_OWN[path](request))
     body = {k: v for k, v in instance.items() if k != "@requestFormat"}
