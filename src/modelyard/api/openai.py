@@ -81,9 +81,7 @@ async def _proxy(request: web.Request, model: str, body: bytes | AsyncIterable[b
         if conv_id:
             return await _proxy_conversation(request, conv_id, model, body, keep_alive, stream, autoload)
         if _loading_messages(request, model, autoload, stream):
-            return await loading.stream_while_loading(
-                request, manager, model, acquire(request, model, autoload, keep_alive, stream),
-                lambda lease, started: forward(request, lease.child, body, _forward_query(request), started))
+            return await _while_loading(request, model, body, keep_alive, stream, autoload)
         lease = await acquire(request, model, autoload, keep_alive, stream)
     except ModelError as error:
         return from_model_error(error)
@@ -91,6 +89,14 @@ async def _proxy(request: web.Request, model: str, body: bytes | AsyncIterable[b
         return await forward(request, lease.child, body, _forward_query(request))
     finally:
         manager.release(lease)
+
+
+async def _while_loading(request: web.Request, model: str, body: bytes | AsyncIterable[bytes],
+                         keep_alive: float | None, stream: bool, autoload: bool) -> web.StreamResponse:
+    """The answer that streams the load's messages, then the model's own stream (api/loading.py)."""
+    return await loading.stream_while_loading(
+        request, request.app[CONTEXT].manager, model, acquire(request, model, autoload, keep_alive, stream),
+        lambda lease, started: forward(request, lease.child, body, _forward_query(request), started))
 
 
 async def _proxy_conversation(request: web.Request, conv_id: str, model: str, body: bytes | AsyncIterable[bytes],
@@ -103,9 +109,7 @@ async def _proxy_conversation(request: web.Request, conv_id: str, model: str, bo
     session = streams.begin(request, conv_id, manager.resolve(model).name)
     if _loading_messages(request, model, autoload, stream):
         try:
-            return await loading.stream_while_loading(
-                request, manager, model, acquire(request, model, autoload, keep_alive, stream),
-                lambda lease, started: forward(request, lease.child, body, _forward_query(request), started))
+            return await _while_loading(request, model, body, keep_alive, stream, autoload)
         finally:
             session.settled()
     try:
