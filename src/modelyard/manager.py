@@ -39,7 +39,7 @@ from modelyard.background import BackgroundReader
 from modelyard.children import Child, ChildExited, ChildFactory, ProcessChild, free_port, new_child_key
 from modelyard.clock import Clock, MonotonicClock, Timer
 from modelyard.config.catalog import Catalog, ModelConfig, Sources, parse_engine_args
-from modelyard.config.options import TRUTHY, load_option_table
+from modelyard.config.options import load_option_table
 from modelyard.config.presets import ConfigError
 from modelyard.decisions import Waiting, explain_waiting
 from modelyard.digests import FileDigests
@@ -48,7 +48,7 @@ from modelyard.engine.install import cache_root
 from modelyard.engine.locate import locate_llama_server
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.feed import Feed
-from modelyard.hub.access import Token
+from modelyard.hub.access import router_access
 from modelyard.hub.cache import cache_dir
 from modelyard.hub.downloads import Download, Downloads
 from modelyard.hub.presets import router_presets
@@ -301,9 +301,7 @@ class ModelManager:
         manager = cls(sources, Engine(binary, table, router_port=router_port), catalog=sources.load(),
                       limits=limits, max_models=max_models, max_queue=max_queue, gpus=gpu_total_memory() > 0,
                       watchdog=watchdog, topology=read_topology())
-        token = sources.router_settings.get("--hf-token")
-        manager.downloads.token = Token(token, "--hf-token") if token else None
-        manager.downloads.offline = sources.router_settings.get("--offline", "false").lower() in TRUTHY
+        manager.downloads.token, manager.downloads.offline = router_access(sources.router_settings)
         return manager
 
     def _spec(self, config: ModelConfig) -> ModelSpec:

@@ -36,6 +36,13 @@ class Hub:
         return f"the token from {self.token.source}" if self.token else "no token (set HF_TOKEN or hf-token)"
 
 
+def router_access(settings: Mapping[str, str]) -> tuple[Token | None, bool]:
+    """The router command line's `--hf-token` and `--offline` (for every download and a -hf preset fetch)."""
+    token = settings.get("--hf-token")
+    return (Token(token, "--hf-token") if token else None,
+            settings.get("--offline", "false").lower() in TRUTHY)
+
+
 def hub_from_environ(environ: Mapping[str, str] | None = None, token: Token | None = None) -> Hub:
     env = os.environ if environ is None else environ
     endpoint = (env.get("MODEL_ENDPOINT") or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")

@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from modelyard.config.options import TRUTHY, OptionTable
+from modelyard.config.options import OptionTable
 from modelyard.config.presets import ConfigError, PresetFile, read_preset_file
-from modelyard.hub.access import Hub, Token, hub_from_environ
+from modelyard.hub.access import Hub, hub_from_environ, router_access
 from modelyard.hub.cache import cached_files
 from modelyard.hub.fetch import HubError, fetch, list_repo
 from modelyard.hub.refs import PRESET_FILE, HubRef, RefError, is_preset_repo, parse_ref
@@ -118,9 +118,9 @@ def router_presets(router_settings: Mapping[str, str], models_preset: Path | Non
     ref, rest = take_preset_repo(router_settings, models_preset)
     if ref is None:
         return models_preset, rest
-    token = rest.get("--hf-token")
-    hub = hub_from_environ(token=Token(token, "--hf-token") if token else None)
-    if rest.get("--offline", "false").lower() in TRUTHY:
+    token, offline = router_access(rest)
+    hub = hub_from_environ(token=token)
+    if offline:
         hub = replace(hub, offline=True)
     path = fetch_preset(hub, ref)
     problem = remote_preset_problem(read_preset_file(path, table), ref.repo)
