@@ -145,12 +145,13 @@ def test_a_stopped_child_ends_its_requests_and_is_loaded_again_a_working_one_is_
     assert router.client.post("/v1/chat/completions", json={**long, "max_tokens": 2}).status_code == 200
 
     # First, a child that is working is no stall: a non-streamed answer sends nothing until it ends, and
-    # llama-server's /slots counters show it is working (200 tokens take 2 to 8 s here; probes every 0.5 s).
+    # llama-server's /slots counters show it is working (400 tokens take 3 to 16 s here; probes every 0.5 s;
+    # 200 took only 1.45 s once one child had a core of its own).
     started = time.monotonic()
-    reply = router.client.post("/v1/chat/completions", json={**long, "max_tokens": 200})
+    reply = router.client.post("/v1/chat/completions", json={**long, "max_tokens": 400})
     took = time.monotonic() - started
     assert reply.status_code == 200, reply.text
-    assert reply.json()["usage"]["completion_tokens"] == 200
+    assert reply.json()["usage"]["completion_tokens"] == 400
     assert took > 1.5, f"{took:.1f} s is too short to show anything with a 1 s stall-timeout"
     assert router.status(SMOL) == "loaded"
 
