@@ -57,6 +57,7 @@ from modelyard.scheduler import (
     UnloadRequested,
     Waiter,
     eviction_choice,
+    held,
     load_order,
     overages,
     unload_refusal,
@@ -153,6 +154,13 @@ class Scenario:
     xfail: str = ""
 
 
+def slots_held(sched: Scheduler) -> int:
+    """The model slots the running models hold: every loading or loaded one, and each stopping one whose memory
+    the budgets do not guard (`held`, with its own room as the wanted one's: the fewest it may hold)."""
+    return sum(held(m.status, m.room, m.room, sched.limits).slots for m in sched.models.values()
+               if m.status in RUNNING)
+
+
 def run_scenario(scenario: Scenario) -> Scheduler:
     models = list(scenario.specs) if scenario.specs is not None else list(scenario.models)
     if scenario.limits is not None:
@@ -172,7 +180,7 @@ def run_scenario(scenario: Scenario) -> Scheduler:
             assert Counter(got) == Counter(expected), where
         else:
             assert got == expected, where
-        assert max_models <= 0 or sched.running_count() <= max_models, where
+        assert max_models <= 0 or slots_held(sched) <= max_models, where
         if any(a[0] == "start" for a in got):
             loads += sum(1 for a in got if a[0] == "start")
             assert not budget or sched.memory_used() <= budget, f"over the memory budget after {where}"
@@ -836,7 +844,7 @@ class Sim:
         sched = self.sched
         where = "\n".join(self.log)
         if self.max_models > 0:
-            assert sched.running_count() <= self.max_models, where
+            assert slots_held(sched) <= self.max_models, where
         status = {name: was for name, (was, _) in before.items()}  # followed through the action list
         for action in actions:
             match action:
@@ -2367,6 +2375,185 @@ PREFERENCE_SCENARIOS = [
 @pytest.mark.parametrize("scenario", PREFERENCE_SCENARIOS, ids=[s.id for s in PREFERENCE_SCENARIOS])
 def test_preference_scenario(scenario: Scenario) -> None:
     run_scenario(scenario)
+
+
+# --- overlap: the next model loads while the one it replaces drains and stops (issue 12 point 2) ---------------
+
+SWAP = Limits(max_models=1, memory_budget=10 * G, max_wait=1000.0)  # one slot, a 10 GiB budget
+
+OVERLAP_SCENARIOS = [
+    Scenario(
+        "overlap-the-next-load-starts-as-the-evicted-model-stops",
+        specs=(spec("A", 4), spec("B", 4)),
+        limits=SWAP,
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (Release(1), []),
+            (Acquire(2, "B"), [stop("A"), start("B")]),  # 4 + 4 GiB fit: B does not wait for A's exit
+            (loaded("B"), [grant(2, "B")]),
+            (exited("A"), []),
+        ],
+        final={"A": Status.UNLOADED, "B": Status.LOADED},
+    ),
+    Scenario(
+        "overlap-not-when-both-do-not-fit-the-memory-budget",
+        specs=(spec("A", 6), spec("B", 6)),
+        limits=SWAP,
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (Release(1), []),
+            (Acquire(2, "B"), [stop("A")]),  # 12 GiB > 10: A holds its memory until it has exited
+            (Tick(), []),
+            (exited("A"), [start("B")]),
+        ],
+        final={"A": Status.UNLOADED, "B": Status.LOADING},
+    ),
+    Scenario(
+        "overlap-not-without-a-memory-budget",  # nothing guards memory but --models-max: router mode's rule
+        specs=(spec("A", 4), spec("B", 4)),
+        limits=Limits(max_models=1, max_wait=1000.0),
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (Release(1), []),
+            (Acquire(2, "B"), [stop("A")]),
+            (exited("A"), [start("B")]),
+        ],
+        final={"A": Status.UNLOADED, "B": Status.LOADING},
+    ),
+    Scenario(
+        "overlap-not-when-the-next-models-footprint-is-unknown",
+        specs=(spec("A", 4), spec("B")),
+        limits=SWAP,
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (Release(1), []),
+            (Acquire(2, "B"), [stop("A")]),
+            (exited("A"), [start("B")]),
+        ],
+        final={"A": Status.UNLOADED, "B": Status.LOADING},
+    ),
+    Scenario(
+        "overlap-not-when-gpu-memory-has-no-budget",
+        specs=(gpu_spec("A", 1, 2), gpu_spec("B", 1, 2)),
+        limits=SWAP,  # no --gpu-memory-budget: the GPU part of either is unguarded
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (Release(1), []),
+            (Acquire(2, "B"), [stop("A")]),
+            (exited("A"), [start("B")]),
+        ],
+        final={"A": Status.UNLOADED, "B": Status.LOADING},
+    ),
+    Scenario(
+        "overlap-with-gpus-when-both-fit-each-budget",
+        specs=(gpu_spec("A", 1, 3), gpu_spec("B", 1, 3)),
+        limits=Limits(max_models=1, memory_budget=10 * G, gpu_memory_budget=8 * G, max_wait=1000.0),
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (Release(1), []),
+            (Acquire(2, "B"), [stop("A"), start("B")]),  # 3 + 3 GiB of GPU memory of 8
+        ],
+        final={"A": Status.STOPPING, "B": Status.LOADING},
+    ),
+    Scenario(
+        "overlap-not-when-the-gpu-budget-cannot-hold-both",
+        specs=(gpu_spec("A", 1, 5), gpu_spec("B", 1, 5)),
+        limits=Limits(max_models=1, memory_budget=10 * G, gpu_memory_budget=8 * G, max_wait=1000.0),
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (Release(1), []),
+            (Acquire(2, "B"), [stop("A")]),
+            (exited("A"), [start("B")]),
+        ],
+        final={"A": Status.UNLOADED, "B": Status.LOADING},
+    ),
+    Scenario(
+        "overlap-a-busy-model-drained-past-max-wait-drains-beside-the-next-load",
+        specs=(spec("A", 4), spec("B", 4)),
+        limits=Limits(max_models=1, memory_budget=10 * G, max_wait=10.0),
+        steps=[
+            At(0, Acquire(1, "A"), [start("A")]),
+            At(1, loaded("A"), [grant(1, "A")]),
+            At(2, Acquire(2, "B"), []),  # A is busy: B waits, up to max-wait
+            At(12, Tick(), [start("B")]),  # A drains (its request still runs) while B loads
+            At(13, loaded("B"), [grant(2, "B")]),
+            At(14, Release(1), [stop("A")]),
+            At(15, exited("A"), []),
+        ],
+        final={"A": Status.UNLOADED, "B": Status.LOADED},
+    ),
+    Scenario(
+        "overlap-a-stopping-model-holds-its-memory-for-a-third",
+        specs=(spec("A", 4), spec("B", 4), spec("C", 4)),
+        limits=Limits(max_models=2, memory_budget=10 * G, max_wait=1000.0),
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (Acquire(2, "B"), [start("B")]),
+            (loaded("A"), [grant(1, "A")]),
+            (loaded("B"), [grant(2, "B")]),
+            (Release(1), []),  # A idle, B busy
+            (Acquire(3, "C"), [stop("A")]),  # its slot is free, but 4 + 4 + 4 GiB > 10 until A has exited
+            (exited("A"), [start("C")]),
+        ],
+        final={"A": Status.UNLOADED, "B": Status.LOADED, "C": Status.LOADING},
+    ),
+    Scenario(
+        "overlap-a-stopping-model-wanted-again-waits-for-the-slot-like-any-other",
+        specs=(spec("A", 4), spec("B", 4)),
+        limits=SWAP,
+        steps=[
+            (Acquire(1, "A"), [start("A")]),
+            (loaded("A"), [grant(1, "A")]),
+            (Release(1), []),
+            (Acquire(2, "B"), [stop("A"), start("B")]),
+            (Acquire(3, "A"), []),  # for A's next instance; B holds the one slot
+            (exited("A"), []),
+            (loaded("B"), [grant(2, "B")]),
+            (Release(2), [stop("B"), start("A")]),  # the swap back overlaps too
+        ],
+        final={"A": Status.LOADING, "B": Status.STOPPING},
+        loads=3,
+    ),
+]
+
+
+@pytest.mark.parametrize("scenario", OVERLAP_SCENARIOS, ids=[s.id for s in OVERLAP_SCENARIOS])
+def test_overlap_scenario(scenario: Scenario) -> None:
+    run_scenario(scenario)
+
+
+@pytest.mark.parametrize(("status", "room", "wanted", "limits", "slots"), [
+    (Status.STOPPING, Room(4 * G, 0, 1), Room(4 * G, 0, 1), SWAP, 0),  # both guarded: memory only
+    (Status.LOADED, Room(4 * G, 0, 1), Room(4 * G, 0, 1), SWAP, 1),  # a loaded model holds its slot
+    (Status.LOADING, Room(4 * G, 0, 1), Room(4 * G, 0, 1), SWAP, 1),
+    (Status.STOPPING, Room(4 * G, 0, 1), Room(4 * G, 0, 1), Limits(max_models=1), 1),  # no memory budget
+    (Status.STOPPING, Room(0, 0, 1), Room(4 * G, 0, 1), SWAP, 1),  # its footprint unknown
+    (Status.STOPPING, Room(4 * G, 0, 1), Room(0, 0, 1), SWAP, 1),  # the wanted one's unknown
+    (Status.STOPPING, Room(4 * G, G, 1), Room(4 * G, 0, 1), SWAP, 1),  # GPU memory, no GPU budget
+    (Status.STOPPING, Room(4 * G, G, 1), Room(4 * G, G, 1), GB, 0),
+])
+def test_held_counts_a_stopping_models_slot_only_where_memory_is_unguarded(
+    status: Status, room: Room, wanted: Room, limits: Limits, slots: int
+) -> None:
+    got = held(status, room, wanted, limits)
+    assert (got.memory, got.gpu_memory, got.slots) == (room.memory, room.gpu_memory, slots)
+
+
+def test_a_swap_that_overlaps_explains_the_load_and_the_eviction() -> None:
+    sched = Scheduler([spec("A", 4), spec("B", 4)], SWAP)
+    sched.handle(Acquire(1, "A"), 0)
+    sched.handle(loaded("A"), 1)
+    sched.handle(Release(1), 2)
+    actions = sched.handle(Acquire(2, "B"), 3)
+    assert [(d.kind, d.cause, d.model) for d in actions if isinstance(d, Decided)] == [
+        (DecisionKind.EVICT, "lru", "A"), (DecisionKind.LOAD, "request", "B")]
 
 
 def _decided(actions: list[Action], kind: DecisionKind) -> list[tuple[str, str, str]]:

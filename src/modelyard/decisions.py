@@ -24,6 +24,7 @@ from modelyard.scheduler import (
     Overage,
     Room,
     Status,
+    held,
     human_duration,
     load_order,
     overages,
@@ -94,7 +95,7 @@ def _room_obstacles(board: Board, model: ModelSnapshot, oldest: float, now: floa
                     ) -> tuple[str, tuple[str, ...], float | None]:
     """What holds the room that `model` (first in line) needs, and which limits that room fills."""
     others = [m for m in board.models.values() if m.status in RUNNING and m.name != model.name]
-    need = sum((m.room for m in others), Room()) + model.room
+    need = sum((held(m.status, m.room, model.room, board.limits) for m in others), Room()) + model.room
     limits = overages(need, board.limits)
     if not limits:
         return f"about to load '{model.name}'", (), None

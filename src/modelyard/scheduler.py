@@ -6,9 +6,11 @@ handled at a given `now`; `next_deadline()` tells the shell when to send the nex
 (`manager.py`) turns actions into processes and requests, and reports back with events.
 
 Invariants kept here:
-- loading + loaded + stopping models never exceed `max_models` (0 = unlimited), and a load starts only if
-  the footprints of running models plus the new one fit in `memory_budget` and, for the part offloaded to
-  GPUs, in `gpu_memory_budget` (0 = unlimited);
+- loading + loaded models never exceed `max_models` (0 = unlimited), and a load starts only if the
+  footprints of running models (stopping ones included: a child holds its memory until it has exited) plus the
+  new one fit in `memory_budget` and, for the part offloaded to GPUs, in `gpu_memory_budget` (0 = unlimited);
+  a stopping model holds its model slot as well unless those budgets guard both its memory and the new one's
+  (`held`): then the next model's load starts while the previous one drains and stops (issue 12 point 2);
 - a model with a lease out (a request granted, proxied or not) is never stopped; a loading model is never
   evicted; a pinned model is never evicted by pressure or keep-alive, only by an explicit unload;
 - requests for one model share one load; a freshly loaded model is leased to its waiters in the same step,
@@ -311,6 +313,31 @@ class Room:
 def room_of(estimated: int, estimated_gpu: int, measured: int, measured_gpu: int) -> Room:
     """What one running model takes: what its child was measured using once it was, its estimate until then."""
     return Room(measured or estimated, measured_gpu if measured else estimated_gpu, 1)
+
+
+def held(status: Status, room: Room, wanted: Room, limits: Limits) -> Room:
+    """What a running model (in `status`, taking `room`) holds against the limits while a model taking `wanted`
+    waits to load: all of its room, except that a stopping model holds no model slot when the memory budgets
+    guard both models (each footprint known, a budget for each kind of memory either uses). Its memory it
+    holds until its process has exited, so the budgets still count it: the next load starts beside it only if
+    both fit at once.
+
+    Why --models-max does not count it then: router mode counts a stopping child until it is reaped (so no
+    swap overlaps), but what people mean by --models-max is a cap on the resources children take, and memory
+    is that resource, which the budget already counts exactly; a child on its way out does no work once its
+    requests are done. Counting its slot too made every `--models-max 1` swap wait for the old child's exit
+    before the new one started (the swap's stop phase, in series). Without a memory budget (0) or with an
+    unknown footprint, nothing else guards memory: the slot counts, as in router mode."""
+    if status != Status.STOPPING or not _guarded(room, limits) or not _guarded(wanted, limits):
+        return room
+    return Room(room.memory, room.gpu_memory, 0)
+
+
+def _guarded(room: Room, limits: Limits) -> bool:
+    """Whether the budgets account for all of `room`: its host memory is known and budgeted, and so is its GPU
+    memory if it has any."""
+    return (limits.memory_budget > 0 and room.memory > 0
+            and (room.gpu_memory == 0 or limits.gpu_memory_budget > 0))
 
 
 @dataclass(frozen=True)
@@ -833,27 +860,32 @@ class Scheduler:
                 for waiter in self._take_waiters(name):
                     self._reject(waiter.request_id, name, ErrorKind.TOO_BIG, too_big, actions)
                 continue
-            if claimed == Room() and self._fits(model, freed=Room()):
-                self._set_status(model, Status.LOADING, actions)
-                timeout = self._load_timeout(model)
-                self._set_load_deadline(model, self.now + timeout if timeout > 0 else None)
-                first = self._first_waiter(name)
-                waited = self.now - first.since
-                reason = f"{self.queued_for(name)} request(s) waiting" + (
-                    f", the first for {human_duration(waited)}" if waited >= 1 else "")
-                behind = overtaken(order, index)
-                if behind is not None and not overdue:
-                    reason += (f"; ahead of '{behind.model}' ({behind.waiting} waiting, the first for "
-                               f"{human_duration(self.now - behind.since)}): "
-                               + ("higher priority" if model.spec.priority > self.models[behind.model].spec.priority
-                                  else "more requests waiting"))
-                actions.append(Decided(DecisionKind.LOAD, "request", name, reason, first.request_id))
-                actions.append(StartLoad(name, reason))
-                continue
-            room = self._make_room(model, overdue, claimed, actions)
-            if room is None:
-                return  # the head of the line waits for room; later models must not take it
-            claimed = room
+            fits = claimed == Room() and self._fits(model, freed=Room())
+            if not fits:
+                room = self._make_room(model, overdue, claimed, actions)
+                if room is None:
+                    return  # the head of the line waits for room; later models must not take it
+                # The models just chosen to stop may hold only their memory now (`held`): if that leaves
+                # room, the load starts beside their drain and exit instead of after it.
+                fits = claimed == Room() and self._fits(model, freed=Room())
+                if not fits:
+                    claimed = room
+                    continue
+            self._set_status(model, Status.LOADING, actions)
+            timeout = self._load_timeout(model)
+            self._set_load_deadline(model, self.now + timeout if timeout > 0 else None)
+            first = self._first_waiter(name)
+            waited = self.now - first.since
+            reason = f"{self.queued_for(name)} request(s) waiting" + (
+                f", the first for {human_duration(waited)}" if waited >= 1 else "")
+            behind = overtaken(order, index)
+            if behind is not None and not overdue:
+                reason += (f"; ahead of '{behind.model}' ({behind.waiting} waiting, the first for "
+                           f"{human_duration(self.now - behind.since)}): "
+                           + ("higher priority" if model.spec.priority > self.models[behind.model].spec.priority
+                              else "more requests waiting"))
+            actions.append(Decided(DecisionKind.LOAD, "request", name, reason, first.request_id))
+            actions.append(StartLoad(name, reason))
 
     def _models_needing_load(self) -> list[InLine]:
         """Models with waiters and no instance, in the order they get room (`load_order`)."""
@@ -861,13 +893,19 @@ class Scheduler:
                           lambda n: self.models[n].spec.priority, self.now, self.limits.max_wait)
 
     def _fits(self, model: ModelState, freed: Room) -> bool:
-        used = Room(self.memory_used(), self.gpu_memory_used(), self.running_count())
-        return not overages(used - freed + model.room, self.limits)
+        return not overages(self._held_by(self._running_models(), model) - freed + model.room, self.limits)
+
+    def _running_models(self) -> list[ModelState]:
+        return [m for m in self.models.values() if m.status in RUNNING]
+
+    def _held_by(self, models: Iterable[ModelState], wanted: ModelState) -> Room:
+        """What `models` hold against the limits while `wanted` waits to load (`held`)."""
+        return sum((held(m.status, m.room, wanted.room, self.limits) for m in models), Room())
 
     def _make_room(self, model: ModelState, overdue: bool, claimed: Room, actions: list[Action]) -> Room | None:
         """Stop idle models, and busy ones too if `model` has waited past max_wait, but only if that is enough
         to make it fit (`_victims_for`). Returns the room now promised, or None."""
-        freed = self._pending_room() - claimed
+        freed = self._pending_room(model) - claimed
         promised = claimed + model.room
         if self._fits(model, freed):
             return promised  # children already stopping will make room: wait for them
@@ -920,12 +958,12 @@ class Scheduler:
             chosen.append((victim, ("lru", "")))
             freed += victim.room
 
-    def _pending_room(self) -> Room:
+    def _pending_room(self, wanted: ModelState) -> Room:
         """Memory and slots that children being stopped will hand back (draining ones count: they are
-        committed to stop), unless their model is wanted again."""
+        committed to stop), unless their model is wanted again: what they hold while `wanted` waits."""
         leaving = [m for m in self.models.values() if m.status == Status.STOPPING
                    and (m.removed or self.queued_for(m.name) == 0)]
-        return sum((m.room for m in leaving), Room())
+        return self._held_by(leaving, wanted)
 
     def _victims(self, busy_too: bool) -> list[ModelState]:
         candidates = [m for m in self.models.values()
