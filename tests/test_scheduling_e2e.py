@@ -1,10 +1,12 @@
 """Issue #4 through the whole stack with the fake engine (deterministic timings): swap-aware batching,
-pins refused at start; and the memory budget with the real model. Keep-alive, concurrency limits, the
+pins refused at start; and the memory budget with the real model, and a swap's next child started beside the
+old one's exit only when both fit it. Keep-alive, concurrency limits, the
 max-wait bound and a pinned model kept run in-process in test_fake_engine_e2e.py."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from pathlib import Path
@@ -180,3 +182,70 @@ def test_pinned_models_beyond_the_gpu_budget_are_refused_at_start(tmp_path: Path
                             timeout=120, env={**os.environ, **gpu_path(tmp_path)})
     assert result.returncode != 0
     assert "of GPU memory (x " in result.stderr and "but --gpu-memory-budget is 300 MiB" in result.stderr
+
+
+# --- overlap: a swap's next child starts while the old one stops, when both fit (issue 12 point 2) ----------
+
+def swap_events(router: Router, old: str, new: str) -> list[tuple[str, str]]:
+    """A request for `old`, then one for `new` (a swap with --models-max 1): the (model, status) of every
+    /models/sse event of the two, from the first request until `new` is loaded and `old` unloaded. The stream
+    is open before the requests are sent, so no event is missed; the requests run in a thread of their own."""
+    import threading
+
+    import httpx
+
+    seen: list[tuple[str, str]] = []
+    failures: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            with httpx.Client(base_url=router.url, timeout=120) as http:
+                for model in (old, new):
+                    http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1}
+                              ).raise_for_status()
+        except BaseException as exc:  # reported by the test's thread
+            failures.append(exc)
+
+    sender = threading.Thread(target=ask)
+    with router.client.stream("GET", "/models/sse") as stream:
+        sender.start()
+        for line in stream.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if event.get("model") in (old, new):
+                seen.append((event["model"], event["data"]["status"]))
+            if (new, "loaded") in seen and (old, "unloaded") in seen:
+                break
+    sender.join()
+    assert not failures, failures
+    return seen
+
+
+def smol_preset(tmp_path: Path, demo_models: dict[str, Path]) -> Path:
+    preset = tmp_path / "swap.ini"
+    model = demo_models["smollm2-135m-instruct"]
+    preset.write_text(f"[a]\nmodel = {model}\nc = 512\n[b]\nmodel = {model}\nc = 512\n")
+    return preset
+
+
+def test_a_swap_with_room_for_both_starts_the_next_child_before_the_old_one_exits(
+        tmp_path: Path, demo_models: dict[str, Path], start_router: Any) -> None:
+    router: Router = start_router("--models-preset", str(smol_preset(tmp_path, demo_models)),
+                                  "--models-max", "1", "--memory-budget", "2GiB")
+    seen = swap_events(router, "a", "b")
+    assert seen.index(("a", "stopping")) < seen.index(("b", "loading")) < seen.index(("a", "unloaded")), seen
+    args = entries(router)["b"]["status"]["args"]  # and modelyard's load-shortening defaults (engine/defaults)
+    assert "--no-warmup" in args and args[args.index("--fit") + 1] == "off"
+
+
+def test_a_swap_without_room_for_both_starts_the_next_child_once_the_old_one_has_exited(
+        tmp_path: Path, demo_models: dict[str, Path], start_router: Any) -> None:
+    from modelyard.memory import estimate_footprint, read_gguf
+
+    model = demo_models["smollm2-135m-instruct"]
+    one = estimate_footprint({"--model": str(model), "--ctx-size": "512"}, [read_gguf(model)]).memory
+    router: Router = start_router("--models-preset", str(smol_preset(tmp_path, demo_models)),
+                                  "--models-max", "1", "--memory-budget", str(one * 3 // 2))  # one, not two
+    seen = swap_events(router, "a", "b")
+    assert seen.index(("a", "stopping")) < seen.index(("a", "unloaded")) < seen.index(("b", "loading")), seen

@@ -44,6 +44,7 @@ from modelyard.config.presets import ConfigError
 from modelyard.decisions import Waiting, explain_waiting
 from modelyard.digests import FileDigests
 from modelyard.engine.command import Engine, launch_plan
+from modelyard.engine.defaults import child_defaults
 from modelyard.engine.install import cache_root
 from modelyard.engine.locate import locate_llama_server
 from modelyard.errors import ErrorKind, ModelError
@@ -336,8 +337,10 @@ class ModelManager:
 
     def launch_settings(self, config: ModelConfig) -> Mapping[str, str]:
         """The settings a child is started with: the model's, plus the context chosen to fit the memory
-        budget when llama-server would size it itself (see memory.fitted_settings)."""
-        return fitted_settings(config.settings, self.gguf_facts(config), self._gpus, self._budget)
+        budget when llama-server would size it itself (see memory.fitted_settings), plus modelyard's defaults
+        for children where unset (engine.defaults: what shortens a load)."""
+        return child_defaults(fitted_settings(config.settings, self.gguf_facts(config), self._gpus, self._budget),
+                              self._gpus)
 
     def served_context(self, config: ModelConfig) -> int:
         """The context (tokens, all slots) the model's instance serves, or would serve if loaded now; 0 if
