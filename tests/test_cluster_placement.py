@@ -1,14 +1,15 @@
 """Node placement (modelyard.cluster.placement): the rule as tables (loaded > loading > fits > evict > wait >
 refuse, the single node's Retry-After, `avoid`, draining nodes, `replicas = N`), and properties over any
 cluster state: a burst for one cold model loads it once, a model never goes to a node that cannot hold it,
-and the answer does not depend on the order the nodes are listed in."""
+the answer does not depend on the order the nodes are listed in, and what it predicts of a node is what that
+node's own scheduler then does with the request (a real Scheduler after a random history)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from modelyard.cluster.placement import (
@@ -26,13 +27,21 @@ from modelyard.errors import ErrorKind
 from modelyard.scheduler import (
     RUNNING,
     Acquire,
+    Decided,
+    DecisionKind,
+    Grant,
+    InstanceExited,
     Limits,
     LoadSucceeded,
     ModelSnapshot,
     ModelSpec,
+    Reject,
+    Release,
     Room,
     Scheduler,
+    StartLoad,
     Status,
+    UnloadRequested,
     overages,
     retry_after,
 )
@@ -317,3 +326,66 @@ def test_placement_properties(nodes: list[NodeState], model: str, burst: int, av
         view = [dispatched(n, model) if n.node == decision.node else n for n in view]
     if not any(n.queue_full for n in view):
         assert loads <= 1
+
+
+# --- one node: placement reads a node as its own scheduler decides ------------------------------------------------
+
+@st.composite
+def scheduler_states(draw: st.DrawFn) -> Scheduler:
+    """A single node's scheduler after a random history (requests, loads, releases, unloads, and the shell's
+    reports of loads done and children gone)."""
+    specs = [ModelSpec(f"m{i}", footprint=draw(st.integers(1, 3)) * G, pinned=draw(st.integers(0, 6)) == 0)
+             for i in range(4)]
+    limits = Limits(max_models=draw(st.integers(1, 3)), memory_budget=draw(st.sampled_from([0, 3 * G, 4 * G])),
+                    max_queue=64)
+    scheduler = Scheduler(specs, limits)
+    leases: list[int] = []
+    ops = st.tuples(st.sampled_from(["acquire", "acquire", "release", "release", "unload", "settle"]),
+                    st.integers(0, 3))
+    for rid, (kind, index) in enumerate(draw(st.lists(ops, max_size=30)), start=1):
+        name, now = f"m{index}", float(rid)
+        if kind == "acquire":
+            grants = [a for a in scheduler.handle(Acquire(rid, name), now) if isinstance(a, Grant)]
+            leases += [g.request_id for g in grants]
+        elif kind == "release" and leases:
+            scheduler.handle(Release(leases.pop(index % len(leases))), now)
+        elif kind == "unload" and scheduler.models[name].status in (Status.LOADING, Status.LOADED):
+            scheduler.handle(UnloadRequested(name), now)
+        # the shell's reports: loads done, stopped children gone (each only sometimes, so that loading and
+        # stopping models stay in the states too)
+        for model in list(scheduler.models.values()):
+            if kind == "settle" or draw(st.booleans()):
+                if model.status == Status.LOADING:
+                    actions = scheduler.handle(LoadSucceeded(model.name), now)
+                    leases += [a.request_id for a in actions if isinstance(a, Grant)]
+                elif model.status == Status.STOPPING and model.in_flight == 0:
+                    scheduler.handle(InstanceExited(model.name, 0), now)
+    return scheduler
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(scheduler=scheduler_states(), model=st.sampled_from(["m0", "m1", "m2", "m3"]))
+def test_placement_agrees_with_the_nodes_scheduler(scheduler: Scheduler, model: str) -> None:
+    """What placement predicts of a node is what that node's scheduler then does with the request: served at
+    once where loaded, a load started or a stop awaited where it fits, idle models evicted where they must make
+    room, waiting where only busy ones could, refused as the node would refuse it."""
+    # requests waiting only for models already loading: none of them competes with `model` for room (a model
+    # waiting for room ahead of it would get it first, which a node publishes as that model being awaited)
+    assume(all(scheduler.models[w.model].status == Status.LOADING for w in scheduler.queue))
+    decision = place([NodeState.of("a", scheduler.board())], model)
+    actions = scheduler.handle(Acquire(10_000, model), 100.0)
+    granted = any(isinstance(a, Grant) for a in actions)
+    loads = [a for a in actions if isinstance(a, StartLoad) and a.model == model]
+    evicted = [a for a in actions if isinstance(a, Decided) and a.kind == DecisionKind.EVICT]
+    rejected = [a for a in actions if isinstance(a, Reject)]
+    if isinstance(decision, Refusal):
+        assert [r.kind for r in rejected] == [decision.kind]
+        return
+    assert not rejected
+    expected = {Choice.LOADED: (True, False, False), Choice.LOADING: (False, False, False),
+                Choice.FITS: (False, None, False), Choice.EVICT: (False, False, True),
+                Choice.WAIT: (False, False, False)}[decision.choice]
+    assert granted == expected[0]
+    if expected[1] is not None:  # a model that fits starts now, or once children already stopping are gone
+        assert bool(loads) == expected[1]
+    assert bool(evicted) == expected[2]

@@ -33,7 +33,7 @@ from enum import StrEnum
 
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.memory import describe
-from modelyard.scheduler import RUNNING, Board, Limits, ModelSnapshot, Room, Status, overages, retry_after
+from modelyard.scheduler import RUNNING, Board, Limits, ModelSnapshot, Room, Status, held, overages, retry_after
 
 
 @dataclass(frozen=True)
@@ -130,16 +130,35 @@ def _held(models: Iterable[ModelSnapshot], which: Iterable[Status]) -> Room:
     return sum((m.room for m in models if m.status in statuses), Room())
 
 
+def _held_against(node: NodeState, models: Iterable[ModelSnapshot], wanted: ModelSnapshot) -> Room:
+    """What `models` hold on `node` while `wanted` waits to load there (scheduler.held: a stopping model's slot
+    may already be free, its memory is not)."""
+    return sum((held(m.status, m.room, wanted.room, node.limits) for m in models), Room())
+
+
 def _fits(node: NodeState, model: ModelSnapshot, freed: Room) -> bool:
     """Whether `model` fits beside what runs on `node` once `freed` is handed back (scheduler.overages: the one
     budget rule). The model's own running instance, if any, is not counted twice."""
-    used = _held(node.others(model.name), RUNNING)
+    used = _held_against(node, (m for m in node.others(model.name) if m.status in RUNNING), model)
     return not overages(used - freed + model.room, node.limits)
 
 
-def _leaving(node: NodeState, model: str) -> Room:
+def _leaving(node: NodeState, model: ModelSnapshot) -> Room:
     """What children already stopping there will hand back (no new eviction needed), unless wanted again."""
-    return sum((m.room for m in node.others(model) if m.status == Status.STOPPING and m.queued == 0), Room())
+    return _held_against(node, (m for m in node.others(model.name) if m.status == Status.STOPPING and m.queued == 0),
+                         model)
+
+
+def _fits_now(node: NodeState, model: str) -> bool:
+    """It fits there with no new eviction (children already stopping count as gone)."""
+    snapshot = node.models[model]
+    return _fits(node, snapshot, _leaving(node, snapshot))
+
+
+def _fits_evicting(node: NodeState, model: str) -> bool:
+    """It fits there once the idle models there stop too."""
+    snapshot = node.models[model]
+    return _fits(node, snapshot, _leaving(node, snapshot) + _held(idle_models(node, model), RUNNING))
 
 
 def idle_models(node: NodeState, model: str) -> list[ModelSnapshot]:
@@ -209,12 +228,11 @@ def place(nodes: Sequence[NodeState], model: str, *, autoload: bool = True,
         limits = ", ".join(f"{n.node} {n.limits.max_queue}" for n in sorted(possible, key=lambda n: n.node))
         return Refusal(ErrorKind.QUEUE_FULL, f"too many waiting requests on every node that could load '{model}' "
                                              f"({limits}); retry later", retry_after(ErrorKind.QUEUE_FULL))
-    fits = [n for n in candidates if _fits(n, n.models[model], _leaving(n, model))]
+    fits = [n for n in candidates if _fits_now(n, model)]
     chosen = _by_hash(model, fits)
     if chosen is not None:
         return Send(chosen.node, model, Choice.FITS, f"fits there without evicting ({len(fits)} node(s) would do)")
-    evictable = [n for n in candidates
-                 if _fits(n, n.models[model], _leaving(n, model) + _held(idle_models(n, model), RUNNING))]
+    evictable = [n for n in candidates if _fits_evicting(n, model)]
     chosen = _by_hash(model, evictable)
     if chosen is not None:
         idle = ", ".join(f"'{m.name}'" for m in idle_models(chosen, model))
@@ -230,7 +248,7 @@ def dispatched(node: NodeState, model: str) -> NodeState:
     fits there starts loading at once; one waiting for room is still awaited, which `place` also honours)."""
     snapshot = node.models[model]
     status = snapshot.status
-    if status in (Status.UNLOADED, Status.FAILED) and _fits(node, snapshot, _leaving(node, model)):
+    if status in (Status.UNLOADED, Status.FAILED) and _fits_now(node, model):
         status = Status.LOADING
     models = dict(node.models)
     models[model] = replace(snapshot, queued=snapshot.queued + 1, status=status)
@@ -247,9 +265,8 @@ def replica_loads(nodes: Sequence[NodeState], model: str, replicas: int) -> list
     if missing <= 0:
         return []
     cold = _ranked(model, (n for n in open_ if n.models[model].status in (Status.UNLOADED, Status.FAILED)))
-    fits = [n for n in cold if _fits(n, n.models[model], _leaving(n, model))]
-    evictable = [n for n in cold if n not in fits
-                 and _fits(n, n.models[model], _leaving(n, model) + _held(idle_models(n, model), RUNNING))]
+    fits = [n for n in cold if _fits_now(n, model)]
+    evictable = [n for n in cold if n not in fits and _fits_evicting(n, model)]
     sends = [Send(n.node, model, Choice.FITS, f"replica {len(running) + i + 1} of {replicas}: fits there")
              for i, n in enumerate(fits[:missing])]
     sends += [Send(n.node, model, Choice.EVICT,
