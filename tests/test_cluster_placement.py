@@ -382,10 +382,13 @@ def test_placement_agrees_with_the_nodes_scheduler(scheduler: Scheduler, model: 
         assert [r.kind for r in rejected] == [decision.kind]
         return
     assert not rejected
+    # (granted, load started, idle models evicted); None: either. A model that fits starts now, or once children
+    # already stopping are gone; one that evicts starts beside the evicted one when the budgets guard both
+    # (scheduler.held), else once it has exited
     expected = {Choice.LOADED: (True, False, False), Choice.LOADING: (False, False, False),
-                Choice.FITS: (False, None, False), Choice.EVICT: (False, False, True),
+                Choice.FITS: (False, None, False), Choice.EVICT: (False, None, True),
                 Choice.WAIT: (False, False, False)}[decision.choice]
     assert granted == expected[0]
-    if expected[1] is not None:  # a model that fits starts now, or once children already stopping are gone
+    if expected[1] is not None:
         assert bool(loads) == expected[1]
     assert bool(evicted) == expected[2]

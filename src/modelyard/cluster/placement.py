@@ -171,7 +171,9 @@ def idle_models(node: NodeState, model: str) -> list[ModelSnapshot]:
 
 def _never_fits(node: NodeState, model: ModelSnapshot) -> str:
     """Why `model` cannot be held on `node` however long it waits (pinned models there never make way), or
-    "": the node-level form of the scheduler's too-big refusal."""
+    "": the node-level form of the scheduler's too-big refusal (a model running there is never refused)."""
+    if model.status in RUNNING:
+        return ""
     pinned = _held((m for m in node.others(model.name) if m.pinned), (Status.LOADING, Status.LOADED))
     over = overages(pinned + model.room, node.limits)
     if not over:
