@@ -44,6 +44,7 @@ from modelyard.scheduler import (
     ModelChanged,
     ModelRemoved,
     ModelSpec,
+    ReadAhead,
     Reject,
     Release,
     Room,
@@ -861,6 +862,8 @@ class Sim:
                 case StartLoad(model=model):
                     assert status[model] == Status.LOADING, where
                     self.killed.discard(model)
+                case ReadAhead(model=model):  # only for a load to come: a running child has its files
+                    assert status[model] in (Status.UNLOADED, Status.FAILED), f"read-ahead of {model}\n{where}"
                 case KillInstance(model=model):
                     assert status[model] in RUNNING, f"kill of {model} that is {status[model]}\n{where}"
                     self.killed.add(model)
@@ -2554,6 +2557,40 @@ def test_a_swap_that_overlaps_explains_the_load_and_the_eviction() -> None:
     actions = sched.handle(Acquire(2, "B"), 3)
     assert [(d.kind, d.cause, d.model) for d in actions if isinstance(d, Decided)] == [
         (DecisionKind.EVICT, "lru", "A"), (DecisionKind.LOAD, "request", "B")]
+
+
+# --- read-ahead: the first request to wait for a model's load has its files read (issue 12 point 2) -----------
+
+def read_aheads(sched: Scheduler, steps: list[Event]) -> list[list[str]]:
+    """For each event in turn, the models whose files the scheduler asks to read ahead."""
+    return [[a.model for a in sched.handle(event, float(i)) if isinstance(a, ReadAhead)]
+            for i, event in enumerate(steps)]
+
+
+@pytest.mark.parametrize(("steps", "expected"), [
+    # a cold load: read ahead as it starts, once for all its waiters
+    ([Acquire(1, "A"), Acquire(2, "A"), loaded("A"), Acquire(3, "A")], [["A"], [], [], []]),
+    # waiting for room (A busy, one slot): read ahead while it waits, once
+    ([Acquire(1, "A"), loaded("A"), Acquire(2, "B"), Acquire(3, "B"), Release(1), exited("A")],
+     [["A"], [], ["B"], [], [], []]),
+    # autoload off: refused, nothing read
+    ([Acquire(1, "A", autoload=False)], [[]]),
+    # a failed model's next request reads it again (its next load)
+    ([Acquire(1, "A"), exited("A", 1), Acquire(2, "A")], [["A"], [], ["A"]]),
+    # a stopping model wanted again: its old child still maps the files, nothing to read
+    ([Acquire(1, "A"), loaded("A"), Release(1), UnloadRequested("A"), Acquire(2, "A"), exited("A")],
+     [["A"], [], [], [], [], []]),
+])
+def test_read_ahead_is_asked_once_when_a_request_starts_waiting_for_a_load(
+    steps: list[Event], expected: list[list[str]]
+) -> None:
+    assert read_aheads(Scheduler(["A", "B"], max_models=1), steps) == expected
+
+
+def test_read_ahead_comes_before_the_load_it_is_for() -> None:
+    actions = Scheduler(["A"]).handle(Acquire(1, "A"), 0)
+    kinds = [type(a).__name__ for a in actions if isinstance(a, (ReadAhead, StartLoad))]
+    assert kinds == ["ReadAhead", "StartLoad"]
 
 
 def _decided(actions: list[Action], kind: DecisionKind) -> list[tuple[str, str, str]]:

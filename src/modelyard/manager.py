@@ -81,7 +81,6 @@ from modelyard.scheduler import (
     RUNNING,
     Acquire,
     Action,
-    Board,
     Cancel,
     ChildUnhealthy,
     Decided,
@@ -98,6 +97,7 @@ from modelyard.scheduler import (
     ModelRemoved,
     ModelSnapshot,
     ModelSpec,
+    ReadAhead,
     Reject,
     Release,
     Room,
@@ -116,6 +116,22 @@ from modelyard.tasks import log_failure
 from modelyard.watchdog import Observation, WatchdogSettings, judge
 
 log = logging.getLogger(__name__)
+
+
+def read_ahead(paths: Sequence[Path]) -> None:
+    """Ask the kernel to read `paths` into the page cache (POSIX_FADV_WILLNEED: it queues the reads and returns),
+    so that a child about to load finds its model in memory rather than faulting it in page by page. Advice:
+    a file that cannot be opened or advised is logged, never raised (the load reports a missing file itself).
+    Blocking (the kernel may submit reads before it returns): run in a thread."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("could not read %s ahead: %s", path, exc)
 
 
 class CatalogSource(Protocol):
@@ -282,11 +298,6 @@ class ModelManager:
         self._idle = asyncio.Event()  # set while no request holds a lease, once draining
         self.draining = False
         self._timer_at: float | None = None
-        # The board's version, one more after each scheduler step, and the event its watchers wait on (made by
-        # the first watcher after a step: without watchers a step costs one increment). A cluster node's agent
-        # long-polls it to publish the node's state (docs/cluster.md): the status feed has no grants or releases.
-        self._board_version = 0
-        self._board_changed: asyncio.Event | None = None
 
     @classmethod
     def create(cls, *, models_dir: Path | None = None, models_preset: Path | None = None,
@@ -633,20 +644,6 @@ class ModelManager:
         """Why each waiting request still waits (modelyard.decisions), in queue order."""
         return explain_waiting(self._scheduler.board(), self._clock.now())
 
-    def board(self) -> Board:
-        """The scheduler's board, frozen copies: what a cluster node publishes of itself (cluster.placement)."""
-        return self._scheduler.board()
-
-    async def watch(self, version: int) -> tuple[int, Board]:
-        """The board and its version once a scheduler step has run after `version` (at once if one has): a
-        long-poll. Steps while the watcher is away coalesce into its next answer; a step that changed nothing
-        shown (a timer with nothing due) wakes it once with the same board."""
-        while self._board_version <= version:
-            if self._board_changed is None:
-                self._board_changed = asyncio.Event()
-            await self._board_changed.wait()
-        return self._board_version, self.board()
-
     def status_of(self, name: str) -> Status:
         return self._status(self.resolve(name).name)
 
@@ -677,10 +674,6 @@ class ModelManager:
         for action in self._scheduler.handle(event, self._clock.now()):
             self._execute(action)
         self._arm_timer()
-        self._board_version += 1
-        if self._board_changed is not None:
-            self._board_changed.set()
-            self._board_changed = None
         if self.draining and self._scheduler.leases_out() == 0:
             self._idle.set()
 
@@ -761,6 +754,10 @@ class ModelManager:
                     placement = None
                 log.info("loading %s: %s%s", model, reason, f"; {placement.reason}" if placement else "")
                 self._spawn(self._start_instance(model))
+            case ReadAhead(model=model):
+                config = self.catalog.models.get(model)
+                if config is not None:
+                    self._spawn(asyncio.to_thread(read_ahead, model_files(config.settings)))
             case StopInstance(model=model, reason=reason):
                 log.info("stopping %s: %s", model, reason)
                 self._spawn(self._stop_instance(model))

@@ -13,6 +13,7 @@ Invariants kept here:
   (`held`): then the next model's load starts while the previous one drains and stops (issue 12 point 2);
 - a model with a lease out (a request granted, proxied or not) is never stopped; a loading model is never
   evicted; a pinned model is never evicted by pressure or keep-alive, only by an explicit unload;
+- the first request that waits for a model's load has its files read ahead (`ReadAhead`), while it waits;
 - requests for one model share one load; a freshly loaded model is leased to its waiters in the same step,
   before anything can evict it (router mode's #28698);
 - evictions happen only if they make the waiting model fit; a model that cannot fit even alone is refused
@@ -200,6 +201,14 @@ class KillInstance:
 
 
 @dataclass(frozen=True)
+class ReadAhead:
+    """Have the kernel read the model's files into the page cache now: a request waits for its load (which
+    starts now or once there is room). Advice only: the shell never waits for it, and its failure is logged."""
+
+    model: str
+
+
+@dataclass(frozen=True)
 class Grant:
     request_id: int
     model: str
@@ -246,7 +255,7 @@ class Decided:
     request_id: int | None = None
 
 
-Action = StartLoad | StopInstance | KillInstance | Grant | Reject | StatusChanged | Decided
+Action = StartLoad | StopInstance | KillInstance | Grant | Reject | StatusChanged | Decided | ReadAhead
 
 
 # --- state ------------------------------------------------------------------------------------------------
@@ -604,6 +613,11 @@ class Scheduler:
             self._reject(event.request_id, event.model, kind, message, actions)
         else:
             self.queue.append(Waiter(event.request_id, event.model, self.now, event.autoload, event.keep_alive))
+            assert model is not None  # no refusal: it is known
+            if model.status in (Status.UNLOADED, Status.FAILED) and self.queued_for(model.name) == 1:
+                # The first request to wait for this model's load: its files are read while it waits for room
+                # (a drain, a stop) and while its child starts, rather than by the child's page faults.
+                actions.append(ReadAhead(model.name))
 
     def _refusal(self, event: Acquire, model: ModelState | None) -> tuple[ErrorKind, str] | None:
         if model is None or model.removed:

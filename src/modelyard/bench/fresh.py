@@ -2,7 +2,8 @@
 starts over fresh copies of the two demo models (real copies: new inodes, new mtimes) with an empty cache
 directory and HOME, so modelyard's GGUF and digest caches are empty and its background work (sha256 digests,
 GGUF parsing) runs exactly when the first requests do. One second after /health answers, a request for model
-A (a cold load), then one for B (a swap, `--models-max 1`): B's time to first token and the total. Router mode
+A (a cold load), then one for B (a swap, `--models-max 1`): B's time to first token and the total. The copies
+are out of the page cache when the router starts (written back, then dropped: POSIX_FADV_DONTNEED). Router mode
 runs on its own fresh copies of the same files; the bar is that modelyard is no slower."""
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def fresh_copies(directory: Path, a_source: Path, b_source: Path, extra_copies: 
         # slowed both routers' loads (router mode's swap took 2.6 s instead of its usual 1.1 s).
         with copy.open("rb") as written:
             os.fsync(written.fileno())
+            # And out of the page cache: a file never seen has never been read either. Just written, the copy
+            # was all in memory, so neither router's load read the disk, and read-ahead could not show.
+            os.posix_fadvise(written.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return models
 
 
