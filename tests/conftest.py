@@ -11,12 +11,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from modelyard.bench.processes import children_of, stop_gracefully
+from modelyard.bench.processes import child_pid, children_of, stop_gracefully
 from modelyard.demo import GEMMA3, SMOLLM2, default_models_dir
+from modelyard.engine.command import Endpoint
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
 
 TESTS = Path(__file__).parent
@@ -109,6 +111,19 @@ class Router:
             time.sleep(0.05)
         raise AssertionError(f"{model} never became {wanted} (is {self.status(model)})")
 
+    def endpoint(self, model: str) -> Endpoint:
+        """Where the child of `model` listens, as /models lists it (status.args)."""
+        entry = next(m for m in self.client.get("/models").json()["data"] if m["id"] == model)
+        endpoint = Endpoint.of_args(entry["status"]["args"])
+        assert endpoint is not None, entry["status"]["args"]
+        return endpoint
+
+    def child_pid(self, model: str) -> int:
+        """The process of the child of `model` (found by the endpoint its command line names)."""
+        pid = child_pid(self.proc.pid, self.endpoint(model))
+        assert pid is not None, f"no child of modelyard listens on {self.endpoint(model)}: {self.children()}"
+        return pid
+
     def children(self) -> list[int]:
         """The router's model children. Not its background reader, which runs while it hashes and parses model
         files new to this machine (on a fresh machine, during the first tests: a clean CI runner)."""
@@ -122,6 +137,14 @@ class Router:
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
         assert not leftovers, f"children outlived modelyard: {leftovers}"
+
+
+def direct_client(endpoint: Endpoint, **kwargs: Any) -> httpx.Client:
+    """An HTTP client straight to a child, bypassing modelyard: over its Unix socket, or its loopback port."""
+    if endpoint.socket is not None:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(endpoint.socket)), base_url="http://localhost",
+                            **kwargs)
+    return httpx.Client(base_url=f"http://127.0.0.1:{endpoint.port}", **kwargs)
 
 
 def _is_background_reader(pid: int) -> bool:

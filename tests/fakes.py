@@ -131,12 +131,13 @@ def ok_json(child: FakeChild, method: str, path: str, body: bytes | None) -> Fak
 class FakeChild:
     """One fake child. Its requests are answered by `handler` (by default a small JSON body at once)."""
 
-    def __init__(self, model: str, plan: LaunchPlan, port: int, on_state: StateCallback,
+    def __init__(self, model: str, plan: LaunchPlan, on_state: StateCallback,
                  clock: FakeClock, log: ModelLog | None = None) -> None:
         self.model = model
         self.plan = plan
         self.argv = plan.argv
-        self.port: int | None = port
+        self.endpoint = plan.endpoint
+        self.port: int | None = plan.endpoint.port if plan.endpoint.socket is None else None
         self.info: Mapping[str, Any] = {}
         self.clock = clock
         self.on_state = on_state  # what it reports of itself: the test calls it (or on_progress)
@@ -259,9 +260,8 @@ class FakeFleet:
         self._made = asyncio.Condition()
         self.prepare: Callable[[FakeChild], None] = lambda child: None
 
-    def __call__(self, model: str, plan: LaunchPlan, port: int, on_state: StateCallback,
-                 log: ModelLog) -> FakeChild:
-        child = FakeChild(model, plan, port, on_state, self.clock, log)
+    def __call__(self, model: str, plan: LaunchPlan, on_state: StateCallback, log: ModelLog) -> FakeChild:
+        child = FakeChild(model, plan, on_state, self.clock, log)
         self.prepare(child)
         self.children.setdefault(model, []).append(child)
         asyncio.get_running_loop().create_task(self._signal())

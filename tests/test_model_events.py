@@ -18,7 +18,7 @@ from modelyard.children import ProcessChild
 from modelyard.config.catalog import parse_engine_args
 from modelyard.config.options import EngineOption, OptionTable, value_error
 from modelyard.config.presets import ConfigError, read_preset_file
-from modelyard.engine.command import Engine, LaunchPlan, Readiness
+from modelyard.engine.command import Endpoint, Engine, LaunchPlan, Readiness
 from modelyard.manager import FeedEvent, ModelManager, ModelNotice, ModelsReloaded, StatusEvent
 from modelyard.memory import GgufCache
 from modelyard.scheduler import Status
@@ -59,7 +59,7 @@ def test_sse_message(event: FeedEvent, message: dict[str, Any]) -> None:
 
 async def test_a_child_reports_progress_sleep_and_wake_and_keeps_its_first_ready_info() -> None:
     reports: list[tuple[str, dict[str, Any]]] = []
-    child = ProcessChild("a", LaunchPlan(("llama-server",), {}, Readiness.ROUTER_PROTOCOL), 1,
+    child = ProcessChild("a", LaunchPlan(("llama-server",), {}, Readiness.ROUTER_PROTOCOL, Endpoint(port=1)),
                          lambda state, payload: reports.append((state, dict(payload))))
     for line in (b'{"state": "loading", "payload": {"value": 0.5}}', b'{"state": "ready", "payload": {"id": "a"}}',
                  b'{"state": "sleeping", "payload": {}}', b"not json", b"[1]", b'{"state": "ready", "payload": 7}',

@@ -47,6 +47,7 @@ from modelyard.bench.processes import (
     stop_all,
 )
 from modelyard.demo import SMOLLM2
+from modelyard.engine.command import Endpoint
 from tests.fake_hub import COMMIT, FakeHub, running
 from tests.shapes import Shape, differences, shape
 
@@ -143,6 +144,11 @@ DELIBERATE: tuple[Explained, ...] = (
     Explained(r"GET /(v1/)?models.*", rf"extra \$\.data\[\]\.{LISTING_EXTRAS}",
               "modelyard's own fields (its path, requests in flight and queued, memory, keep-alive, pin, "
               "priority, its child's threads and CPUs)"),
+    Explained(r"GET /models: one loaded", r"status\.args listen on port != socket",
+              "modelyard's llama-server children listen on a Unix socket (`--host <dir>/<n>.sock`, no --port) in a "
+              "directory only its user may enter: no other local user can connect, and the new connection every "
+              "stream opens (llama-server closes it after a chunked answer) costs less than over loopback TCP; "
+              "router mode's children listen on loopback ports"),
     Explained(r"GET /(v1/)?models.*", r"extra \$\.data\[\]\.status\.failed",
               "modelyard always says whether a model failed (router mode only when it did)"),
     Explained(r"GET /(v1/)?models.*", r"extra \$\.memory(\..*)?", "modelyard's memory budget and use"),
@@ -378,6 +384,9 @@ class Run:
         return response
 
 
+LISTENS = "listens on"  # Run.seen: what the loaded model's status.args say its child listens on
+
+
 def lifecycle(client: httpx.Client) -> Run:
     """Listings with nothing loaded, bad loads and unloads, a load, a swap (--models-max 1), an unload."""
     run = Run()
@@ -392,7 +401,9 @@ def lifecycle(client: httpx.Client) -> Run:
     run.ask(client, "POST /models/load: good", "POST", "/models/load", json={"model": SMOL})
     wait_status(client, SMOL, "loaded")
     run.ask(client, "POST /models/load: already loaded", "POST", "/models/load", json={"model": SMOL})
-    run.ask(client, "GET /models: one loaded", "GET", "/models")
+    listed = run.ask(client, "GET /models: one loaded", "GET", "/models").json()["data"]
+    endpoint = Endpoint.of_args(next(e for e in listed if e["id"] == SMOL)["status"]["args"])
+    run.seen[LISTENS] = "none" if endpoint is None else "socket" if endpoint.socket is not None else "port"
     run.ask(client, "GET /v1/models: one loaded", "GET", "/v1/models")
     run.ask(client, "POST /models/load: another, a swap", "POST", "/models/load", json={"model": SMOL_B})
     wait_status(client, SMOL_B, "loaded")
@@ -428,6 +439,14 @@ def lifecycle_runs(pair: Pair) -> tuple[Run, Run]:
 def test_management(step: str, lifecycle_runs: tuple[Run, Run]) -> None:
     router, modelyard = lifecycle_runs
     judge(step, compare(router.answers[step], modelyard.answers[step]))
+
+
+def test_where_a_loaded_model_s_child_listens(lifecycle_runs: tuple[Run, Run]) -> None:
+    """What the loaded model's status.args say its child listens on (a port or a Unix socket)."""
+    router, modelyard = lifecycle_runs
+    assert router.seen[LISTENS] == "port"  # router mode's, as /models lists it
+    found = [f"status.args listen on {router.seen[LISTENS]} != {modelyard.seen[LISTENS]}"]
+    judge("GET /models: one loaded", found if router.seen[LISTENS] != modelyard.seen[LISTENS] else [])
 
 
 def event_sequence(messages: list[dict[str, Any]], model: str, modelyard: bool) -> list[tuple[str, Shape]]:

@@ -246,8 +246,9 @@ def test_requests_right_after_a_stream_are_not_sent_on_a_closed_connection(share
 
 
 def test_the_child_session_never_reuses_a_connection_after_a_stream(models_dir: Path, start_router: Any) -> None:
-    """The same, deterministically, on the pooled client modelyard keeps per child: a plain aiohttp session
-    sent straight after a stream fails every time on this llama-server; modelyard's never does."""
+    """The same, deterministically, on the pooled client modelyard keeps per child, over the child's Unix
+    socket: a plain aiohttp session sent straight after a stream fails every time on this llama-server (on a
+    socket as over TCP); modelyard's never does."""
     import aiohttp
 
     from modelyard.children import new_child_session
@@ -256,8 +257,9 @@ def test_the_child_session_never_reuses_a_connection_after_a_stream(models_dir: 
     # modelyard's own session failed once in a clean-clone run (cause not found yet; see the closing note).
     router: Router = start_router("--models-dir", str(models_dir))
     client(router).completions.create(model="smol", prompt="warm", **SMALL)
-    args = next(m for m in router.client.get("/models").json()["data"] if m["id"] == "smol")["status"]["args"]
-    url = f"http://127.0.0.1:{args[args.index('--port') + 1]}/v1/chat/completions"
+    socket_path = router.endpoint("smol").socket
+    assert socket_path is not None
+    url = "http://localhost/v1/chat/completions"
     child = _child_pid(router, "smol")
     environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
     key = next(e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"LLAMA_API_KEY="))
@@ -277,7 +279,8 @@ def test_the_child_session_never_reuses_a_connection_after_a_stream(models_dir: 
         return failed
 
     async def both() -> tuple[int, int]:
-        return await failures(new_child_session()), await failures(aiohttp.ClientSession())
+        return (await failures(new_child_session(socket_path=socket_path)),
+                await failures(aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(socket_path)))))
 
     ours, plain = asyncio.run(both())
     assert ours == 0

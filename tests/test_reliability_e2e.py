@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import Router, fake_cmd
+from tests.conftest import Router, direct_client, fake_cmd
 
 SMOL = "smol"
 CHAT = {"messages": [{"role": "user", "content": "Tell me a very long story about trains."}], "temperature": 0}
@@ -43,19 +43,6 @@ def _until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 def _entry(router: Router, model: str) -> dict[str, Any]:
     data = router.client.get("/models").json()["data"]
     return next(dict(m) for m in data if m["id"] == model)
-
-
-def _port(router: Router, model: str) -> int:
-    args = _entry(router, model)["status"]["args"]
-    return int(args[args.index("--port") + 1])
-
-
-def _pid_on_port(router: Router, port: int) -> int:
-    for pid in router.children():
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if b"--port" in argv and argv[argv.index(b"--port") + 1] == str(port).encode():
-            return pid
-    raise AssertionError(f"no child of modelyard listens on port {port}: {router.children()}")
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -107,14 +94,13 @@ def test_a_child_answers_only_modelyard(models_dir: Path, start_router: Any) -> 
     assert with_x_key.status_code == 200, with_x_key.text
     assert httpx.post(router.url + "/v1/chat/completions", json=body, timeout=60).status_code == 401
 
-    port = _port(router, SMOL)
-    pid = _pid_on_port(router, port)
-    child_url = f"http://127.0.0.1:{port}"
+    pid = router.child_pid(SMOL)
+    child = direct_client(router.endpoint(SMOL), timeout=60)
     direct = {k: v for k, v in body.items() if k != "model"}
-    # Straight to the child: no key, or modelyard's own key, is refused.
-    assert httpx.post(child_url + "/v1/chat/completions", json=direct, timeout=60).status_code == 401
-    as_client = httpx.post(child_url + "/v1/chat/completions", json=direct, timeout=60,
-                           headers={"Authorization": f"Bearer {router_key}"})
+    # Straight to the child (on its socket, which modelyard's user can reach): no key, or modelyard's own
+    # key, is refused.
+    assert child.post("/v1/chat/completions", json=direct).status_code == 401
+    as_client = child.post("/v1/chat/completions", json=direct, headers={"Authorization": f"Bearer {router_key}"})
     assert as_client.status_code == 401
 
     # Its key is in its environment only (any local user can read argv), and is not the router's.
@@ -126,12 +112,12 @@ def test_a_child_answers_only_modelyard(models_dir: Path, start_router: Any) -> 
 
     # Even with its key, the child never tells a foreign page it may read the answer.
     keyed = {"Authorization": f"Bearer {child_key}", "Origin": EVIL}
-    answered = httpx.post(child_url + "/v1/chat/completions", json=direct, headers=keyed, timeout=60)
+    answered = child.post("/v1/chat/completions", json=direct, headers=keyed)
     assert answered.status_code == 200
     assert answered.headers.get("Access-Control-Allow-Origin", "").endswith(".invalid")  # no page has it
-    preflight = httpx.options(child_url + "/v1/chat/completions", timeout=10,
-                              headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"})
+    preflight = child.options("/v1/chat/completions", headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"})
     assert preflight.headers.get("Access-Control-Allow-Origin", "").endswith(".invalid")
+    child.close()
 
 
 # -- 2. wedged children and load timeouts --
@@ -156,7 +142,7 @@ def test_a_stopped_child_ends_its_requests_and_is_loaded_again_a_working_one_is_
     assert router.status(SMOL) == "loaded"
 
     # A stream in flight when the child is STOPped ends with an error event and [DONE].
-    pid = _pid_on_port(router, _port(router, SMOL))
+    pid = router.child_pid(SMOL)
     with router.client.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as response:
         assert response.status_code == 200
         events = _data_lines(response.iter_lines())
@@ -178,7 +164,7 @@ def test_a_stopped_child_ends_its_requests_and_is_loaded_again_a_working_one_is_
     # The next request loads it again.
     again = router.client.post("/v1/chat/completions", json={**long, "max_tokens": 2})
     assert again.status_code == 200, again.text
-    second = _pid_on_port(router, _port(router, SMOL))
+    second = router.child_pid(SMOL)
     assert second != pid
 
     # A non-streamed request in flight on a STOPped child gets a 502 (it has no answer headers yet).
@@ -201,7 +187,7 @@ def test_a_stopped_child_ends_its_requests_and_is_loaded_again_a_working_one_is_
         assert response.status_code == 200
         lines = response.iter_lines()
         next(lines)
-        third = _pid_on_port(router, _port(router, SMOL))
+        third = router.child_pid(SMOL)
         os.kill(third, signal.SIGSTOP)
         tail = [json.loads(line) for line in lines if line]
     assert "failed mid-stream" in tail[-1]["error"], tail[-1]
@@ -228,7 +214,7 @@ def test_requests_racing_a_child_s_death_get_502_or_503_never_500(models_dir: Pa
                 router.wait_status(SMOL, "loaded")
                 target = len(statuses) + 20
                 _until(lambda: len(statuses) > target, 30, "requests are being answered")  # noqa: B023
-                os.kill(_pid_on_port(router, _port(router, SMOL)), signal.SIGKILL)
+                os.kill(router.child_pid(SMOL), signal.SIGKILL)
                 _until(lambda: router.status(SMOL) != "loaded", 10, "the death is noticed")
         finally:
             done = True

@@ -20,7 +20,7 @@ from modelyard.api.context import AppContext, ServerSettings
 from modelyard.children import ChildError, ProcessChild
 from modelyard.config.catalog import Catalog
 from modelyard.config.options import OptionTable
-from modelyard.engine.command import CHILD_KEY_ENV, Engine, LaunchPlan, Readiness
+from modelyard.engine.command import CHILD_KEY_ENV, Endpoint, Engine, LaunchPlan, Readiness
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.manager import FeedEvent, ModelManager, ModelsReloaded
 from modelyard.memory import GgufCache
@@ -202,8 +202,8 @@ async def test_a_grant_to_a_child_that_just_exited_is_an_upstream_error(shell: S
 
 
 async def test_a_real_child_that_is_gone_refuses_requests_with_a_child_error() -> None:
-    plan = LaunchPlan(("llama-server",), {CHILD_KEY_ENV: "k"}, Readiness.ROUTER_PROTOCOL)
-    child = ProcessChild("a", plan, 1)
+    plan = LaunchPlan(("llama-server",), {CHILD_KEY_ENV: "k"}, Readiness.ROUTER_PROTOCOL, Endpoint(port=1))
+    child = ProcessChild("a", plan)
     with pytest.raises(ChildError, match=r"exited|failed"):
         async with child.request("POST", "/v1/chat/completions", body=b"{}"):
             pass

@@ -9,10 +9,13 @@ Children never outlive modelyard: each gets PR_SET_PDEATHSIG=SIGKILL (Linux), ll
 when their stdin (a pipe from modelyard) closes, and every child runs in its own process group so a kill
 reaches anything it started.
 
-Children are reachable only through modelyard: each gets a random key that only modelyard knows, through its
-environment (never argv, which every local user can read), and modelyard adds it to every request it forwards;
-a direct call answers 401. llama-server reads it as LLAMA_API_KEY; other engines find it as MODELYARD_CHILD_KEY.
-Their CORS origin is pinned to an origin no page has, so a child never tells a browser it may read it.
+Children are reachable only through modelyard: a llama-server child listens on a Unix socket in a directory
+only modelyard's user may enter (ChildSockets: 0700, one per modelyard process, removed when it stops; each
+socket file goes when its child exits), other engines on a loopback port. Each also gets a random key that
+only modelyard knows, through its environment (never argv, which every local user can read), and modelyard
+adds it to every request it forwards; a direct call answers 401. llama-server reads it as LLAMA_API_KEY;
+other engines find it as MODELYARD_CHILD_KEY. Their CORS origin is pinned to an origin no page has, so a
+child never tells a browser it may read it.
 """
 
 from __future__ import annotations
@@ -20,13 +23,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
+import itertools
 import json
 import logging
 import os
+import re
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -36,7 +44,7 @@ import aiohttp
 from aiohttp.connector import Connection
 from multidict import CIMultiDictProxy
 
-from modelyard.engine.command import CHILD_KEY_ENV, LaunchPlan, Readiness
+from modelyard.engine.command import CHILD_KEY_ENV, SOCKET_SUFFIX, Endpoint, LaunchPlan, Readiness
 from modelyard.logbook import ModelLog
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,10 @@ _SUMMARY_LINES = 8  # the child's last lines quoted in its failure message
 _HEALTH_POLL_S = 0.02
 _MAX_LINE = 1 << 20  # as router mode caps child lines
 _PR_SET_PDEATHSIG = 1
+# sockaddr_un.sun_path holds 108 bytes on Linux (104 on macOS), its terminating NUL included.
+_SUN_PATH_MAX = 104 if sys.platform == "darwin" else 108
+_SOCKETS_PREFIX = "modelyard-"  # ChildSockets' directories: modelyard-<pid>-<random>
+_LOCK_FILE = ".lock"
 
 
 def free_port() -> int:
@@ -55,6 +67,95 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def socket_fits(path: Path) -> bool:
+    """Whether a Unix socket can be bound at `path` (sockaddr_un's limit)."""
+    return len(os.fsencode(path)) < _SUN_PATH_MAX
+
+
+def owner_pid(name: str) -> int | None:
+    """The pid of the modelyard that made a ChildSockets directory of that name; None for another name."""
+    found = re.fullmatch(re.escape(_SOCKETS_PREFIX) + r"(\d+)-[^/]+", name)
+    return int(found.group(1)) if found else None
+
+
+def sockets_base(environ: Mapping[str, str]) -> Path:
+    """Where ChildSockets makes its directory: the user's runtime directory (XDG_RUNTIME_DIR, private and
+    emptied at logout) when set, else the temporary directory (TMPDIR, else /tmp)."""
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    return Path(runtime) if runtime and Path(runtime).is_dir() else Path(tempfile.gettempdir())
+
+
+class ChildSockets:
+    """The private directory of this modelyard's children's Unix sockets: made on the first socket asked for
+    (mode 0700, so no other local user can connect; a fresh name per modelyard process, so two never share
+    one), a new socket path for every child (a stale file left by a crash never blocks the next child: a
+    llama-server refuses to bind an existing path), removed with everything left in it by `close`. The
+    directories of modelyard processes that died without closing theirs (SIGKILL) are removed when the next
+    one is made: each holds a lock on its `.lock` file while it lives (a lock, not its pid, which may be
+    another pid namespace's). Where sockets are unavailable (no AF_UNIX, a path too long for sun_path, a
+    directory that cannot be made) `path` says None and the child listens on a loopback port instead."""
+
+    def __init__(self, base: Path | None = None) -> None:
+        self._base = base
+        self._dir: Path | None = None
+        self._lock: int | None = None  # the descriptor holding the directory's lock
+        self._failed = False
+        self._numbers = itertools.count(1)
+
+    @property
+    def directory(self) -> Path | None:
+        return self._dir
+
+    def path(self) -> Path | None:
+        """A socket path no child of this modelyard has used, or None (see the class)."""
+        if self._failed or not hasattr(socket, "AF_UNIX"):
+            return None
+        if self._dir is None:
+            base = self._base or sockets_base(os.environ)
+            try:
+                _remove_stale(base)
+                self._dir = Path(tempfile.mkdtemp(prefix=f"{_SOCKETS_PREFIX}{os.getpid()}-", dir=base))
+                self._lock = os.open(self._dir / _LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                log.warning("children listen on loopback ports: no directory for their sockets in %s (%s)",
+                            base, exc)
+                self._failed = True
+                return None
+        path = self._dir / f"{next(self._numbers)}{SOCKET_SUFFIX}"
+        if not socket_fits(path):
+            log.warning("children listen on loopback ports: %s is too long for a Unix socket", path)
+            self._failed = True
+            return None
+        return path
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+def _remove_stale(base: Path) -> None:
+    """Remove the socket directories in `base` whose modelyard is gone: this user's, with a `.lock` file that
+    no process holds (one without is being made right now, or not modelyard's: kept)."""
+    with contextlib.suppress(OSError):
+        for entry in base.iterdir():
+            if owner_pid(entry.name) is None:
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_symlink() or not entry.is_dir() or entry.stat().st_uid != os.getuid():
+                    continue
+                lock = os.open(entry / _LOCK_FILE, os.O_RDWR)
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its modelyard lives
+                    shutil.rmtree(entry, ignore_errors=True)
+                finally:
+                    os.close(lock)
 
 
 class ChildExited(Exception):
@@ -89,7 +190,8 @@ class Child(Protocol):
 
     model: str
     argv: tuple[str, ...]
-    port: int | None
+    endpoint: Endpoint  # where it listens (its plan's)
+    port: int | None  # its loopback port; None on a Unix socket
     info: Mapping[str, Any]
     ready: asyncio.Future[None]
     exited: asyncio.Future[int]
@@ -116,8 +218,8 @@ class Child(Protocol):
 # its load progress, `sleeping` when --sleep-idle-seconds freed its model, `ready` again once a request woke it
 # (its first `ready` resolves Child.ready instead). (state, payload).
 StateCallback = Callable[[str, Mapping[str, Any]], None]
-# (model, plan, port, on_state, the model's log ring) -> a child, not started yet
-ChildFactory = Callable[[str, LaunchPlan, int, StateCallback, ModelLog], Child]
+# (model, plan, on_state, the model's log ring) -> a child, not started yet
+ChildFactory = Callable[[str, LaunchPlan, StateCallback, ModelLog], Child]
 
 
 def _die_with_parent() -> None:
@@ -154,7 +256,10 @@ async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
 
 class _NoReuseAfterChunked(aiohttp.ClientResponse):
     """llama-server closes a connection after a chunked (streamed) answer without a `Connection: close`
-    header; reused, it fails the next request ("Server disconnected"). So such a connection is never pooled."""
+    header; reused, it fails the next request ("Server disconnected"). So such a connection is never pooled.
+    Still so over a Unix socket (b11434: of four streams in a row on one pooled session, the second and the
+    fourth failed; plain answers reuse their connection), where the new connection each stream then opens is
+    the cheaper one (Endpoint)."""
 
     async def start(self, connection: Connection) -> aiohttp.ClientResponse:
         response = await super().start(connection)
@@ -163,11 +268,16 @@ class _NoReuseAfterChunked(aiohttp.ClientResponse):
         return response
 
 
-def new_child_session(max_connections: int = 0) -> aiohttp.ClientSession:
-    """The pooled client of one child: keep-alive connections, at most `max_connections` (0 = no limit), no
-    timeout on long generations (the watchdog handles stalls). Idle connections are dropped before the child's
-    own 5 s keep-alive timeout, so a request never goes out on a connection the child is closing."""
-    connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=4)
+def new_child_session(max_connections: int = 0, socket_path: Path | None = None) -> aiohttp.ClientSession:
+    """The pooled client of one child (on its Unix socket at `socket_path`, else over TCP): keep-alive
+    connections, at most `max_connections` (0 = no limit), no timeout on long generations (the watchdog
+    handles stalls). Idle connections are dropped before the child's own 5 s keep-alive timeout, so a request
+    never goes out on a connection the child is closing."""
+    connector: aiohttp.BaseConnector
+    if socket_path is not None:
+        connector = aiohttp.UnixConnector(str(socket_path), limit=max_connections, keepalive_timeout=4)
+    else:
+        connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=4)
     timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                  skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
@@ -220,15 +330,17 @@ class _ProcessReply:
 
 
 class ProcessChild:
-    """A child process serving one model over loopback HTTP."""
+    """A child process serving one model over HTTP, on its plan's endpoint."""
 
-    def __init__(self, model: str, plan: LaunchPlan, port: int, on_state: StateCallback | None = None,
+    def __init__(self, model: str, plan: LaunchPlan, on_state: StateCallback | None = None,
                  log: ModelLog | None = None) -> None:
         self.model = model
         self.plan = plan
         self.argv = plan.argv
-        self.port: int | None = port
-        self.base_url = f"http://127.0.0.1:{port}"
+        self.endpoint = plan.endpoint
+        self.port: int | None = None if plan.endpoint.socket is not None else plan.endpoint.port
+        # over a socket the host part only fills the Host header (llama-server reads none)
+        self.base_url = "http://localhost" if self.port is None else f"http://127.0.0.1:{self.port}"
         self.info: Mapping[str, Any] = {}
         self._log = log or ModelLog(model)
         self._log_mark = self._log.mark()  # its own lines start here
@@ -262,7 +374,8 @@ class ProcessChild:
 
     async def start(self) -> None:
         self.started_at = time.monotonic()
-        log.info("starting %s on port %s: %s", self.model, self.port, " ".join(self.plan.argv))
+        log.info("starting %s on %s: %s", self.model, self.endpoint, " ".join(self.plan.argv))
+        self._remove_socket()  # a path is never given twice; should a file be there, it would block the bind
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.plan.argv, env=dict(self.plan.env), stdin=asyncio.subprocess.PIPE,
@@ -271,7 +384,7 @@ class ProcessChild:
         finally:
             self._spawned.set_result(self._proc is not None)
         self._check_cpus(self._proc.pid)
-        self._session = new_child_session(self.plan.max_connections)
+        self._session = new_child_session(self.plan.max_connections, self.endpoint.socket)
         self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr()),
                        asyncio.create_task(self._watch_exit())]
         if self.plan.readiness == Readiness.HTTP_HEALTH:
@@ -426,6 +539,7 @@ class ProcessChild:
         # Let the pipe readers drain so the failure message quotes the child's last words.
         await asyncio.wait(self._tasks[:2], timeout=0.5)
         self.kill()  # anything the child left in its process group goes too
+        self._remove_socket()  # llama-server leaves its socket file behind when it exits
         if self._session is not None:
             await self._session.close()
         if not self.ready.done():
@@ -439,6 +553,11 @@ class ProcessChild:
                 self._mark_ready()
                 return
             await asyncio.sleep(_HEALTH_POLL_S)
+
+    def _remove_socket(self) -> None:
+        if self.endpoint.socket is not None:
+            with contextlib.suppress(OSError):
+                self.endpoint.socket.unlink(missing_ok=True)
 
     def _mark_ready(self) -> None:
         if not self.ready.done():

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from modelyard.background import BackgroundReader
-from modelyard.children import Child, ChildExited, ChildFactory, ProcessChild, free_port, new_child_key
+from modelyard.children import Child, ChildExited, ChildFactory, ChildSockets, ProcessChild, free_port, new_child_key
 from modelyard.clock import Clock, MonotonicClock, Timer
 from modelyard.config.catalog import Catalog, ModelConfig, Sources, parse_engine_args
 from modelyard.config.options import load_option_table
@@ -282,6 +282,7 @@ class ModelManager:
         self._scheduler = Scheduler([self._spec(c) for c in self.catalog.models.values()], limits,
                                     max_models=max_models, max_queue=max_queue)
         self._running: dict[str, _Running] = {}
+        self._sockets = ChildSockets()  # where llama-server children listen (made on the first load)
         self._topology = topology
         # The placement of each model's child, from its StartLoad until it is unloaded or failed: set as the
         # load is started, before its child exists, so that loads started together see each other's cores.
@@ -465,6 +466,7 @@ class ModelManager:
             await asyncio.wait_for(asyncio.gather(*(c.exited for c in children)), deadline)
         for child in children:
             child.kill("modelyard is shutting down")
+        self._sockets.close()
         for task in list(self._tasks):
             task.cancel()
 
@@ -813,8 +815,9 @@ class ModelManager:
                 settings = {**settings, **placement.args}
             pin = placement is not None and self._topology is not None and self._topology.can_pin
             plan = launch_plan(dataclasses.replace(config, settings=settings), self._engine, port, new_child_key(),
-                               cpus=placement.cpus if pin and placement is not None else frozenset())
-            child = self._new_child(model, plan, port, lambda state, payload: self._on_child_state(
+                               cpus=placement.cpus if pin and placement is not None else frozenset(),
+                               socket=self._sockets.path())
+            child = self._new_child(model, plan, lambda state, payload: self._on_child_state(
                 model, state, payload), self.logbook.of(model))
         except Exception as exc:
             log.exception("could not prepare the child of %s", model)
@@ -864,7 +867,7 @@ class ModelManager:
         finally:
             self.files.resume()  # the load is over, either way
         if ready:
-            log.info("%s ready in %.2f s (pid %s, port %s)", child.model, child.load_seconds, child.pid, child.port)
+            log.info("%s ready in %.2f s (pid %s, %s)", child.model, child.load_seconds, child.pid, child.endpoint)
             self._dispatch(LoadSucceeded(child.model))
             await self._measure()
         code = await child.exited

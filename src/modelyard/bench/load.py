@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,9 +18,15 @@ import aiohttp
 POOL_IDLE_S = 5.5  # longer than both modelyard's (4 s) and llama-server's (5 s) keep-alive timeouts
 
 
-def new_session(concurrency: int, force_close: bool = False) -> aiohttp.ClientSession:
-    """A client of at most `concurrency` connections, kept alive unless `force_close` (one per request)."""
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=force_close)
+def new_session(concurrency: int, force_close: bool = False, socket_path: Path | None = None
+                ) -> aiohttp.ClientSession:
+    """A client of at most `concurrency` connections, kept alive unless `force_close` (one per request), over
+    TCP or, with `socket_path`, to the Unix socket there (a modelyard child, called "direct")."""
+    connector: aiohttp.BaseConnector
+    if socket_path is not None:
+        connector = aiohttp.UnixConnector(str(socket_path), limit=concurrency, force_close=force_close)
+    else:
+        connector = aiohttp.TCPConnector(limit=concurrency, force_close=force_close)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600))
 
 

@@ -1,19 +1,23 @@
-"""Start the two routers under test (and find their children), and read what each process costs."""
+"""Start the two routers under test (and find their children, on the endpoint each listens on: router mode's on
+loopback ports, modelyard's llama-server children on Unix sockets), and read what each process costs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 
-from modelyard.engine.command import CHILD_KEY_ENV
+from modelyard.bench.load import new_session
+from modelyard.engine.command import CHILD_KEY_ENV, Endpoint
 
 MODELYARD = "modelyard"
 ROUTER_MODE = "llama-server router"
@@ -24,6 +28,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server the bench calls: a router, or a router's child "direct" on its own endpoint (over its Unix
+    socket for a modelyard child, so that "direct" stays the child's own cost), with the headers it needs."""
+
+    url: str  # the base URL (over a socket its host part only fills the Host header)
+    headers: dict[str, str] = field(default_factory=dict)
+    socket: Path | None = None
+
+    def session(self, concurrency: int, force_close: bool = False) -> aiohttp.ClientSession:
+        return new_session(concurrency, force_close, self.socket)
 
 
 @dataclass
@@ -57,29 +74,29 @@ class RouterProcess:
                 time.sleep(0.02)
         raise TimeoutError(f"{self.kind} was not ready after {timeout:.0f} s")
 
-    def child_port(self, model: str) -> int:
-        """The port of the child serving `model`, from /models (status.args, as both routers list it)."""
+    def child_endpoint(self, model: str) -> Endpoint:
+        """Where the child serving `model` listens, from /models (status.args, as both routers list it)."""
         listing = httpx.get(self.url + "/models", timeout=30).json()["data"]
         entry = next(m for m in listing if m["id"] == model)
-        args = entry["status"]["args"]
-        return int(args[args.index("--port") + 1])
+        endpoint = Endpoint.of_args(entry["status"]["args"])
+        if endpoint is None:
+            raise RuntimeError(f"{self.kind} lists no endpoint for {model}: {entry['status']['args']}")
+        return endpoint
 
-    def child_target(self, model: str) -> tuple[str, dict[str, str]]:
-        """The loopback URL of the child serving `model` (from /models status.args), and the headers a direct
-        call needs: modelyard's children answer only with their key, which the bench (the same user) reads from
+    def child_target(self, model: str) -> Target:
+        """The child serving `model` (its endpoint from /models status.args), and the headers a direct call
+        needs: modelyard's children answer only with their key, which the bench (the same user) reads from
         the child's environment, as only modelyard and root can."""
-        port = self.child_port(model)
-        for pid in self.children():
-            try:
-                if f"--port\0{port}\0" not in Path(f"/proc/{pid}/cmdline").read_text():
-                    continue
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            for item in environ:
-                if item.startswith(CHILD_KEY_ENV.encode() + b"="):
-                    return f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {item.split(b'=', 1)[1].decode()}"}
-        return f"http://127.0.0.1:{port}", {}
+        endpoint = self.child_endpoint(model)
+        url = "http://localhost" if endpoint.socket is not None else f"http://127.0.0.1:{endpoint.port}"
+        pid = child_pid(self.pid, endpoint)
+        headers = {}
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    if item.startswith(CHILD_KEY_ENV.encode() + b"="):
+                        headers = {"Authorization": f"Bearer {item.split(b'=', 1)[1].decode()}"}
+        return Target(url, headers, endpoint.socket)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the router process itself (children excluded)."""
@@ -139,9 +156,10 @@ def children_of(router_pid: int) -> list[int]:
     return sorted(found)
 
 
-def child_pid(parent: int, port: int) -> int | None:
-    """The process that `parent` started with `--port <port>` (either router's child of that model), if any."""
-    marker = f"--port\0{port}\0".encode()
+def child_pid(parent: int, endpoint: Endpoint) -> int | None:
+    """The process that `parent` started listening on `endpoint` (either router's child of that model), if
+    any."""
+    marker = "\0".join(endpoint.flags()[-2:]).encode() + b"\0"  # `--port N` or `--host <socket>`
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue

@@ -22,7 +22,7 @@ from modelyard.bench import SCENARIOS
 from modelyard.bench.fresh import AFTER_HEALTH_S, EXTRA_COPIES, FreshSwap, fresh_swap
 from modelyard.bench.load import POOL_IDLE_S, StatusRecorder, Stream, Timed, new_session, streamed_chat, timed_requests
 from modelyard.bench.paired import DIRECT, VIA, Paired, Probe, Round, paired_requests, paired_rounds
-from modelyard.bench.processes import MODELYARD, ROUTER_MODE, RouterProcess, start_router, stop_all
+from modelyard.bench.processes import MODELYARD, ROUTER_MODE, RouterProcess, Target, start_router, stop_all
 from modelyard.bench.soak import MODELS_MAX, SETTLE_S, SoakResult, run_soak, write_sources
 from modelyard.bench.swaps import measured_swap
 from modelyard.demo import GEMMA3, SMOLLM2
@@ -158,10 +158,10 @@ def chat_body(model: str, max_tokens: int = 1) -> dict[str, Any]:
             "temperature": 0}
 
 
-Target = tuple[str, str, str, dict[str, str]]  # router kind, "via router" or "direct", base URL, headers
+Route = tuple[str, str, Target]  # router kind, "via router" or "direct", what is called
 
 
-async def warm(router: RouterProcess, model: str) -> tuple[str, dict[str, str]]:
+async def warm(router: RouterProcess, model: str) -> Target:
     async with new_session(1) as session, session.post(router.url + "/v1/chat/completions",
                                                         json=chat_body(model)) as response:
         response.raise_for_status()
@@ -219,29 +219,28 @@ def _streams(tokens: int) -> Maker:
     return make
 
 
-def _round_probe(url: str, body: Body, count: int, concurrency: int, headers: dict[str, str]) -> Round:
+def _round_probe(target: Target, path: str, body: Body, count: int, concurrency: int) -> Round:
     # A fresh client per round: idle keep-alive connections left over from one target would otherwise hold
     # threads of the child that the next target needs (llama-server serves one connection per thread).
     async def probe() -> list[float]:
-        async with new_session(concurrency) as session:
-            return (await timed_requests(session, url, body, count, concurrency, headers)).latencies
+        async with target.session(concurrency) as session:
+            return (await timed_requests(session, target.url + path, body, count, concurrency,
+                                         target.headers)).latencies
 
     return probe
 
 
 async def hot_path(running: dict[str, RouterProcess], plan: Plan, results: Results) -> None:
-    targets: dict[str, dict[str, tuple[str, dict[str, str]]]] = {}
+    targets: dict[str, dict[str, Target]] = {}
     for kind, router in running.items():
-        child, key = await warm(router, "a")
-        targets[kind] = {VIA: (router.url, {}), DIRECT: (child, key)}
-    flat: list[Target] = [(kind, route, base, headers) for kind, routes in targets.items()
-                          for route, (base, headers) in routes.items()]
+        targets[kind] = {VIA: Target(router.url), DIRECT: await warm(router, "a")}
+    flat: list[Route] = [(kind, route, target) for kind, routes in targets.items() for route, target in routes.items()]
 
     async def paired_at_one(endpoint: str, make: Maker, force_close: bool = False) -> None:
         async with AsyncExitStack() as stack:  # one connection per target, the same policy on all four
-            probes = {kind: {route: make(await stack.enter_async_context(new_session(1, force_close)), base,
-                                         headers)
-                             for route, (base, headers) in routes.items()} for kind, routes in targets.items()}
+            probes = {kind: {route: make(await stack.enter_async_context(target.session(1, force_close)),
+                                         target.url, target.headers)
+                             for route, target in routes.items()} for kind, routes in targets.items()}
             paired = await paired_requests(probes, plan.paired_min, plan.paired_budget_s, plan.ci_width_s)
         results.paired[(endpoint, 1)] = paired
         for kind in targets:
@@ -252,8 +251,8 @@ async def hot_path(running: dict[str, RouterProcess], plan: Plan, results: Resul
         await paired_at_one(endpoint, _requests(path, body))
         for concurrency in (c for c in plan.overhead_concurrency if c > 1):
             count = max(plan.overhead_requests, 2 * concurrency)
-            rounds = {kind: {route: _round_probe(base + path, body, count, concurrency, headers)
-                             for route, (base, headers) in routes.items()} for kind, routes in targets.items()}
+            rounds = {kind: {route: _round_probe(target, path, body, count, concurrency)
+                             for route, target in routes.items()} for kind, routes in targets.items()}
             paired, latencies = await paired_rounds(rounds, plan.rounds, plan.rounds_budget_s, plan.ci_width_s)
             results.paired[(endpoint, concurrency)] = paired
             for (kind, route), values in latencies.items():
@@ -262,37 +261,39 @@ async def hot_path(running: dict[str, RouterProcess], plan: Plan, results: Resul
     # pool would send the next request on a connection being closed (half of them failed). So every stream
     # opens its own connection, direct and via alike (a router opens one to its child for each stream too).
     await paired_at_one(STREAM_FIRST, _streams(plan.stream_pair_tokens), force_close=True)
-    async with new_session(8) as session:
-        await streaming(session, flat, plan, results)
+    await streaming(flat, plan, results)
     await request_rate(running, flat, plan, results)
 
 
-async def streaming(session: Any, targets: list[Target], plan: Plan, results: Results) -> None:
+async def streaming(targets: list[Route], plan: Plan, results: Results) -> None:
     for _ in range(plan.stream_runs):
-        for kind, route, base, headers in targets:
-            stream = await streamed_chat(session, base, "a", plan.stream_tokens, headers=headers)
+        for kind, route, target in targets:
+            async with target.session(8) as session:
+                stream = await streamed_chat(session, target.url, "a", plan.stream_tokens, headers=target.headers)
             results.streams.setdefault((kind, route), []).append(stream)
     for concurrency in (1, plan.streams_together):
-        for kind, route, base, headers in targets:
-            started = time.perf_counter()
-            streams = await asyncio.gather(*(streamed_chat(session, base, "a", plan.stream_tokens,
-                                                           prompt=f"Story number {i}.", headers=headers)
-                                             for i in range(concurrency)))
-            wall = time.perf_counter() - started
+        for kind, route, target in targets:
+            async with target.session(8) as session:
+                started = time.perf_counter()
+                streams = await asyncio.gather(*(streamed_chat(session, target.url, "a", plan.stream_tokens,
+                                                               prompt=f"Story number {i}.", headers=target.headers)
+                                                 for i in range(concurrency)))
+                wall = time.perf_counter() - started
             results.throughput[(concurrency, kind, route)] = sum(s.tokens for s in streams) / wall
 
 
-async def request_rate(running: dict[str, RouterProcess], targets: list[Target], plan: Plan,
+async def request_rate(running: dict[str, RouterProcess], targets: list[Route], plan: Plan,
                        results: Results) -> None:
     def body(i: int) -> dict[str, Any]:
         return {"model": "a", "content": "rate"}
 
-    for kind, route, base, headers in targets:
+    for kind, route, target in targets:
         router = running[kind]
         await asyncio.sleep(plan.pool_idle_s)  # every idle connection of the previous target has been closed
         cpu_before = router.cpu_seconds()
-        async with new_session(64) as session:
-            timed: Timed = await timed_requests(session, base + "/tokenize", body, plan.rate_requests, 64, headers)
+        async with target.session(64) as session:
+            timed: Timed = await timed_requests(session, target.url + "/tokenize", body, plan.rate_requests, 64,
+                                                target.headers)
         results.rate[(kind, route)] = timed.rate
         if route == "via router":
             results.cost.setdefault(kind, {})["cpu_per_1k_requests"] = (

@@ -99,7 +99,7 @@ async def _modelyard_lines(session: aiohttp.ClientSession, router: RouterProcess
 async def measured_swap(session: aiohttp.ClientSession, router: RouterProcess, recorder: StatusRecorder, old: str,
                         new: str, drain_tokens: int) -> dict[str, float]:
     """One swap from `old` to `new`; its marks in seconds since the ask (START is 0)."""
-    old_pid = child_pid(router.pid, router.child_port(old))
+    old_pid = child_pid(router.pid, router.child_endpoint(old))
     follower = LogFollower(router.log) if router.kind != MODELYARD else None
     async with follower or contextlib.nullcontext():
         first = asyncio.Event()
@@ -118,7 +118,7 @@ async def measured_swap(session: aiohttp.ClientSession, router: RouterProcess, r
     marks["ready"] = recorder.reached(new, "loaded", asked)
     marks["spawned"] = recorder.reached(new, "loading", asked)
     if follower is not None:
-        lines, port = follower.lines, router.child_port(new)
+        lines, port = follower.lines, router.child_endpoint(new).port  # router mode's child: on a port
     else:
         lines, port = await _modelyard_lines(session, router, new), None
     marks.update(child_marks([(at, line) for at, line in lines if at >= asked], port))
