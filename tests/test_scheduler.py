@@ -2384,99 +2384,37 @@ def test_preference_scenario(scenario: Scenario) -> None:
 
 SWAP = Limits(max_models=1, memory_budget=10 * G, max_wait=1000.0)  # one slot, a 10 GiB budget
 
+IDLE_A: list[Step] = [(Acquire(1, "A"), [start("A")]), (loaded("A"), [grant(1, "A")]), (Release(1), [])]
+
+
+def swap_overlaps(id: str, specs: tuple[ModelSpec, ...], limits: Limits = SWAP) -> Scenario:
+    """From A loaded and idle to B, where both fit: B's load starts in the step that stops A."""
+    return Scenario(id, specs=specs, limits=limits, steps=[
+        *IDLE_A, (Acquire(2, "B"), [stop("A"), start("B")]), (loaded("B"), [grant(2, "B")]), (exited("A"), [])],
+        final={"A": Status.UNLOADED, "B": Status.LOADED})
+
+
+def swap_waits(id: str, specs: tuple[ModelSpec, ...], limits: Limits = SWAP) -> Scenario:
+    """From A loaded and idle to B, where A's slot or memory stays held until it has exited."""
+    return Scenario(id, specs=specs, limits=limits, steps=[
+        *IDLE_A, (Acquire(2, "B"), [stop("A")]), (Tick(), []), (exited("A"), [start("B")])],
+        final={"A": Status.UNLOADED, "B": Status.LOADING})
+
+
 OVERLAP_SCENARIOS = [
-    Scenario(
-        "overlap-the-next-load-starts-as-the-evicted-model-stops",
-        specs=(spec("A", 4), spec("B", 4)),
-        limits=SWAP,
-        steps=[
-            (Acquire(1, "A"), [start("A")]),
-            (loaded("A"), [grant(1, "A")]),
-            (Release(1), []),
-            (Acquire(2, "B"), [stop("A"), start("B")]),  # 4 + 4 GiB fit: B does not wait for A's exit
-            (loaded("B"), [grant(2, "B")]),
-            (exited("A"), []),
-        ],
-        final={"A": Status.UNLOADED, "B": Status.LOADED},
-    ),
-    Scenario(
-        "overlap-not-when-both-do-not-fit-the-memory-budget",
-        specs=(spec("A", 6), spec("B", 6)),
-        limits=SWAP,
-        steps=[
-            (Acquire(1, "A"), [start("A")]),
-            (loaded("A"), [grant(1, "A")]),
-            (Release(1), []),
-            (Acquire(2, "B"), [stop("A")]),  # 12 GiB > 10: A holds its memory until it has exited
-            (Tick(), []),
-            (exited("A"), [start("B")]),
-        ],
-        final={"A": Status.UNLOADED, "B": Status.LOADING},
-    ),
-    Scenario(
-        "overlap-not-without-a-memory-budget",  # nothing guards memory but --models-max: router mode's rule
-        specs=(spec("A", 4), spec("B", 4)),
-        limits=Limits(max_models=1, max_wait=1000.0),
-        steps=[
-            (Acquire(1, "A"), [start("A")]),
-            (loaded("A"), [grant(1, "A")]),
-            (Release(1), []),
-            (Acquire(2, "B"), [stop("A")]),
-            (exited("A"), [start("B")]),
-        ],
-        final={"A": Status.UNLOADED, "B": Status.LOADING},
-    ),
-    Scenario(
-        "overlap-not-when-the-next-models-footprint-is-unknown",
-        specs=(spec("A", 4), spec("B")),
-        limits=SWAP,
-        steps=[
-            (Acquire(1, "A"), [start("A")]),
-            (loaded("A"), [grant(1, "A")]),
-            (Release(1), []),
-            (Acquire(2, "B"), [stop("A")]),
-            (exited("A"), [start("B")]),
-        ],
-        final={"A": Status.UNLOADED, "B": Status.LOADING},
-    ),
-    Scenario(
-        "overlap-not-when-gpu-memory-has-no-budget",
-        specs=(gpu_spec("A", 1, 2), gpu_spec("B", 1, 2)),
-        limits=SWAP,  # no --gpu-memory-budget: the GPU part of either is unguarded
-        steps=[
-            (Acquire(1, "A"), [start("A")]),
-            (loaded("A"), [grant(1, "A")]),
-            (Release(1), []),
-            (Acquire(2, "B"), [stop("A")]),
-            (exited("A"), [start("B")]),
-        ],
-        final={"A": Status.UNLOADED, "B": Status.LOADING},
-    ),
-    Scenario(
-        "overlap-with-gpus-when-both-fit-each-budget",
-        specs=(gpu_spec("A", 1, 3), gpu_spec("B", 1, 3)),
-        limits=Limits(max_models=1, memory_budget=10 * G, gpu_memory_budget=8 * G, max_wait=1000.0),
-        steps=[
-            (Acquire(1, "A"), [start("A")]),
-            (loaded("A"), [grant(1, "A")]),
-            (Release(1), []),
-            (Acquire(2, "B"), [stop("A"), start("B")]),  # 3 + 3 GiB of GPU memory of 8
-        ],
-        final={"A": Status.STOPPING, "B": Status.LOADING},
-    ),
-    Scenario(
-        "overlap-not-when-the-gpu-budget-cannot-hold-both",
-        specs=(gpu_spec("A", 1, 5), gpu_spec("B", 1, 5)),
-        limits=Limits(max_models=1, memory_budget=10 * G, gpu_memory_budget=8 * G, max_wait=1000.0),
-        steps=[
-            (Acquire(1, "A"), [start("A")]),
-            (loaded("A"), [grant(1, "A")]),
-            (Release(1), []),
-            (Acquire(2, "B"), [stop("A")]),
-            (exited("A"), [start("B")]),
-        ],
-        final={"A": Status.UNLOADED, "B": Status.LOADING},
-    ),
+    swap_overlaps("overlap-the-next-load-starts-as-the-evicted-model-stops", (spec("A", 4), spec("B", 4))),
+    # 12 GiB > 10: A holds its memory until it has exited
+    swap_waits("overlap-not-when-both-do-not-fit-the-memory-budget", (spec("A", 6), spec("B", 6))),
+    # nothing guards memory but --models-max: router mode's rule
+    swap_waits("overlap-not-without-a-memory-budget", (spec("A", 4), spec("B", 4)),
+               Limits(max_models=1, max_wait=1000.0)),
+    swap_waits("overlap-not-when-the-next-models-footprint-is-unknown", (spec("A", 4), spec("B"))),
+    # no --gpu-memory-budget: the GPU part of either is unguarded
+    swap_waits("overlap-not-when-gpu-memory-has-no-budget", (gpu_spec("A", 1, 2), gpu_spec("B", 1, 2))),
+    swap_overlaps("overlap-with-gpus-when-both-fit-each-budget", (gpu_spec("A", 1, 3), gpu_spec("B", 1, 3)),
+                  Limits(max_models=1, memory_budget=10 * G, gpu_memory_budget=8 * G, max_wait=1000.0)),
+    swap_waits("overlap-not-when-the-gpu-budget-cannot-hold-both", (gpu_spec("A", 1, 5), gpu_spec("B", 1, 5)),
+               Limits(max_models=1, memory_budget=10 * G, gpu_memory_budget=8 * G, max_wait=1000.0)),
     Scenario(
         "overlap-a-busy-model-drained-past-max-wait-drains-beside-the-next-load",
         specs=(spec("A", 4), spec("B", 4)),
@@ -2512,9 +2450,7 @@ OVERLAP_SCENARIOS = [
         specs=(spec("A", 4), spec("B", 4)),
         limits=SWAP,
         steps=[
-            (Acquire(1, "A"), [start("A")]),
-            (loaded("A"), [grant(1, "A")]),
-            (Release(1), []),
+            *IDLE_A,
             (Acquire(2, "B"), [stop("A"), start("B")]),
             (Acquire(3, "A"), []),  # for A's next instance; B holds the one slot
             (exited("A"), []),
