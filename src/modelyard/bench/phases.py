@@ -9,8 +9,9 @@ says b is loaded: its /models/sse event), first token (b's first streamed token 
 
 Each moment is a mark, in seconds on one clock. A phase lasts from the end of the one before (the latest
 mark so far) to its own mark, never less than nothing: work that overlaps an earlier phase (b spawned before
-a has exited) shows as a shorter phase, and the phases always add up to the whole swap. A mark that was not
-seen gives its phase no figure, and its time goes to the next phase.
+a has exited, as modelyard does when its memory budget holds both: scheduler.held) shows as a shorter phase,
+and the phases always add up to the whole swap. A mark that was not seen gives its phase no figure, and its
+time goes to the next phase.
 
 llama-server b11434 stamps every log line with the time since its logger started ("0.01.234.567 I srv ...":
 minutes, seconds, milliseconds, microseconds). Those stamps give the child's inner phases to the
