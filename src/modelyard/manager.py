@@ -81,6 +81,7 @@ from modelyard.scheduler import (
     RUNNING,
     Acquire,
     Action,
+    Board,
     Cancel,
     ChildUnhealthy,
     Decided,
@@ -299,6 +300,11 @@ class ModelManager:
         self._idle = asyncio.Event()  # set while no request holds a lease, once draining
         self.draining = False
         self._timer_at: float | None = None
+        # The board's version, one more after each scheduler step, and the event its watchers wait on (made by
+        # the first watcher after a step: without watchers a step costs one increment). A cluster node's agent
+        # long-polls it to publish the node's state (docs/cluster.md): the status feed has no grants or releases.
+        self._board_version = 0
+        self._board_changed: asyncio.Event | None = None
 
     @classmethod
     def create(cls, *, models_dir: Path | None = None, models_preset: Path | None = None,
@@ -646,6 +652,20 @@ class ModelManager:
         """Why each waiting request still waits (modelyard.decisions), in queue order."""
         return explain_waiting(self._scheduler.board(), self._clock.now())
 
+    def board(self) -> Board:
+        """The scheduler's board, frozen copies: what a cluster node publishes of itself (cluster.placement)."""
+        return self._scheduler.board()
+
+    async def watch(self, version: int) -> tuple[int, Board]:
+        """The board and its version once a scheduler step has run after `version` (at once if one has): a
+        long-poll. Steps while the watcher is away coalesce into its next answer; a step that changed nothing
+        shown (a timer with nothing due) wakes it once with the same board."""
+        while self._board_version <= version:
+            if self._board_changed is None:
+                self._board_changed = asyncio.Event()
+            await self._board_changed.wait()
+        return self._board_version, self.board()
+
     def status_of(self, name: str) -> Status:
         return self._status(self.resolve(name).name)
 
@@ -676,6 +696,10 @@ class ModelManager:
         for action in self._scheduler.handle(event, self._clock.now()):
             self._execute(action)
         self._arm_timer()
+        self._board_version += 1
+        if self._board_changed is not None:
+            self._board_changed.set()
+            self._board_changed = None
         if self.draining and self._scheduler.leases_out() == 0:
             self._idle.set()
 
