@@ -22,6 +22,7 @@ from modelyard.cluster.placement import (
     place,
     rendezvous,
     replica_loads,
+    with_pending,
 )
 from modelyard.errors import ErrorKind
 from modelyard.scheduler import (
@@ -225,6 +226,15 @@ def test_dispatched_counts_the_request_and_starts_the_load_it_caused() -> None:
     after = dispatched(tight, "m")
     assert (after.models["m"].status, after.models["m"].queued) == (Status.UNLOADED, 1)  # waits for eviction
     assert place([after, node("c", 1 * G, snap("m"), snap("y", Status.LOADED))], "m").node == "b"  # type: ignore[union-attr]
+
+
+def test_with_pending_applies_each_unanswered_request_again() -> None:
+    published = node("a", 8 * G, snap("m"), snap("x", Status.LOADED, in_flight=1))
+    view = with_pending(published, {"m": 3, "x": 1, "gone": 2})  # a model the node no longer serves: ignored
+    assert (view.models["m"].status, view.models["m"].queued) == (Status.LOADING, 3)
+    assert (view.models["x"].status, view.models["x"].queued, view.models["x"].in_flight) == (Status.LOADED, 1, 1)
+    assert set(view.models) == {"m", "x"}
+    assert with_pending(published, {}) == published
 
 
 def test_a_burst_spreads_over_loaded_replicas() -> None:

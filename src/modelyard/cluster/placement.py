@@ -275,3 +275,15 @@ def replica_loads(nodes: Sequence[NodeState], model: str, replicas: int) -> list
                    f"replica {len(running) + len(sends) + i + 1} of {replicas}: fits once idle models stop")
               for i, n in enumerate(evictable[:missing - len(sends)])]
     return sends
+
+
+def with_pending(node: NodeState, pending: Mapping[str, int]) -> NodeState:
+    """The node as the ingress sees it: its last publication with the requests sent there and not answered yet
+    (`pending`: how many per model) applied again (`dispatched`). One the publication already counts is counted
+    twice until its answer starts: an over-count only makes the node look busier, while one missed would let a
+    burst start a second load elsewhere."""
+    for model, count in pending.items():
+        if model in node.models:
+            for _ in range(count):
+                node = dispatched(node, model)
+    return node

@@ -1,0 +1,205 @@
+"""The cluster's ingress (docs/cluster.md, issue 13): its view of each node, and the requests it sends them.
+
+Each node's agent publishes its state by long-poll: `watch(version)` answers with the node's `NodeState` once its
+board has changed after `version` (cluster.node.watch_state). `Nodes.follow` keeps one watch outstanding per
+node, so changes that come while the ingress is busy coalesce into its next answer and nothing is polled. Between
+two answers the ingress keeps its own book of the requests it sent each node and has had no answer to yet
+(placement.with_pending), so that a burst placed from one view sees its own first load; `Nodes.place` is
+placement.place over those views.
+
+A request goes to its node's app over HTTP with the cluster key (`NodeChild`, which proxy.forward drives like a
+child: the client's own credentials were checked here and are not forwarded). While nothing of the answer has
+started (the connection failed or was cut before the headers, or the node answered 503 shutting_down) it is sent
+again where placement says once that node is avoided: each node is tried at most once. Once started, a cut raises
+ChildError, which proxy.forward ends with an error event and [DONE] for SSE. A node whose connection fails, or
+whose watch fails, is unreachable: placement skips it at once, without waiting for Ray's verdict (+14 s for the GCS,
+measured), until its watch answers again.
+
+The transport is a seam: a watch is any awaitable call (a Ray actor's method, or a manager in-process) and a node's
+address any HTTP base URL, so that all of this is tested in-process with real single-node apps as the nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from modelyard.children import ChildError, Reply
+from modelyard.cluster.placement import NodeState, Refusal, Send, place, with_pending
+from modelyard.errors import ErrorKind
+
+log = logging.getLogger(__name__)
+
+Watch = Callable[[int], Awaitable[tuple[int, NodeState]]]
+
+
+@dataclass
+class _Node:
+    name: str
+    base_url: str  # where its app listens, e.g. http://10.0.0.7:8080
+    state: NodeState | None = None  # its last publication; None before the first
+    version: int = -1
+    pending: Counter[str] = field(default_factory=Counter)  # requests sent there, no answer yet, per model
+    reachable: bool = True
+
+
+class Nodes:
+    """The ingress's nodes: their views, placement over them, and the HTTP client that reaches their apps."""
+
+    def __init__(self, key: str, session: aiohttp.ClientSession) -> None:
+        self._key = key
+        self._session = session
+        self._nodes: dict[str, _Node] = {}
+        self._published = asyncio.Condition()  # notified on every watch answer (and every node lost)
+
+    def add(self, name: str, base_url: str) -> None:
+        self._nodes[name] = _Node(name, base_url.rstrip("/"))
+
+    def views(self) -> list[NodeState]:
+        """What placement sees of each node that has published: its state with the book applied."""
+        return [with_pending(n.state, n.pending) for n in self._nodes.values() if n.state is not None]
+
+    def unreachable(self) -> frozenset[str]:
+        return frozenset(n.name for n in self._nodes.values() if not n.reachable)
+
+    def place(self, model: str, *, autoload: bool = True, avoid: frozenset[str] = frozenset()) -> Send | Refusal:
+        """placement.place over the views, unreachable nodes avoided as if they had failed the request (so that
+        a model they alone serve is an upstream error, not an unknown model)."""
+        return place(self.views(), model, autoload=autoload, avoid=avoid | self.unreachable())
+
+    async def follow(self, name: str, watch: Watch) -> None:
+        """Keep one watch outstanding on the node until it fails (the node is then unreachable) or the task is
+        cancelled; run it as a background task per node (modelyard.tasks logs its failure)."""
+        node = self._nodes[name]
+        while True:
+            try:
+                version, state = await watch(node.version)
+            except Exception as exc:  # a Ray actor error, a closed manager: the node is gone for now
+                await self._lose(node, f"its watch failed: {exc!r}")
+                return
+            node.version, node.state, node.reachable = version, state, True
+            async with self._published:
+                self._published.notify_all()
+
+    async def until(self, holds: Callable[[list[NodeState]], bool]) -> list[NodeState]:
+        """The views once `holds` is true of them (checked after each watch answer)."""
+        async with self._published:
+            await self._published.wait_for(lambda: holds(self.views()))
+        return self.views()
+
+    async def _lose(self, node: _Node, why: str) -> None:
+        if node.reachable:
+            log.warning("node %s is unreachable: %s", node.name, why)
+        node.reachable = False
+        async with self._published:
+            self._published.notify_all()
+
+    async def open(self, send: Send, method: str, path: str, body: bytes | AsyncIterable[bytes] | None,
+                   headers: Mapping[str, str], params: Mapping[str, str] | None) -> aiohttp.ClientResponse | str:
+        """Send the request to its node: the response once its answer has started, or why it has not (a
+        connection failure, or a node that drains), for the retry."""
+        node = self._nodes[send.node]
+        node.pending[send.model] += 1
+        try:
+            response = await self._session.request(method, node.base_url + path, params=params, data=body,
+                                                   headers={**headers, "Authorization": f"Bearer {self._key}"},
+                                                   allow_redirects=False)
+        except aiohttp.ClientError as exc:
+            await self._lose(node, f"{exc!r}")
+            return f"node {node.name}: {exc or repr(exc)}"
+        finally:
+            node.pending[send.model] -= 1
+            if node.pending[send.model] <= 0:
+                del node.pending[send.model]
+        if response.status == ErrorKind.SHUTTING_DOWN.status and await _says(response, ErrorKind.SHUTTING_DOWN):
+            response.release()
+            return f"node {node.name} is shutting down"
+        return response
+
+    async def cut(self, name: str, exc: BaseException) -> ChildError:
+        """The error of an answer from `name` that broke after its start (the node is unreachable until its
+        watch answers again)."""
+        await self._lose(self._nodes[name], f"{exc!r}")
+        return ChildError(f"node {name} failed mid-answer: {exc or repr(exc)}")
+
+
+async def _says(response: aiohttp.ClientResponse, kind: ErrorKind) -> bool:
+    """Whether an answer is the API's error envelope for `kind` (its body is read, and kept for the relay)."""
+    try:
+        error = json.loads(await response.read()).get("error", {})
+    except (aiohttp.ClientError, ValueError, AttributeError):
+        return False
+    return isinstance(error, dict) and error.get("code") == kind.code
+
+
+class NodeReply:
+    """A node's answer, as proxy.py relays a child's: a failure after its start is a ChildError."""
+
+    def __init__(self, nodes: Nodes, node: str, response: aiohttp.ClientResponse) -> None:
+        self._nodes = nodes
+        self.node = node
+        self._response = response
+        self.status: int = response.status
+        self.headers: Mapping[str, str] = response.headers
+        self.content_length: int | None = response.content_length
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.read()
+        except aiohttp.ClientError as exc:
+            raise await self._nodes.cut(self.node, exc) from exc
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._guarded(self._response.content.iter_any())
+
+    def lines(self) -> AsyncIterator[bytes]:
+        return self._guarded(self._response.content)
+
+    async def _guarded(self, parts: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for part in parts:
+                yield part
+        except aiohttp.ClientError as exc:
+            raise await self._nodes.cut(self.node, exc) from exc
+
+
+class NodeChild:
+    """The node a request was placed on, as proxy.forward drives a child (`request()`, the Child interface's):
+    it sends the request there and, while nothing of the answer has started, to the next node placement picks
+    with the failed ones avoided. A body streamed from the client cannot be sent twice: it is not retried."""
+
+    def __init__(self, nodes: Nodes, send: Send, *, autoload: bool = True) -> None:
+        self._nodes = nodes
+        self.send = send  # where it went last
+        self._autoload = autoload
+        self.tried: list[str] = []  # the nodes that failed it, in order
+
+    @contextlib.asynccontextmanager
+    async def request(self, method: str, path: str, *, body: bytes | AsyncIterable[bytes] | None = None,
+                      headers: Mapping[str, str] | None = None,
+                      params: Mapping[str, str] | None = None) -> AsyncIterator[Reply]:
+        send: Send | Refusal = self.send
+        while True:
+            if isinstance(send, Refusal):
+                raise ChildError(send.message)
+            self.send = send
+            opened = await self._nodes.open(send, method, path, body, headers or {}, params)
+            if not isinstance(opened, str):
+                break
+            self.tried.append(send.node)
+            if not (body is None or isinstance(body, bytes)):
+                raise ChildError(f"{opened} (a streamed body is not sent twice)")
+            log.info("%s %s for '%s' not started on %s, sent elsewhere: %s", method, path, send.model, send.node,
+                     opened)
+            send = self._nodes.place(send.model, autoload=self._autoload, avoid=frozenset(self.tried))
+        try:
+            yield NodeReply(self._nodes, send.node, opened)
+        finally:
+            opened.release()

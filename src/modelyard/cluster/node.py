@@ -1,0 +1,31 @@
+"""What one node of a cluster serves the ingress (docs/cluster.md): its state by long-poll (`watch_state`) and
+the unchanged single-node app, reachable with the cluster key only (`node_app`).
+
+The node agent (a Ray actor, cluster/agent.py) runs both over its own `ModelManager`; nothing here imports Ray,
+so the same code runs in-process in the tests, each node an aiohttp server over a manager.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from modelyard.api.app import build_app
+from modelyard.api.auth import ApiKey
+from modelyard.api.context import AppContext, ServerSettings
+from modelyard.cluster.placement import NodeState
+from modelyard.manager import ModelManager
+
+
+async def watch_state(manager: ModelManager, node: str, version: int) -> tuple[int, NodeState]:
+    """The node's state once its board has changed after `version` (ModelManager.watch), with the new version;
+    a draining node says it no longer accepts, so that placement sends it nothing new."""
+    version, board = await manager.watch(version)
+    return version, NodeState.of(node, board, accepting=not manager.draining)
+
+
+def node_app(manager: ModelManager, key: str, host: str) -> web.Application:
+    """The single-node app over `manager`, bound to `host`, answering only requests with the cluster `key`:
+    client keys and scopes are checked once, at the ingress, which forwards with this key instead (proxy.py
+    drops the client's credentials), as children answer only modelyard's key."""
+    settings = ServerSettings(api_keys=(ApiKey(key, label="the cluster key"),), bind_host=host)
+    return build_app(AppContext(manager, settings))

@@ -1,0 +1,286 @@
+"""The cluster's ingress in-process (docs/cluster.md, issue 13): real single-node apps as the nodes (cluster.node's
+app over a ModelManager with fake children, each on its own aiohttp test server, reachable with the cluster key
+only), the ingress's views fed by their watches, and requests relayed by proxy.forward through a NodeChild. No
+Ray: the transport to the agents is a seam (a watch is any awaitable call, a node any HTTP address).
+
+What the issue asks of placement, end to end over HTTP: the same model goes to the same node; a burst for a cold
+model loads it once; a model that fits only one node lands there; a node cut mid-stream gives the client an
+error event and [DONE]; a request not started on a node is sent to another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from modelyard.api.errors import error_response
+from modelyard.cluster.ingress import NodeChild, Nodes
+from modelyard.cluster.node import node_app, watch_state
+from modelyard.cluster.placement import NodeState, Refusal, rendezvous
+from modelyard.config.catalog import Catalog, ModelConfig
+from modelyard.config.options import OptionTable
+from modelyard.engine.command import Engine
+from modelyard.manager import ModelManager
+from modelyard.memory import GgufCache
+from modelyard.proxy import forward
+from modelyard.scheduler import Board, Limits
+from modelyard.tasks import log_failure
+from tests.fakes import FakeChild, FakeClock, FakeFleet, FakeReply, StaticSource, catalog
+from tests.test_background import write_gguf
+
+KEY = "the-cluster-key"
+
+
+@dataclass
+class Node:
+    name: str
+    manager: ModelManager
+    fleet: FakeFleet
+    server: TestServer
+
+    def loads(self, model: str) -> int:
+        return len(self.fleet.children.get(model, []))
+
+    def cut(self) -> None:
+        """Every connection to this node's app closes, as when its machine drops off the network."""
+        assert self.server.runner is not None and self.server.runner.server is not None
+        for handler in list(self.server.runner.server.connections):
+            if handler.transport is not None:
+                handler.transport.close()
+
+
+def streaming(opened: asyncio.Event) -> Callable[[FakeChild, str, str, bytes | None], FakeReply]:
+    """A child's handler that answers with a stream the test feeds, and sets `opened` once it has."""
+    def handler(child: FakeChild, method: str, path: str, body: bytes | None) -> FakeReply:
+        opened.set()
+        return FakeReply(child, headers={"Content-Type": "text/event-stream"})
+    return handler
+
+
+def ready_at_once(child: FakeChild) -> None:
+    asyncio.get_running_loop().call_soon(child.become_ready)
+
+
+NODES = web.AppKey("nodes", Nodes)
+
+
+async def relay(request: web.Request) -> web.StreamResponse:
+    """The ingress's part of a completion, as a route will do it: place, then forward to the node."""
+    nodes = request.app[NODES]
+    body = await request.read()
+    model = json.loads(body)["model"]
+    send = nodes.place(model)
+    if isinstance(send, Refusal):
+        return error_response(send.kind, send.message, send.retry_after)
+    return await forward(request, NodeChild(nodes, send), body, request.query)
+
+
+class Cluster:
+    def __init__(self, nodes: dict[str, Node], ingress: Nodes, client: TestClient[Any, Any]) -> None:
+        self.nodes, self.ingress, self.client = nodes, ingress, client
+
+    async def complete(self, model: str, stream: bool = False) -> aiohttp.ClientResponse:
+        body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+        return await self.client.post("/v1/chat/completions", data=json.dumps(body))
+
+    async def until(self, holds: Callable[[dict[str, Board]], bool]) -> None:
+        """Until `holds` is true of the nodes' boards, woken by their managers' steps (ModelManager.watch)."""
+        versions = {name: -1 for name in self.nodes}
+        boards: dict[str, Board] = {}
+        watches: dict[str, asyncio.Task[tuple[int, Board]]] = {}
+        try:
+            while True:
+                for name, node in self.nodes.items():
+                    if name not in watches:
+                        watches[name] = asyncio.ensure_future(node.manager.watch(versions[name]))
+                done, _ = await asyncio.wait(watches.values(), return_when=asyncio.FIRST_COMPLETED)
+                for name, task in list(watches.items()):
+                    if task in done:
+                        versions[name], boards[name] = task.result()
+                        del watches[name]
+                if len(boards) == len(self.nodes) and holds(boards):
+                    return
+        finally:
+            for task in watches.values():
+                task.cancel()
+
+
+@pytest.fixture
+async def make_cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    servers: list[TestServer] = []
+    follows: list[asyncio.Task[None]] = []
+    sessions: list[aiohttp.ClientSession] = []
+    clients: list[TestClient[Any, Any]] = []
+
+    async def make(limits: Mapping[str, Limits], models: Catalog | None = None) -> Cluster:
+        nodes: dict[str, Node] = {}
+        for name, node_limits in limits.items():
+            clock = FakeClock()
+            fleet = FakeFleet(clock)
+            source = StaticSource(models or catalog("a", "b"))
+            manager = ModelManager(source, Engine(Path("/nonexistent/llama-server"), OptionTable([])),
+                                   catalog=source.value, limits=node_limits, clock=clock,
+                                   gguf_cache=GgufCache(tmp_path / name), child_factory=fleet)
+            server = TestServer(node_app(manager, KEY, "127.0.0.1"))  # its startup starts the manager
+            await server.start_server()
+            servers.append(server)
+            nodes[name] = Node(name, manager, fleet, server)
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        ingress = Nodes(KEY, session)
+        for name, node in nodes.items():
+            ingress.add(name, str(node.server.make_url("")))
+
+            async def watch(version: int, manager: ModelManager = node.manager, name: str = name
+                            ) -> tuple[int, NodeState]:
+                return await watch_state(manager, name, version)
+
+            task = asyncio.ensure_future(ingress.follow(name, watch))
+            task.add_done_callback(log_failure)
+            follows.append(task)
+        await ingress.until(lambda views: len(views) == len(nodes))
+        app = web.Application()
+        app[NODES] = ingress
+        app.router.add_post("/v1/chat/completions", relay)
+        client: TestClient[Any, Any] = TestClient(TestServer(app))
+        await client.start_server()
+        clients.append(client)
+        return Cluster(nodes, ingress, client)
+
+    yield make
+    for task in follows:
+        task.cancel()
+    for client in clients:
+        await client.close()
+    for session in sessions:
+        await session.close()
+    for server in servers:
+        await server.close()
+
+
+def by_hash(model: str, names: list[str]) -> list[str]:
+    """The nodes in the order the rendezvous hash ranks them for `model`, first the one a cold load goes to."""
+    return sorted(names, key=lambda name: rendezvous(model, name), reverse=True)
+
+
+async def test_the_same_model_goes_to_the_same_node(make_cluster: Callable[..., Any]) -> None:
+    cluster: Cluster = await make_cluster({name: Limits(max_models=2) for name in ("n1", "n2", "n3")})
+    for node in cluster.nodes.values():
+        node.fleet.prepare = ready_at_once
+    for _ in range(4):
+        response = await cluster.complete("a")
+        assert response.status == 200, await response.text()
+        assert (await response.json())["served_by"] == "a"
+    loads = {name: node.loads("a") for name, node in cluster.nodes.items()}
+    first = by_hash("a", list(cluster.nodes))[0]
+    assert loads == {name: 1 if name == first else 0 for name in cluster.nodes}
+    (child,) = cluster.nodes[first].fleet.children["a"]
+    assert len(child.received) == 4
+    # the client's credentials never reach the node; the cluster key did (the node refuses anything else)
+    assert all("authorization" not in {k.lower() for k in headers} for _, _, headers in child.received)
+
+
+async def test_a_node_refuses_requests_without_the_cluster_key(make_cluster: Callable[..., Any]) -> None:
+    cluster: Cluster = await make_cluster({"n1": Limits()})
+    node = cluster.nodes["n1"]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(node.server.make_url("/v1/models")) as response:
+            assert response.status == 401
+        async with session.get(node.server.make_url("/v1/models"),
+                               headers={"Authorization": f"Bearer {KEY}"}) as response:
+            assert response.status == 200
+
+
+async def test_a_burst_for_a_cold_model_loads_it_once(make_cluster: Callable[..., Any]) -> None:
+    cluster: Cluster = await make_cluster({name: Limits(max_models=2) for name in ("n1", "n2", "n3")})
+    burst = [asyncio.ensure_future(cluster.complete("a")) for _ in range(8)]
+    # every request waits for the one load: all 8 in the nodes' queues before any child is ready
+    await cluster.until(lambda boards: sum(b.models["a"].queued for b in boards.values()) == 8)
+    loading = [name for name, node in cluster.nodes.items() if node.loads("a")]
+    assert loading == [by_hash("a", list(cluster.nodes))[0]]
+    (child,) = cluster.nodes[loading[0]].fleet.children["a"]
+    child.become_ready()
+    for response in await asyncio.gather(*burst):
+        assert response.status == 200
+    assert sum(node.loads("a") for node in cluster.nodes.values()) == 1
+    assert len(child.received) == 8
+
+
+async def test_a_model_that_fits_only_one_node_lands_there(make_cluster: Callable[..., Any], tmp_path: Path) -> None:
+    model = write_gguf(tmp_path / "big.gguf")
+    config = ModelConfig(name="big", settings={"--model": str(model)}, source="preset", origin="test",
+                         command="fake big")
+    models = Catalog(models={"big": config}, by_name={"big": "big"})
+    # the small node is the one the hash prefers, so only the fit can send the model elsewhere
+    small, large = by_hash("big", ["p", "q"])
+    cluster: Cluster = await make_cluster({small: Limits(memory_budget=4096), large: Limits(memory_budget=2**34)},
+                                          models)
+    for node in cluster.nodes.values():
+        node.fleet.prepare = ready_at_once
+    views = await cluster.ingress.until(lambda views: len(views) == 2 and all(v.models["big"].estimated > 4096
+                                                                               for v in views))
+    assert {v.node for v in views} == {small, large}
+    response = await cluster.complete("big")
+    assert response.status == 200, await response.text()
+    assert cluster.nodes[large].loads("big") == 1 and cluster.nodes[small].loads("big") == 0
+
+
+async def test_a_node_cut_mid_stream_ends_the_stream_with_an_error_event_and_done(
+        make_cluster: Callable[..., Any]) -> None:
+    cluster: Cluster = await make_cluster({name: Limits() for name in ("n1", "n2")})
+    first = by_hash("a", list(cluster.nodes))[0]
+    node = cluster.nodes[first]
+    opened = asyncio.Event()
+    node.fleet.prepare = lambda child: (setattr(child, "handler", streaming(opened)), ready_at_once(child))
+    pending = asyncio.ensure_future(cluster.complete("a", stream=True))
+    child = await node.fleet.child("a")
+    await opened.wait()
+    child.replies[0].send(b'data: {"choices": [{"delta": {"content": "Once"}}]}\n\n')
+    response = await pending
+    assert response.status == 200
+    assert b"Once" in await response.content.readuntil(b"\n\n")
+    node.cut()
+    rest = (await response.read()).decode()
+    events = [line[6:] for line in rest.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "upstream_error" and f"node {first}" in error["message"]
+    assert first in cluster.ingress.unreachable()  # until its watch answers again
+
+
+async def test_a_request_cut_before_its_answer_started_is_sent_to_another_node(
+        make_cluster: Callable[..., Any]) -> None:
+    cluster: Cluster = await make_cluster({name: Limits() for name in ("n1", "n2")})
+    first, second = by_hash("a", list(cluster.nodes))
+    cluster.nodes[second].fleet.prepare = ready_at_once
+    pending = asyncio.ensure_future(cluster.complete("a"))
+    await cluster.nodes[first].fleet.child("a")  # never ready: the request waits there for the load
+    await cluster.until(lambda boards: boards[first].models["a"].queued == 1)
+    cluster.nodes[first].cut()  # nothing of the answer was sent: the request goes to the other node
+    response = await pending
+    assert response.status == 200, await response.text()
+    assert cluster.nodes[second].loads("a") == 1
+    (other,) = cluster.nodes[second].fleet.children["a"]
+    assert len(other.received) == 1
+
+
+async def test_every_node_failing_a_request_is_an_upstream_error(make_cluster: Callable[..., Any]) -> None:
+    cluster: Cluster = await make_cluster({name: Limits() for name in ("n1", "n2")})
+    pending = asyncio.ensure_future(cluster.complete("a"))
+    for name in by_hash("a", list(cluster.nodes)):  # each in turn: the request waits for the load, then is cut
+        await cluster.nodes[name].fleet.child("a")
+        await cluster.until(lambda boards, name=name: boards[name].models["a"].queued == 1)  # type: ignore[misc]
+        cluster.nodes[name].cut()
+    response = await pending
+    assert response.status == 502
+    error = (await response.json())["error"]
+    assert error["code"] == "upstream_error" and "failed this request (n1, n2)" in error["message"]
