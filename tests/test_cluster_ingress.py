@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from modelyard.api.errors import error_response
-from modelyard.cluster.ingress import NodeChild, Nodes
+from modelyard.cluster.ingress import NodeChild, Nodes, Watch
 from modelyard.cluster.node import node_app, watch_state
 from modelyard.cluster.placement import NodeState, Refusal, rendezvous
 from modelyard.config.catalog import Catalog, ModelConfig
@@ -84,6 +84,24 @@ async def relay(request: web.Request) -> web.StreamResponse:
     return await forward(request, NodeChild(nodes, send), body, request.query)
 
 
+async def serve(ingress: Nodes, watches: Mapping[str, tuple[str, Watch]], follows: list[asyncio.Task[None]]
+                ) -> TestClient[Any, Any]:
+    """The ingress over the nodes of `watches` (each one's address and watch), following each in a task put in
+    `follows`, once all have published: a client of its completions route (`relay`)."""
+    for name, (address, watch) in watches.items():
+        ingress.add(name, address)
+        task = asyncio.ensure_future(ingress.follow(name, watch))
+        task.add_done_callback(log_failure)
+        follows.append(task)
+    await ingress.until(lambda views: len(views) == len(watches))
+    app = web.Application()
+    app[NODES] = ingress
+    app.router.add_post("/v1/chat/completions", relay)
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
+    await client.start_server()
+    return client
+
+
 class Cluster:
     def __init__(self, nodes: dict[str, Node], ingress: Nodes, client: TestClient[Any, Any]) -> None:
         self.nodes, self.ingress, self.client = nodes, ingress, client
@@ -137,22 +155,15 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         session = aiohttp.ClientSession()
         sessions.append(session)
         ingress = Nodes(KEY, session)
+        watches = {}
         for name, node in nodes.items():
-            ingress.add(name, str(node.server.make_url("")))
 
             async def watch(version: int, manager: ModelManager = node.manager, name: str = name
                             ) -> tuple[int, NodeState]:
                 return await watch_state(manager, name, version)
 
-            task = asyncio.ensure_future(ingress.follow(name, watch))
-            task.add_done_callback(log_failure)
-            follows.append(task)
-        await ingress.until(lambda views: len(views) == len(nodes))
-        app = web.Application()
-        app[NODES] = ingress
-        app.router.add_post("/v1/chat/completions", relay)
-        client: TestClient[Any, Any] = TestClient(TestServer(app))
-        await client.start_server()
+            watches[name] = (str(node.server.make_url("")), watch)
+        client = await serve(ingress, watches, follows)
         clients.append(client)
         return Cluster(nodes, ingress, client)
 

@@ -1,0 +1,97 @@
+"""The node agent (docs/cluster.md): on each node of a Ray cluster, one actor that runs the unchanged single-node
+modelyard (a `ModelManager` from the per-node flags the ingress sent, with that node's engine and files) and
+serves its app on the node's address with the cluster key only (cluster.node). The ingress reaches it twice:
+through Ray for its state (`watch`, a long-poll), `drain` and `close`; over HTTP for the requests themselves.
+
+`NodeAgent` is a plain class, so that it runs without Ray too; `spawn` makes it a Ray actor pinned to one node:
+`num_cpus=0` (llama-server's threads are placed by the node's own CPU placement, and Ray must not give those
+cores to tasks), `resources={"modelyard_node": 1}` (only a node that declares it serves models: a head that only
+routes leaves it out), `NodeAffinitySchedulingStrategy(node_id, soft=False)` (the ingress makes one per node and
+knows where each runs) and `max_restarts=0` (the ingress decides about a replacement). Its async methods run on
+the actor's one event-loop thread (`AsyncIO Thread: default`, measured), which forks the children and lives as
+long as the actor process, so PR_SET_PDEATHSIG ends the children with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from modelyard.cluster.node import node_app, watch_state
+from modelyard.cluster.placement import NodeState
+from modelyard.manager import ModelManager
+from modelyard.scheduler import Limits
+from modelyard.watchdog import WatchdogSettings
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The per-node flags the ingress sends every agent, each applied on its own node (paths on that node;
+    `80%` of its own RAM)."""
+
+    models_dir: Path | None = None
+    models_preset: Path | None = None
+    llama_server: str | None = None
+    engine_args: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    watchdog: WatchdogSettings | None = None
+
+
+class NodeAgent:
+    """One node's modelyard: `start` it, then `watch` its state; `close` stops its children and its app."""
+
+    def __init__(self, node: str, key: str, host: str, settings: NodeSettings) -> None:
+        self._node, self._key, self._host, self._settings = node, key, host, settings
+        self._manager: ModelManager | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        """Make the node's manager and serve its app on a free port of the node's address: the app's base URL.
+        A bad flag or preset raises here (ConfigError, EngineNotFound), as `modelyard serve` refuses to start."""
+        settings = self._settings
+        manager = ModelManager.create(models_dir=settings.models_dir, models_preset=settings.models_preset,
+                                      llama_server=settings.llama_server, engine_args=settings.engine_args,
+                                      limits=settings.limits, watchdog=settings.watchdog)
+        manager.check_startup_loads()
+        manager.check_pinned()
+        runner = web.AppRunner(node_app(manager, self._key, self._host), handler_cancellation=True, access_log=None)
+        await runner.setup()  # the app's startup starts the manager
+        site = web.TCPSite(runner, self._host, 0)
+        await site.start()
+        self._manager, self._runner = manager, runner
+        port = runner.addresses[0][1]
+        return f"http://{self._host}:{port}"
+
+    async def watch(self, version: int) -> tuple[int, NodeState]:
+        return await watch_state(self._started(), self._node, version)
+
+    async def drain(self) -> None:
+        """Take nothing new, finish what runs (a single node's begin_drain): placement skips the node once its
+        watch says so, and its answers are 503 shutting_down, which the ingress sends elsewhere."""
+        self._started().begin_drain()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()  # the app's cleanup closes the manager: its children stop
+            self._runner = None
+
+    def _started(self) -> ModelManager:
+        if self._manager is None:
+            raise RuntimeError("the node agent has not been started")
+        return self._manager
+
+
+def spawn(node_id: str, key: str, host: str, settings: NodeSettings) -> Any:
+    """A NodeAgent as a Ray actor on the node `node_id` (Ray's node id, which also names the node to placement);
+    its handle. Ray is imported here only: nothing imports it without `--ray`."""
+    import ray  # type: ignore[import-not-found, unused-ignore]
+    from ray.util.scheduling_strategies import (  # type: ignore[import-not-found, unused-ignore]
+        NodeAffinitySchedulingStrategy,
+    )
+
+    actor = ray.remote(NodeAgent).options(num_cpus=0, resources={"modelyard_node": 1}, max_restarts=0,
+                                          scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    return actor.remote(node_id, key, host, settings)
