@@ -46,6 +46,7 @@ class Node:
     manager: ModelManager
     fleet: FakeFleet
     server: TestServer
+    publishing: asyncio.Event  # cleared: its watch answers are held back, so the ingress's view of it goes stale
 
     def loads(self, model: str) -> int:
         return len(self.fleet.children.get(model, []))
@@ -151,16 +152,18 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             server = TestServer(node_app(manager, KEY, "127.0.0.1"))  # its startup starts the manager
             await server.start_server()
             servers.append(server)
-            nodes[name] = Node(name, manager, fleet, server)
+            nodes[name] = Node(name, manager, fleet, server, asyncio.Event())
+            nodes[name].publishing.set()
         session = aiohttp.ClientSession()
         sessions.append(session)
         ingress = Nodes(KEY, session)
         watches = {}
         for name, node in nodes.items():
 
-            async def watch(version: int, manager: ModelManager = node.manager, name: str = name
-                            ) -> tuple[int, NodeState]:
-                return await watch_state(manager, name, version)
+            async def watch(version: int, node: Node = node) -> tuple[int, NodeState]:
+                answer = await watch_state(node.manager, node.name, version)
+                await node.publishing.wait()
+                return answer
 
             watches[name] = (str(node.server.make_url("")), watch)
         client = await serve(ingress, watches, follows)
@@ -295,3 +298,19 @@ async def test_every_node_failing_a_request_is_an_upstream_error(make_cluster: C
     assert response.status == 502
     error = (await response.json())["error"]
     assert error["code"] == "upstream_error" and "failed this request (n1, n2)" in error["message"]
+
+
+async def test_a_node_that_drains_before_the_ingress_knows_sends_the_request_elsewhere(
+        make_cluster: Callable[..., Any]) -> None:
+    cluster: Cluster = await make_cluster({name: Limits() for name in ("n1", "n2")})
+    first, second = by_hash("a", list(cluster.nodes))
+    for node in cluster.nodes.values():
+        node.fleet.prepare = ready_at_once
+    cluster.nodes[first].publishing.clear()  # the ingress still sees it accepting
+    cluster.nodes[first].manager.begin_drain()
+    response = await cluster.complete("a")  # the first node answers 503 shutting_down: not an answer to relay
+    assert response.status == 200, await response.text()
+    assert cluster.nodes[second].loads("a") == 1 and cluster.nodes[first].loads("a") == 0
+    cluster.nodes[first].publishing.set()
+    await cluster.ingress.until(lambda views: not next(v for v in views if v.node == first).accepting)
+    assert cluster.ingress.place("a").node == second  # type: ignore[union-attr]
