@@ -2577,3 +2577,11 @@ def test_random_queues_never_overtake_a_request_that_waited_max_wait(ops: list[t
         sim.step(op, pick, flag)
     sim.settle()
     assert sim.waiting == set(), "\n".join(sim.log)
+
+
+def test_max_models_and_max_queue_given_apart_keep_the_other_limits() -> None:
+    limits = Limits(max_models=4, memory_budget=10 * G, gpu_memory_budget=8 * G, keep_alive=5.0, max_wait=7.0,
+                    load_timeout=30.0)
+    assert Scheduler(["A"], limits, max_models=1, max_queue=2).limits == Limits(
+        max_models=1, max_queue=2, memory_budget=10 * G, gpu_memory_budget=8 * G, keep_alive=5.0, max_wait=7.0,
+        load_timeout=30.0)

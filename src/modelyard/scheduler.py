@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from modelyard.errors import ErrorKind
@@ -485,11 +485,9 @@ class Scheduler:
     def __init__(self, models: Iterable[ModelSpec | str], limits: Limits | None = None, *,
                  max_models: int | None = None, max_queue: int | None = None) -> None:
         limits = limits or Limits()
-        if max_models is not None or max_queue is not None:
-            limits = Limits(max_models=limits.max_models if max_models is None else max_models,
-                            max_queue=limits.max_queue if max_queue is None else max_queue,
-                            memory_budget=limits.memory_budget, gpu_memory_budget=limits.gpu_memory_budget,
-                            keep_alive=limits.keep_alive, max_wait=limits.max_wait)
+        # Only the two fields given change (each field listed by hand lost load_timeout: reset to 600 s).
+        limits = replace(limits, max_models=limits.max_models if max_models is None else max_models,
+                         max_queue=limits.max_queue if max_queue is None else max_queue)
         self.limits = limits
         self.models: dict[str, ModelState] = {}
         for model in models:
