@@ -69,7 +69,8 @@ def _interval(values: Sequence[float]) -> str:
 
 def _overhead(results: Results, plan: Plan) -> list[str]:
     out = ["## 1. Hot-path overhead (latency added over calling the child directly)", "",
-           "Paired: at concurrency 1 each step sends, for each router, one request direct to its child and one "
+           "Paired: at concurrency 1 each step sends, for each router, one request direct to its child (on the "
+           "child's own endpoint: router mode's on a loopback port, modelyard's on its Unix socket) and one "
            "through the router, back to back (router order alternating every step, direct/via every two; each "
            "target on its own pool of one kept-alive connection, or for streams one new connection each, on "
            "all four alike, since llama-server closes it after a stream); the added latency is the median of the "
