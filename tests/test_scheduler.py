@@ -14,7 +14,7 @@ table reads like a transcript:
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import EllipsisType
 from typing import Any
 
@@ -2157,6 +2157,71 @@ def test_random_sequences_keep_the_budget_pins_and_answer_every_request(
     assert sim.sched.lease_owner == {}, where
     assert sim.sched.running_count() <= limits.max_models, where
     assert not sim.models_in(Status.LOADING, Status.STOPPING), where
+
+
+def state_of(sched: Scheduler) -> dict[str, Any]:
+    """Everything a scheduler holds but the fast-path switch: what two equivalent schedulers must agree on."""
+    return {key: value for key, value in vars(sched).items() if key != "fast_path"}
+
+
+@dataclass
+class TwinSim(BudgetSim):
+    """BudgetSim whose every event also goes to a twin that runs the full decision pass after every event:
+    the fast path (a grant at once, the pass skipped when it has nothing to do) must give the same actions,
+    in the same order, and leave the same state, at every step."""
+
+    twin: Scheduler | None = None
+
+    def feed(self, event: Event) -> list[Action]:
+        assert self.twin is not None
+        full = self.twin.handle(event, self.now)
+        actions = super().feed(event)
+        where = "\n".join(self.log)
+        assert actions == full, f"fast path {summarize(actions)} != full pass {summarize(full)}\n{where}"
+        assert state_of(self.sched) == state_of(self.twin), where
+        assert self.sched.board() == self.twin.board(), where
+        assert self.sched.next_deadline() == self.twin.next_deadline(), where
+        return actions
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=budget_configs(), ops=st.lists(budget_op_strategy, min_size=20, max_size=120),
+       load_timeout=st.sampled_from([0.0, 2.0, 600.0]), shutdown_at=st.none() | st.integers(0, 120))
+def test_the_fast_path_acts_exactly_as_the_full_pass(
+    config: tuple[list[ModelSpec], Limits], ops: list[tuple[str, int, bool, int]], load_timeout: float,
+    shutdown_at: int | None
+) -> None:
+    specs, limits = config
+    limits = replace(limits, load_timeout=load_timeout)  # a load deadline due is one more thing the pass acts on
+    sim = TwinSim(Scheduler(specs, limits), limits.max_models, drain_after_grant=True,
+                  specs={s.name: s for s in specs}, budget=limits.memory_budget,
+                  gpu_budget=limits.gpu_memory_budget, max_wait=limits.max_wait,
+                  twin=Scheduler(specs, limits, fast_path=False))
+    for i, (op, pick, flag, extra) in enumerate(ops):
+        if i == shutdown_at:
+            sim.feed(Shutdown())
+        sim.step4(op, pick, flag, extra)
+    sim.settle_with_time()
+
+
+def test_a_grant_on_a_loaded_model_and_its_release_skip_the_decision_pass() -> None:
+    """The fast path is taken where the profile needs it (without it the twin test above passes trivially):
+    a request for a loaded, idle model and its release, with nobody waiting, never run the pass."""
+    sched = Scheduler([ModelSpec("A", keep_alive=10.0), "B"])
+    sched.handle(Acquire(1, "A"), 0)
+    sched.handle(loaded("A"), 1)
+    sched.handle(Release(1), 2)
+
+    def no_pass(actions: list[Action]) -> None:
+        raise AssertionError("the full pass ran")
+
+    sched._schedule = no_pass  # type: ignore[method-assign]
+    assert sched.handle(Acquire(2, "A"), 3) == [Grant(2, "A")]
+    assert sched.handle(Acquire(3, "A", keep_alive=0.0), 3) == [Grant(3, "A")]
+    assert sched.handle(Release(2), 4) == []
+    assert sched.models["A"].expires_at is None  # request 3 still holds it
+    with pytest.raises(AssertionError, match="the full pass ran"):
+        sched.handle(Release(3), 5)  # its keep-alive of 0 ends now: the pass stops it
 
 
 def test_a_killed_child_fails_with_the_kill_reason_and_the_childs_last_words() -> None:

@@ -483,7 +483,7 @@ def eviction_choice(candidates: list[Candidate]) -> tuple[Candidate, Candidate |
 
 class Scheduler:
     def __init__(self, models: Iterable[ModelSpec | str], limits: Limits | None = None, *,
-                 max_models: int | None = None, max_queue: int | None = None) -> None:
+                 max_models: int | None = None, max_queue: int | None = None, fast_path: bool = True) -> None:
         limits = limits or Limits()
         # Only the two fields given change (each field listed by hand lost load_timeout: reset to 600 s).
         limits = replace(limits, max_models=limits.max_models if max_models is None else max_models,
@@ -502,6 +502,9 @@ class Scheduler:
         self._loading: set[str] = set()  # loading models with a load deadline
         self.shutting_down = False
         self.now = 0.0
+        # False runs the full pass after every event: the oracle the fast path is tested against
+        # (test_scheduler's twin simulation), never needed in production.
+        self.fast_path = fast_path
 
     @property
     def max_models(self) -> int:
@@ -599,8 +602,27 @@ class Scheduler:
                 self._unhealthy(name, reason, actions)
             case Tick():
                 pass
-        self._schedule(actions)
+        if not (self.fast_path and self._settled()):
+            self._schedule(actions)
         return actions
+
+    def _settled(self) -> bool:
+        """Whether the decision pass would do nothing now: nobody waits (so nothing to grant, refuse or load)
+        and no load deadline, keep-alive or drained model is due (what the pass's other steps act on). Then
+        it is skipped, after any event: each of its steps finds nothing, changes nothing, so the next finds
+        nothing either. Each check catches all that its step acts on (and more: a keep-alive due on a busy
+        model), so a doubt runs the pass. Why: this is the hot path's common case, a grant on a loaded model
+        and its release, where the full pass (load_order's Counter, a list per step) was 5.6% of a proxied
+        request's CPU (bench/results/profile); with it, a grant and its release take 5.5 to 6.1 µs in handle()
+        instead of 10.4 to 11.0 µs (timeit)."""
+        if self.queue:
+            return False
+        models = self.models
+        if any(models[n].in_flight == 0 for n in self._draining):
+            return False
+        if any((d := models[n].load_deadline) is not None and d <= self.now for n in self._loading):
+            return False
+        return not any((e := models[n].expires_at) is not None and e <= self.now for n in self._expiring)
 
     # -- event handlers --
     def _acquire(self, event: Acquire, actions: list[Action]) -> None:
@@ -610,8 +632,13 @@ class Scheduler:
             kind, message = refusal
             self._reject(event.request_id, event.model, kind, message, actions)
         else:
-            self.queue.append(Waiter(event.request_id, event.model, self.now, event.autoload, event.keep_alive))
+            waiter = Waiter(event.request_id, event.model, self.now, event.autoload, event.keep_alive)
             assert model is not None  # no refusal: it is known
+            if self.fast_path and not self.queue and self._grantable(model):
+                # Nobody waits: the pass's first step would grant this request alone, now (the fast path).
+                self._grant(waiter, model, actions)
+                return
+            self.queue.append(waiter)
             if model.status in (Status.UNLOADED, Status.FAILED) and self.queued_for(model.name) == 1:
                 # The first request to wait for this model's load: its files are read while it waits for room
                 # (a drain, a stop) and while its child starts, rather than by the child's page faults.
@@ -827,16 +854,19 @@ class Scheduler:
         for waiter in self.queue:
             model = self.models[waiter.model]
             if self._grantable(model):
-                model.leases.add(waiter.request_id)
-                model.last_used = self.now
-                self._set_expiry(model, None)
-                self.lease_owner[waiter.request_id] = model.name
-                if waiter.keep_alive is not None:
-                    self.lease_keep_alive[waiter.request_id] = waiter.keep_alive
-                actions.append(Grant(waiter.request_id, model.name))
+                self._grant(waiter, model, actions)
             else:
                 waiting.append(waiter)
         self.queue = waiting
+
+    def _grant(self, waiter: Waiter, model: ModelState, actions: list[Action]) -> None:
+        model.leases.add(waiter.request_id)
+        model.last_used = self.now
+        self._set_expiry(model, None)
+        self.lease_owner[waiter.request_id] = model.name
+        if waiter.keep_alive is not None:
+            self.lease_keep_alive[waiter.request_id] = waiter.keep_alive
+        actions.append(Grant(waiter.request_id, model.name))
 
     def _stop_drained(self, actions: list[Action]) -> None:
         for name in [n for n in self._draining if self.models[n].in_flight == 0]:
