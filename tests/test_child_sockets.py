@@ -7,8 +7,11 @@ child and the directory with modelyard, and two modelyard processes never share 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,14 +136,23 @@ def test_without_a_usable_directory_children_listen_on_ports(tmp_path: Path) -> 
 
 # -- end to end -----------------------------------------------------------------------------------------------
 
+@pytest.fixture
+def short_runtime() -> Iterator[Path]:
+    """A runtime directory with a short path: under pytest-xdist a tmp_path is ~80 characters, and with
+    modelyard's directory and the socket's name that passed sun_path's 107 (the child then listened on a port,
+    as it should, and the test failed). A user's XDG_RUNTIME_DIR is /run/user/<uid>."""
+    runtime = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    yield runtime
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
 def _socket_dirs(base: Path, router: Router) -> list[Path]:
     return sorted(base.glob(f"modelyard-{router.proc.pid}-*"))
 
 
 def test_a_child_on_its_socket_serves_chats_and_streams_and_its_socket_goes_with_it(
-        tmp_path: Path, models_dir: Path, start_router: Any) -> None:
-    runtime = tmp_path / "runtime"
-    runtime.mkdir()
+        short_runtime: Path, models_dir: Path, start_router: Any) -> None:
+    runtime = short_runtime
     env = {"XDG_RUNTIME_DIR": str(runtime)}
     router: Router = start_router("--models-dir", str(models_dir), "-c", "2048", env=env)
     other: Router = start_router("--models-dir", str(models_dir), "-c", "2048", env=env)
