@@ -141,10 +141,8 @@ class Router:
 
 def direct_client(endpoint: Endpoint, **kwargs: Any) -> httpx.Client:
     """An HTTP client straight to a child, bypassing modelyard: over its Unix socket, or its loopback port."""
-    if endpoint.socket is not None:
-        return httpx.Client(transport=httpx.HTTPTransport(uds=str(endpoint.socket)), base_url="http://localhost",
-                            **kwargs)
-    return httpx.Client(base_url=f"http://127.0.0.1:{endpoint.port}", **kwargs)
+    transport = httpx.HTTPTransport(uds=str(endpoint.socket)) if endpoint.socket is not None else None
+    return httpx.Client(transport=transport, base_url=endpoint.base_url, **kwargs)
 
 
 def _is_background_reader(pid: int) -> bool:

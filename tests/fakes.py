@@ -137,7 +137,6 @@ class FakeChild:
         self.plan = plan
         self.argv = plan.argv
         self.endpoint = plan.endpoint
-        self.port: int | None = plan.endpoint.port if plan.endpoint.socket is None else None
         self.info: Mapping[str, Any] = {}
         self.clock = clock
         self.on_state = on_state  # what it reports of itself: the test calls it (or on_progress)

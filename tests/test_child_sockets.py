@@ -53,6 +53,15 @@ def test_how_an_endpoint_is_written_in_logs() -> None:
     assert str(Endpoint(socket=Path("/tmp/d/3.sock"))) == "unix:///tmp/d/3.sock"
 
 
+@pytest.mark.parametrize(("endpoint", "tcp_port", "base_url"), [
+    (Endpoint(port=5555), 5555, "http://127.0.0.1:5555"),
+    (Endpoint(socket=Path("/tmp/d/3.sock")), None, "http://localhost"),  # the host only fills the Host header
+    (Endpoint(port=5555, socket=Path("/tmp/d/3.sock")), None, "http://localhost"),  # the socket wins, as in flags
+])
+def test_where_requests_to_an_endpoint_go(endpoint: Endpoint, tcp_port: int | None, base_url: str) -> None:
+    assert (endpoint.tcp_port, endpoint.base_url) == (tcp_port, base_url)
+
+
 @pytest.fixture(scope="module")
 def engine(llama_server: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
     return Engine(llama_server, load_option_table(llama_server, tmp_path_factory.mktemp("options")))

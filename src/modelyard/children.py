@@ -191,7 +191,6 @@ class Child(Protocol):
     model: str
     argv: tuple[str, ...]
     endpoint: Endpoint  # where it listens (its plan's)
-    port: int | None  # its loopback port; None on a Unix socket
     info: Mapping[str, Any]
     ready: asyncio.Future[None]
     exited: asyncio.Future[int]
@@ -338,9 +337,7 @@ class ProcessChild:
         self.plan = plan
         self.argv = plan.argv
         self.endpoint = plan.endpoint
-        self.port: int | None = None if plan.endpoint.socket is not None else plan.endpoint.port
-        # over a socket the host part only fills the Host header (llama-server reads none)
-        self.base_url = "http://localhost" if self.port is None else f"http://127.0.0.1:{self.port}"
+        self.base_url = plan.endpoint.base_url
         self.info: Mapping[str, Any] = {}
         self._log = log or ModelLog(model)
         self._log_mark = self._log.mark()  # its own lines start here

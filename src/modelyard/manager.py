@@ -627,7 +627,7 @@ class ModelManager:
             views.append(ModelView(
                 config=config, state=state, args=child.argv if child else (),
                 info=child.info if child and loaded else {},
-                port=child.port if child else None, pid=child.pid if child else None,
+                port=child.endpoint.tcp_port if child else None, pid=child.pid if child else None,
                 expires_in=max(0.0, state.expires_at - now) if state.expires_at is not None else None,
                 idle_for=now - state.last_used if state.last_used else None,
                 wake_state=record.wake_state if record is not None and loaded else "",
@@ -831,16 +831,17 @@ class ModelManager:
 
     async def _start_instance(self, model: str) -> None:
         config = self.catalog.models[model]
-        port = free_port()
         placement = self._placements.get(model)
         try:
             settings = self.launch_settings(config)
             if placement is not None:
                 settings = {**settings, **placement.args}
             pin = placement is not None and self._topology is not None and self._topology.can_pin
-            plan = launch_plan(dataclasses.replace(config, settings=settings), self._engine, port, new_child_key(),
-                               cpus=placement.cpus if pin and placement is not None else frozenset(),
-                               socket=self._sockets.path())
+            # a llama-server child listens on a socket where there can be one; a `cmd` engine on a port
+            socket = self._sockets.path() if config.command is None else None
+            plan = launch_plan(dataclasses.replace(config, settings=settings), self._engine,
+                               free_port() if socket is None else 0, new_child_key(),
+                               cpus=placement.cpus if pin and placement is not None else frozenset(), socket=socket)
             child = self._new_child(model, plan, lambda state, payload: self._on_child_state(
                 model, state, payload), self.logbook.of(model))
         except Exception as exc:

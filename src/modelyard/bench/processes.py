@@ -88,7 +88,6 @@ class RouterProcess:
         needs: modelyard's children answer only with their key, which the bench (the same user) reads from
         the child's environment, as only modelyard and root can."""
         endpoint = self.child_endpoint(model)
-        url = "http://localhost" if endpoint.socket is not None else f"http://127.0.0.1:{endpoint.port}"
         pid = child_pid(self.pid, endpoint)
         headers = {}
         if pid is not None:
@@ -96,7 +95,7 @@ class RouterProcess:
                 for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                     if item.startswith(CHILD_KEY_ENV.encode() + b"="):
                         headers = {"Authorization": f"Bearer {item.split(b'=', 1)[1].decode()}"}
-        return Target(url, headers, endpoint.socket)
+        return Target(endpoint.base_url, headers, endpoint.socket)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the router process itself (children excluded)."""

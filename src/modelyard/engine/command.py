@@ -75,6 +75,17 @@ class Endpoint:
     def __str__(self) -> str:
         return f"unix://{self.socket}" if self.socket is not None else f"127.0.0.1:{self.port}"
 
+    @property
+    def tcp_port(self) -> int | None:
+        """The loopback port it listens on; None on a Unix socket (whatever `port` holds then)."""
+        return self.port if self.socket is None else None
+
+    @property
+    def base_url(self) -> str:
+        """The URL its requests' paths are appended to. Over the socket the host part only fills the Host
+        header (llama-server reads none); the client connects to the socket itself."""
+        return "http://localhost" if self.socket is not None else f"http://127.0.0.1:{self.port}"
+
     def flags(self) -> tuple[str, ...]:
         """llama-server's flags for it."""
         if self.socket is not None:
