@@ -6,6 +6,7 @@ child and the directory with modelyard, and two modelyard processes never share 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -19,10 +20,13 @@ import openai
 import pytest
 
 from modelyard.children import ChildSockets, owner_pid, socket_fits
-from modelyard.config.catalog import ModelConfig
-from modelyard.config.options import load_option_table
+from modelyard.config.catalog import Catalog, ModelConfig
+from modelyard.config.options import OptionTable, load_option_table
 from modelyard.engine.command import SOCKET_SUFFIX, Endpoint, Engine, launch_plan
+from modelyard.manager import ModelManager
+from modelyard.memory import GgufCache
 from tests.conftest import Router, direct_client, fake_cmd
+from tests.fakes import FakeClock, FakeFleet, StaticSource, settle
 
 CHAT = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4, "temperature": 0}
 
@@ -122,8 +126,11 @@ def test_the_directory_of_a_modelyard_that_died_is_removed_by_the_next(tmp_path:
     dead.mkdir()
     (dead / ".lock").touch()
     (dead / "1.sock").touch()
-    being_made = tmp_path / "modelyard-2-new"  # no lock file yet: kept
+    without_lock = tmp_path / "modelyard-2-new"  # no lock file: not modelyard's, kept
+    without_lock.mkdir()
+    being_made = tmp_path / ".modelyard-new-3-x"  # another modelyard's, its lock not taken yet: kept
     being_made.mkdir()
+    (being_made / ".lock").touch()
     unrelated = tmp_path / "modelyard-bench-x"
     unrelated.mkdir()
     (unrelated / ".lock").touch()
@@ -131,9 +138,71 @@ def test_the_directory_of_a_modelyard_that_died_is_removed_by_the_next(tmp_path:
     assert living.path() is not None and living.directory is not None
     sockets = ChildSockets(tmp_path)
     assert sockets.path() is not None
-    assert not dead.exists() and being_made.exists() and unrelated.exists() and living.directory.exists()
+    assert not dead.exists() and without_lock.exists() and being_made.exists() and unrelated.exists()
+    assert living.directory.exists()
     sockets.close()
     living.close()
+
+
+def test_a_sweep_while_a_directory_is_made_leaves_it_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another modelyard sweeping between this one's mkdir and its flock (its lock not held yet) must not remove
+    the directory: it is made and locked under a name the sweep ignores, then renamed. Made under its final
+    name, the sweep removed it and every child of this modelyard failed to bind."""
+    real_flock = fcntl.flock
+    seen_by_the_sweep: list[str] = []
+    others: list[ChildSockets] = []
+
+    def flock_after_another_sweeps(fd: int, operation: int) -> None:
+        if not others:  # the first lock taken: this modelyard's own, on its directory being made
+            seen_by_the_sweep.extend(sorted(entry.name for entry in tmp_path.iterdir()))
+            others.append(ChildSockets(tmp_path))
+            assert others[0].path() is not None  # it sweeps first
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_another_sweeps)
+    sockets = ChildSockets(tmp_path)
+    path = sockets.path()
+    assert [name.startswith(".modelyard-new-") for name in seen_by_the_sweep] == [True]
+    assert path is not None and sockets.directory is not None and path.parent == sockets.directory
+    assert sockets.directory.is_dir() and owner_pid(sockets.directory.name) == os.getpid()
+    assert stat.S_IMODE(sockets.directory.stat().st_mode) == 0o700
+    assert not list(tmp_path.glob(".modelyard-new-*"))  # renamed, nothing left under the temporary name
+    third = ChildSockets(tmp_path)  # and its lock holds under the final name: a later sweep keeps it
+    assert third.path() is not None and sockets.directory.is_dir()
+    for each in (third, others[0], sockets):
+        each.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_no_directory_is_made_once_closed(tmp_path: Path) -> None:
+    """A child's start that comes after close (one queued as modelyard shut down) gets no socket: a directory
+    made then would outlive modelyard."""
+    never_used = ChildSockets(tmp_path)
+    never_used.close()
+    assert never_used.path() is None and not list(tmp_path.iterdir())
+    used = ChildSockets(tmp_path)
+    assert used.path() is not None
+    used.close()
+    assert used.path() is None and not list(tmp_path.iterdir())
+
+
+async def test_a_load_queued_as_modelyard_closes_starts_no_child(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A llama-server child's start that runs once close() has begun starts nothing: close has collected the
+    children it stops and removed the sockets' directory, so such a child would run on unstopped (on a port)."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    config = ModelConfig("m", {"--model": str(tmp_path / "m.gguf")}, "preset", "test")
+    source = StaticSource(Catalog(models={"m": config}, by_name={"m": "m"}))
+    clock = FakeClock()
+    fleet = FakeFleet(clock)
+    manager = ModelManager(source, Engine(Path("/nonexistent/llama-server"), OptionTable([])), catalog=source.value,
+                           clock=clock, gguf_cache=GgufCache(tmp_path / "cache"), child_factory=fleet)
+    await manager.close()
+    manager._spawn(manager._start_instance("m"))  # the race's shape: a start queued before close, run after it
+    await settle()
+    assert fleet.children == {} and not list(runtime.iterdir())
 
 
 def test_without_a_usable_directory_children_listen_on_ports(tmp_path: Path) -> None:

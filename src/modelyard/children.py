@@ -58,6 +58,8 @@ _PR_SET_PDEATHSIG = 1
 # sockaddr_un.sun_path holds 108 bytes on Linux (104 on macOS), its terminating NUL included.
 _SUN_PATH_MAX = 104 if sys.platform == "darwin" else 108
 _SOCKETS_PREFIX = "modelyard-"  # ChildSockets' directories: modelyard-<pid>-<random>
+# ... made and locked under this name first, which the sweep of stale ones ignores (`_make_locked`)
+_NEW_PREFIX = ".modelyard-new-"
 _LOCK_FILE = ".lock"
 
 
@@ -95,13 +97,15 @@ class ChildSockets:
     directories of modelyard processes that died without closing theirs (SIGKILL) are removed when the next
     one is made: each holds a lock on its `.lock` file while it lives (a lock, not its pid, which may be
     another pid namespace's). Where sockets are unavailable (no AF_UNIX, a path too long for sun_path, a
-    directory that cannot be made) `path` says None and the child listens on a loopback port instead."""
+    directory that cannot be made) `path` says None and the child listens on a loopback port instead; once
+    closed, `path` says None too (a directory made then would outlive modelyard)."""
 
     def __init__(self, base: Path | None = None) -> None:
         self._base = base
         self._dir: Path | None = None
         self._lock: int | None = None  # the descriptor holding the directory's lock
         self._failed = False
+        self._closed = False
         self._numbers = itertools.count(1)
 
     @property
@@ -110,15 +114,13 @@ class ChildSockets:
 
     def path(self) -> Path | None:
         """A socket path no child of this modelyard has used, or None (see the class)."""
-        if self._failed or not hasattr(socket, "AF_UNIX"):
+        if self._failed or self._closed or not hasattr(socket, "AF_UNIX"):
             return None
         if self._dir is None:
             base = self._base or sockets_base(os.environ)
             try:
                 _remove_stale(base)
-                self._dir = Path(tempfile.mkdtemp(prefix=f"{_SOCKETS_PREFIX}{os.getpid()}-", dir=base))
-                self._lock = os.open(self._dir / _LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._dir, self._lock = _make_locked(base)
             except OSError as exc:
                 log.warning("children listen on loopback ports: no directory for their sockets in %s (%s)",
                             base, exc)
@@ -132,6 +134,7 @@ class ChildSockets:
         return path
 
     def close(self) -> None:
+        self._closed = True
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -140,9 +143,33 @@ class ChildSockets:
             self._lock = None
 
 
+def _make_locked(base: Path) -> tuple[Path, int]:
+    """A new 0700 directory `modelyard-<pid>-<random>` in `base`, and the descriptor holding the lock on its
+    `.lock` file. It is made and locked under a name the sweep of stale directories ignores (`.modelyard-new-`)
+    and renamed only then: made under its final name, another modelyard sweeping between the mkdir and the
+    flock saw an unheld lock and removed a live directory (every later child of this one then failed to bind).
+    A modelyard killed in that window leaves an empty `.modelyard-new-*` directory behind, never a live one
+    removed."""
+    made = Path(tempfile.mkdtemp(prefix=f"{_NEW_PREFIX}{os.getpid()}-", dir=base))
+    try:
+        lock = os.open(made / _LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            final = base / (_SOCKETS_PREFIX + made.name.removeprefix(_NEW_PREFIX))
+            os.rename(made, final)  # the lock goes with it: it is held on the file, not on its name
+        except OSError:
+            os.close(lock)
+            raise
+    except OSError:
+        shutil.rmtree(made, ignore_errors=True)
+        raise
+    return final, lock
+
+
 def _remove_stale(base: Path) -> None:
     """Remove the socket directories in `base` whose modelyard is gone: this user's, with a `.lock` file that
-    no process holds (one without is being made right now, or not modelyard's: kept)."""
+    no process holds (one without is not modelyard's: kept; one being made is under another name until it is
+    locked, `_make_locked`)."""
     with contextlib.suppress(OSError):
         for entry in base.iterdir():
             if owner_pid(entry.name) is None:

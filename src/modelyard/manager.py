@@ -284,6 +284,7 @@ class ModelManager:
                                     max_models=max_models, max_queue=max_queue)
         self._running: dict[str, _Running] = {}
         self._sockets = ChildSockets()  # where llama-server children listen (made on the first load)
+        self._closed = False  # close() has begun: no child is started any more
         self._topology = topology
         # The placement of each model's child, from its StartLoad until it is unloaded or failed: set as the
         # load is started, before its child exists, so that loads started together see each other's cores.
@@ -462,6 +463,7 @@ class ModelManager:
 
     async def close(self) -> None:
         """Refuse new work, then stop every child (graceful first, SIGKILL after its stop-timeout)."""
+        self._closed = True
         await self.files.close()  # first, and at once: exit never waits for background work (a parse held it 38.7 s)
         await self.downloads.close()
         self.end_subscriptions()
@@ -830,6 +832,12 @@ class ModelManager:
         return placement
 
     async def _start_instance(self, model: str) -> None:
+        if self._closed:
+            # A start queued as close() began: the children it stops may be collected and the sockets' directory
+            # removed already, so a child started now could run on unstopped until modelyard exits. Its load
+            # ends with close()'s Shutdown, which stops it (before it started: _stop_instance reports that).
+            log.info("not starting %s: modelyard is shutting down", model)
+            return
         config = self.catalog.models[model]
         placement = self._placements.get(model)
         try:
