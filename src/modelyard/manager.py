@@ -58,6 +58,7 @@ from modelyard.memory import (
     Footprint,
     GgufCache,
     GgufFacts,
+    available_memory,
     describe,
     fitted_footprint,
     fitted_settings,
@@ -119,16 +120,29 @@ from modelyard.watchdog import Observation, WatchdogSettings, judge
 log = logging.getLogger(__name__)
 
 
-def read_ahead(paths: Sequence[Path]) -> None:
-    """Ask the kernel to read `paths` into the page cache (POSIX_FADV_WILLNEED: it queues the reads and returns),
-    so that a child about to load finds its model in memory rather than faulting it in page by page. Advice:
-    a file that cannot be opened or advised is logged, never raised (the load reports a missing file itself).
-    Blocking (the kernel may submit reads before it returns): run in a thread."""
-    for path in paths:
+def read_ahead(settings: Mapping[str, str]) -> None:
+    """Ask the kernel to read the files of the model with these settings into the page cache
+    (POSIX_FADV_WILLNEED: it queues the reads and returns), so that a child about to load finds its model in
+    memory rather than faulting it in page by page. Advice: a file that cannot be opened or advised is logged,
+    never raised (the load reports a missing file itself), and nothing is done where the OS has no
+    posix_fadvise (macOS). A file that does not fit in MemAvailable, with the files advised before it, is
+    skipped: read ahead, a model bigger than free memory would evict the pages of the running models (and its
+    own first pages before the load reads them). Blocking (the files are found with stat calls, and the
+    kernel may submit reads before it returns): run in a thread."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    room = available_memory() or None  # None: unknown, every file is advised
+    for path in model_files(settings):
         try:
             fd = os.open(path, os.O_RDONLY)
             try:
+                size = os.fstat(fd).st_size
+                if room is not None and size > room:
+                    log.debug("not reading %s ahead: its %s exceed the %s of memory still available", path,
+                              describe(size), describe(room))
+                    continue
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                room = room - size if room is not None else None
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -785,7 +799,7 @@ class ModelManager:
             case ReadAhead(model=model):
                 config = self.catalog.models.get(model)
                 if config is not None:
-                    self._spawn(asyncio.to_thread(read_ahead, model_files(config.settings)))
+                    self._spawn(asyncio.to_thread(read_ahead, config.settings))
             case StopInstance(model=model, reason=reason):
                 log.info("stopping %s: %s", model, reason)
                 self._spawn(self._stop_instance(model))

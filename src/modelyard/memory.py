@@ -76,11 +76,25 @@ def parse_size(text: str, total: int) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
 
 
-def system_memory() -> int:
+def _meminfo(field: str) -> int:
+    """One field of /proc/meminfo, in bytes (0 if it has none such). OSError where there is none (not Linux)."""
     for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def system_memory() -> int:
+    return _meminfo("MemTotal")
+
+
+def available_memory() -> int:
+    """What the kernel can give without swapping (MemAvailable: free memory plus the page cache it can drop),
+    in bytes; 0 where unknown."""
+    try:
+        return _meminfo("MemAvailable")
+    except OSError:
+        return 0
 
 
 def process_memory(pid: int) -> int:
