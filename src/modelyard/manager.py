@@ -45,7 +45,7 @@ from modelyard.decisions import Waiting, explain_waiting
 from modelyard.digests import FileDigests
 from modelyard.engine.command import Engine, launch_plan
 from modelyard.engine.defaults import child_defaults
-from modelyard.engine.install import cache_root
+from modelyard.engine.install import cache_root, is_cpu_build
 from modelyard.engine.locate import locate_llama_server
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.feed import Feed
@@ -338,7 +338,8 @@ class ModelManager:
                                                         models_preset, table)
         sources = Sources(table, models_dir=models_dir, preset_path=models_preset, router_settings=router_settings,
                           hub_cache=cache_dir(os.environ))  # router mode lists the Hugging Face cache's models
-        manager = cls(sources, Engine(binary, table, router_port=router_port), catalog=sources.load(),
+        engine = Engine(binary, table, router_port=router_port, cpu_build=is_cpu_build(binary))
+        manager = cls(sources, engine, catalog=sources.load(),
                       limits=limits, max_models=max_models, max_queue=max_queue, gpus=gpu_total_memory() > 0,
                       watchdog=watchdog, topology=read_topology())
         manager.downloads.token, manager.downloads.offline = router_access(sources.router_settings)
@@ -378,8 +379,8 @@ class ModelManager:
         """The settings a child is started with: the model's, plus the context chosen to fit the memory
         budget when llama-server would size it itself (see memory.fitted_settings), plus modelyard's defaults
         for children where unset (engine.defaults: what shortens a load)."""
-        return child_defaults(fitted_settings(config.settings, self.gguf_facts(config), self._gpus, self._budget),
-                              self._gpus)
+        fitted = fitted_settings(config.settings, self.gguf_facts(config), self._gpus, self._budget)
+        return child_defaults(fitted, os.environ, self._engine.options, self._engine.cpu_build)
 
     def served_context(self, config: ModelConfig) -> int:
         """The context (tokens, all slots) the model's instance serves, or would serve if loaded now; 0 if

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelyard.config.options import TRUTHY
+from modelyard.config.options import TRUTHY, explicit_setting
 from modelyard.memory import GgufFacts, offloaded_share
 from modelyard.scheduler import Board, Status
 
@@ -161,12 +161,8 @@ class Wishes:
 def wishes(settings: Mapping[str, str], environ: Mapping[str, str]) -> Wishes:
     """`settings`: the model's, by canonical flag. llama-server reads LLAMA_ARG_THREADS when no `--threads`
     is given, and children inherit the router's environment, so it counts as an explicit choice."""
-    threads, threads_from = settings.get("--threads"), ""
-    if threads is not None:
-        threads_from = f"threads = {threads}"
-    elif environ.get("LLAMA_ARG_THREADS") is not None:
-        threads = environ["LLAMA_ARG_THREADS"]
-        threads_from = f"LLAMA_ARG_THREADS={threads}"
+    threads: str | None
+    threads, threads_from = explicit_setting(settings, "--threads", environ, ("LLAMA_ARG_THREADS",)) or (None, "")
     named: list[str] = []
     cpus: set[int] = set()
     invalid = False

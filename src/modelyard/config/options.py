@@ -111,6 +111,20 @@ def environment_refusal(environ: Mapping[str, str], table: OptionTable) -> str |
     return None
 
 
+def explicit_setting(settings: Mapping[str, str], flag: str, environ: Mapping[str, str],
+                     env: Iterable[str]) -> tuple[str, str] | None:
+    """What a child is told for `flag` (canonical) and where it says so: its setting (`threads = 4`), else the
+    first of the option's environment variables `env` set in `environ` (`LLAMA_ARG_THREADS=4`): children
+    inherit modelyard's environment and llama-server reads them where no flag is given, so one is as explicit
+    a choice as the flag. None where neither sets it."""
+    if flag in settings:
+        return settings[flag], f"{flag.lstrip('-')} = {settings[flag]}"
+    for name in env:
+        if name in environ:
+            return environ[name], f"{name}={environ[name]}"
+    return None
+
+
 class OptionTable:
     """Maps every spelling of an option (long, short, env name) to the option."""
 
@@ -124,6 +138,11 @@ class OptionTable:
     def lookup(self, key: str) -> EngineOption | None:
         """Find an option by preset key (`ctx-size`, `c`, `LLAMA_ARG_CTX_SIZE`) or flag (`--ctx-size`)."""
         return self._by_key.get(key.lstrip("-") if key.startswith("-") else key)
+
+    def env_of(self, flag: str) -> tuple[str, ...]:
+        """The environment variables llama-server reads for `flag` (none for an unknown option)."""
+        option = self.lookup(flag)
+        return option.env if option is not None else ()
 
     def is_negation(self, key: str) -> bool:
         option = self.lookup(key)

