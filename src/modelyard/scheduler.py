@@ -515,9 +515,6 @@ class Scheduler:
         return self.limits.max_queue
 
     # -- queries --
-    def running_count(self) -> int:
-        return sum(1 for m in self.models.values() if m.status in RUNNING)
-
     def memory_used(self) -> int:
         return sum(m.footprint for m in self.models.values() if m.status in RUNNING)
 
