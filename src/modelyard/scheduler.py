@@ -333,10 +333,15 @@ def held(status: Status, room: Room, wanted: Room, limits: Limits) -> Room:
 
     Why --models-max does not count it then: router mode counts a stopping child until it is reaped (so no
     swap overlaps), but what people mean by --models-max is a cap on the resources children take, and memory
-    is that resource, which the budget already counts exactly; a child on its way out does no work once its
-    requests are done. Counting its slot too made every `--models-max 1` swap wait for the old child's exit
-    before the new one started (the swap's stop phase, in series). Without a memory budget (0) or with an
-    unknown footprint, nothing else guards memory: the slot counts, as in router mode."""
+    is that resource, which the budget already counts exactly; an idle child on its way out does no work.
+    Counting its slot too made every `--models-max 1` swap wait for the old child's exit before the new one
+    started (the swap's stop phase, in series). A busy model drained because a request waited past max-wait
+    gives its slot back too, while its in-flight requests still run: the waiting request was promised a
+    bounded wait (--max-wait), and keeping the slot would stretch it by the rest of those requests (minutes,
+    for a long generation) before its load even began; for that while the two children share the CPU (the
+    next one's placement counts the leaving child's cores as free, taken last), which the user traded for
+    the bound (the table's overlap-a-busy-model-drained-past-max-wait). Without a memory budget (0) or with
+    an unknown footprint, nothing else guards memory: the slot counts, as in router mode."""
     if status != Status.STOPPING or not _guarded(room, limits) or not _guarded(wanted, limits):
         return room
     return Room(room.memory, room.gpu_memory, 0)
