@@ -209,11 +209,11 @@ class Expected:
 
 def expected_residents(board: Board, model: str) -> Expected:
     """The larger of what runs or waits now (loading and loaded models, `model` included, and the distinct
-    models waiting for a load) and what may come: as many models as --models-max lets run, as the catalog
-    holds and as fit --memory-budget together (the smallest first). Threads are fixed when a child starts and
-    a first model cannot know whether others will join it, so the share is kept for those that may: a model
-    used alone while others could load beside it gets its share, not every core (set `threads`, or a lower
-    --models-max, to give it more)."""
+    models waiting for a load, but no more than may run at once) and what may come: as many models as
+    --models-max lets run, as the catalog holds and as fit --memory-budget together (the smallest first).
+    Threads are fixed when a child starts and a first model cannot know whether others will join it, so the
+    share is kept for those that may: a model used alone while others could load beside it gets its share, not
+    every core (set `threads`, or a lower --models-max, to give it more)."""
     running = {name for name, m in board.models.items() if m.status in (Status.LOADING, Status.LOADED)}
     running.add(model)
     waiting = {w.model for w in board.queue if w.model in board.models
@@ -223,8 +223,14 @@ def expected_residents(board: Board, model: str) -> Expected:
     slots = limits.max_models if limits.max_models > 0 else total
     fit = _fitting(sorted(m.room.memory for m in board.models.values()), limits.memory_budget)
     likely = min(slots, total, fit)
-    if now >= likely:
+    # More waiting than may run at once: only `likely` of them will be resident together (the rest load as
+    # others leave, onto the cores those free). Counting them all gave a child started under --models-max 1,
+    # while a second model waited, half the cores for its whole life, the other half idle (found in review).
+    capped = max(len(running), likely)
+    if now >= likely and now <= capped:
         return Expected(now, f"{now} model{'s' if now != 1 else ''} running or waiting")
+    if now > capped > likely:  # more already run than the limits foresee (none fits the budget, say)
+        return Expected(capped, f"{capped} model{'s' if capped != 1 else ''} running")
     if likely == slots and limits.max_models > 0:
         return Expected(likely, f"--models-max {slots}")
     if likely == fit and fit < total:
