@@ -26,11 +26,8 @@ import time
 from pathlib import Path
 
 import aiohttp
+from measure import HERE, MODEL, MODELS, VENV, cpu_seconds  # this folder's, beside this file
 
-HERE = Path(__file__).parent
-VENV = Path(sys.executable).parent
-MODELS = Path.home() / ".local/share/modelyard/models"
-MODEL = "smollm2-135m-instruct"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
 STREAM = {**CHAT, "max_tokens": 4, "stream": True}
 TOKENIZE = {"model": MODEL, "content": "rate"}
@@ -97,11 +94,6 @@ async def paired(targets: list[Target], steps: int) -> dict:
                 added[kind][name].append(took[name] - took["direct"])
     return {kind: {name: {"added_p50_ms": round(statistics.median(d) * 1000, 3), "pairs": len(d)}
                    for name, d in by.items()} for kind, by in added.items()}
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def cpu(targets: list[Target], pids: dict[str, int], counts: dict[str, int]) -> dict:
