@@ -174,3 +174,18 @@ def test_launch_plan_forces_loopback_port_and_alias(tmp_path: Path, table: Optio
     assert argv[argv.index("--port") + 1] == "5555" and argv.count("--port") == 1
     assert argv[argv.index("--alias") + 1] == "m"
     assert plan.env["LLAMA_SERVER_ROUTER_PORT"] == "8080"
+
+
+@pytest.mark.parametrize(("argv", "engine_args", "verbose"), [
+    # click clusters short options: `-lv` was read as `-l -v`, modelyard's -v taken out and `-l 2` left for the
+    # child (`--logit-bias 2`: every load crash-looped)
+    (["-lv", "2"], ("-lv", "2"), False),
+    (["-kvu", "-dev", "none", "-v"], ("-kvu", "-dev", "none"), True),
+    (["-ngl", "99", "-c", "2048", "--temp", "-1"], ("-ngl", "99", "-c", "2048", "--temp", "-1"), False),
+    (["-v", "-np", "4"], ("-np", "4"), True),
+])
+def test_serve_passes_llama_server_s_multi_letter_short_options_whole(
+        argv: list[str], engine_args: tuple[str, ...], verbose: bool) -> None:
+    from modelyard.cli import serve
+    params = serve.make_context("serve", [*argv, "--port", "0"]).params
+    assert params["engine_args"] == engine_args and params["verbose"] is verbose and params["port"] == 0

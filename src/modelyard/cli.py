@@ -70,8 +70,36 @@ def main() -> None:
     """modelyard: one OpenAI-compatible endpoint for a fleet of local llama.cpp models."""
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                "show_default": True})
+# Marks a llama-server option of several letters behind one dash while click parses serve's arguments.
+_WHOLE = "\x00"
+
+
+def _is_clustered(arg: str) -> bool:
+    """`-lv`, `-kvu`, `-ngl`: one dash and several letters, which click would read as short options clustered."""
+    return len(arg) > 2 and arg[0] == "-" and arg[1].isalpha() and arg[1:].replace("-", "").isalnum()
+
+
+class _ServeCommand(click.Command):
+    """click reads `-lv` as `-l -v` (clustered short options): modelyard's own `-v` was taken out of
+    llama-server's `-lv`, `-kvu`, `-dev` and the rest left behind, so `serve -lv 2` started every child with
+    `-l 2`, `--logit-bias 2`, and crash-looped (found profiling). Such options go to the engine whole."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, [_WHOLE + a if _is_clustered(a) else a for a in args])
+        ctx.params = {k: _unshield(v) for k, v in ctx.params.items()}
+        return rest
+
+
+def _unshield(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.removeprefix(_WHOLE)
+    if isinstance(value, tuple):
+        return tuple(_unshield(v) for v in value)
+    return value
+
+
+@main.command(cls=_ServeCommand, context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                                   "show_default": True})
 @click.option("--models-dir", type=click.Path(path_type=Path), envvar="LLAMA_ARG_MODELS_DIR",
               help="Directory of .gguf models (router mode layout). Default: the demo models directory, "
                    "when neither this nor --models-preset is given.")
