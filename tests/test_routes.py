@@ -590,12 +590,14 @@ def test_a_conversations_stream_is_replayed_byte_for_byte_from_its_child(smol: R
     chat = {"model": "smol", "stream": True, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
     original = smol.client.post("/v1/chat/completions", json=chat, headers={"X-Conversation-Id": "e2e::smol"})
     assert original.status_code == 200 and original.text.endswith("data: [DONE]\n\n")
-    (found,) = smol.client.post("/v1/streams/lookup", json={"conversation_ids": ["e2e::smol", "e2e"]}).json()
-    assert found["conversation_id"] == "e2e::smol" and found["is_done"] is True
-    assert found["total_bytes"] == len(original.content)
+    # The replay first: it streams until the child's session is done, which the child marks a moment after
+    # writing [DONE] (a lookup straight after the answer once found is_done false in make test).
     replay = smol.client.get("/v1/stream", params={"conv_id": "e2e::smol", "from": "0"})
     assert replay.status_code == 200 and replay.content == original.content
     assert replay.headers["Content-Type"].startswith("text/event-stream")
+    (found,) = smol.client.post("/v1/streams/lookup", json={"conversation_ids": ["e2e::smol", "e2e"]}).json()
+    assert found["conversation_id"] == "e2e::smol" and found["is_done"] is True
+    assert found["total_bytes"] == len(original.content)
     bad = smol.client.get("/v1/stream", params={"conv_id": "e2e::smol", "from": "abc"})
     assert bad.status_code == 400 and bad.json()["error"]["message"] == "Invalid 'from' offset"  # the child's own
     assert smol.client.delete("/v1/stream", params={"conv_id": "e2e::smol"}).status_code == 204
