@@ -416,6 +416,12 @@ def test_the_ui_lists_selects_loads_chats_and_unloads(browser: Browser, routers:
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    # What the page asked and got, for the failure message: this step failed in 4 of 5 clean-clone make test
+    # runs (never alone), and the page's side of it is what the next look needs.
+    traffic: list[str] = []
+    page.on("request", lambda r: traffic.append(f"{time.monotonic():.3f} -> {r.method} {r.url}"))
+    page.on("response", lambda r: traffic.append(f"{time.monotonic():.3f} <- {r.status} {r.url}"))
+    page.on("requestfailed", lambda r: traffic.append(f"{time.monotonic():.3f} x {r.url} {r.failure}"))
     try:
         page.goto("/", wait_until="load")
         _model_menu(page).click()
@@ -426,7 +432,12 @@ def test_the_ui_lists_selects_loads_chats_and_unloads(browser: Browser, routers:
         assert json.loads(load.value.post_data or "{}") == {"model": "smol"}
         expect(_model_menu(page)).to_have_text("smol")
         _model_menu(page).click()
-        expect(_loaded(_option(page, "smol"))).to_have_count(1, timeout=LOAD_TIMEOUT_MS)
+        try:
+            expect(_loaded(_option(page, "smol"))).to_have_count(1, timeout=LOAD_TIMEOUT_MS)
+        except AssertionError as failure:
+            listing = httpx.get(url + "/models").text[:3000]
+            raise AssertionError(f"{failure}\npage traffic:\n" + "\n".join(
+                line for line in traffic if "/_app/" not in line) + f"\n/models: {listing}") from failure
         _wait_status(url, "smol", "loaded")
         page.screenshot(path=ARTIFACTS / f"webui-{tag}-loaded.png")
         page.keyboard.press("Escape")
