@@ -1,6 +1,7 @@
 """What a cluster node publishes of itself (docs/cluster.md): ModelManager.board() and its long-poll watch(version),
 in-process over fake children and a fake clock. A watcher must see every step placement reads (a request queued,
-a grant, a release, a load's status change) as it happens, woken by the step itself, never by polling.
+a grant, a release, a load's status change) as it happens, woken by the step itself, never by polling; and an
+idle node must still answer within the heartbeat, with the same board, so that the ingress hears it is there.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from modelyard.config.options import OptionTable
 from modelyard.engine.command import Engine
-from modelyard.manager import ModelManager
+from modelyard.manager import WATCH_HEARTBEAT_S, ModelManager
 from modelyard.memory import GgufCache
 from modelyard.scheduler import Board, Limits, Status
 from tests.fakes import FakeChild, FakeClock, FakeFleet, FakeReply, StaticSource, app_client, catalog, settle
@@ -110,6 +111,33 @@ async def test_steps_while_the_watcher_is_away_coalesce_into_one_answer(node: tu
         manager.release(lease)
     board = await watcher.next()
     assert board.models["a"].in_flight == 0
+
+
+async def test_an_idle_node_answers_after_the_heartbeat_with_the_same_board(
+        node: tuple[ModelManager, FakeFleet]) -> None:
+    manager, fleet = node
+    watcher = Watcher(manager)
+    board = await watcher.next()
+    version = watcher.version
+    waiting = watcher.pending()
+    await settle()  # the watch is waiting, its heartbeat due in WATCH_HEARTBEAT_S by the manager's clock
+    await fleet.clock.advance(WATCH_HEARTBEAT_S - 0.5)
+    assert not waiting.done()
+    await fleet.clock.advance(0.5)
+    assert await waiting == board and watcher.version == version  # nothing changed: the same board and version
+    # the caller sets the bound; a step before it answers at once, as ever
+    short = asyncio.get_running_loop().create_task(manager.watch(version, heartbeat=0.25))
+    await settle()
+    await fleet.clock.advance(0.2)
+    assert not short.done()
+    await fleet.clock.advance(0.05)
+    assert await short == (version, board)
+    stepped = asyncio.get_running_loop().create_task(manager.watch(version, heartbeat=60.0))
+    lease = asyncio.get_running_loop().create_task(manager.acquire("a"))
+    newer, _ = await stepped
+    assert newer > version
+    (await fleet.child("a")).become_ready()
+    manager.release(await lease)
 
 
 def streaming(child: FakeChild, method: str, path: str, body: bytes | None) -> FakeReply:

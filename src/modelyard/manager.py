@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -262,7 +263,18 @@ class MemoryUse:
 
 _MEASURE_EVERY_S = 5.0
 _ESTIMATE_WAIT_S = 2.0
+# How long watch() waits for a step before it answers with the same board: a cluster's ingress takes a node that
+# failed one connection out of placement until a watch started after that answers, so this bounds how long a
+# transient error keeps an idle, healthy node out (docs/cluster.md); each beat is one small answer per node.
+WATCH_HEARTBEAT_S = 2.0
+
 DECISIONS_KEPT = 500
+
+
+def _wake(watcher: asyncio.Future[None]) -> None:
+    """A board watcher's wake-up: a step's, or its heartbeat's, whichever comes first."""
+    if not watcher.done():
+        watcher.set_result(None)
 
 
 class ModelManager:
@@ -315,11 +327,12 @@ class ModelManager:
         self._idle = asyncio.Event()  # set while no request holds a lease, once draining
         self.draining = False
         self._timer_at: float | None = None
-        # The board's version, one more after each scheduler step, and the event its watchers wait on (made by
-        # the first watcher after a step: without watchers a step costs one increment). A cluster node's agent
-        # long-polls it to publish the node's state (docs/cluster.md): the status feed has no grants or releases.
+        # The board's version, one more after each scheduler step, and the watchers waiting for the next step
+        # (each its own future, so that its heartbeat wakes it alone; without watchers a step costs one
+        # increment). A cluster node's agent long-polls it to publish the node's state (docs/cluster.md): the
+        # status feed has no grants or releases.
         self._board_version = 0
-        self._board_changed: asyncio.Event | None = None
+        self._board_watchers: set[asyncio.Future[None]] = set()
 
     @classmethod
     def create(cls, *, models_dir: Path | None = None, models_preset: Path | None = None,
@@ -673,14 +686,21 @@ class ModelManager:
         """The scheduler's board, frozen copies: what a cluster node publishes of itself (cluster.placement)."""
         return self._scheduler.board()
 
-    async def watch(self, version: int) -> tuple[int, Board]:
+    async def watch(self, version: int, heartbeat: float = WATCH_HEARTBEAT_S) -> tuple[int, Board]:
         """The board and its version once a scheduler step has run after `version` (at once if one has): a
         long-poll. Steps while the watcher is away coalesce into its next answer; a step that changed nothing
-        shown (a timer with nothing due) wakes it once with the same board."""
-        while self._board_version <= version:
-            if self._board_changed is None:
-                self._board_changed = asyncio.Event()
-            await self._board_changed.wait()
+        shown (a timer with nothing due) wakes it once with the same board. With no step for `heartbeat` seconds
+        (the manager's clock) it answers anyway, with the same version and board: a heartbeat, because an idle
+        node runs no step for hours and its watcher must still hear that it is there."""
+        if self._board_version <= version:
+            woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._board_watchers.add(woken)
+            beat = self._clock.call_at(self._clock.now() + heartbeat, functools.partial(_wake, woken))
+            try:
+                await woken
+            finally:
+                beat.cancel()
+                self._board_watchers.discard(woken)
         return self._board_version, self.board()
 
     def status_of(self, name: str) -> Status:
@@ -714,9 +734,9 @@ class ModelManager:
             self._execute(action)
         self._arm_timer()
         self._board_version += 1
-        if self._board_changed is not None:
-            self._board_changed.set()
-            self._board_changed = None
+        for woken in self._board_watchers:
+            _wake(woken)
+        self._board_watchers.clear()
         if self.draining and self._scheduler.leases_out() == 0:
             self._idle.set()
 

@@ -1,5 +1,6 @@
-"""What one node of a cluster serves the ingress (docs/cluster.md): its state by long-poll (`watch_state`) and
-the unchanged single-node app, reachable with the cluster key only (`node_app`).
+"""What one node of a cluster serves the ingress (docs/cluster.md): its state by long-poll (`watch_state`, which
+answers at least every few seconds, a heartbeat) and the unchanged single-node app, reachable with the cluster
+key only (`node_app`).
 
 The node agent (a Ray actor, cluster/agent.py) runs both over its own `ModelManager`; nothing here imports Ray,
 so the same code runs in-process in the tests, each node an aiohttp server over a manager.
@@ -13,13 +14,15 @@ from modelyard.api.app import build_app
 from modelyard.api.auth import ApiKey
 from modelyard.api.context import AppContext, ServerSettings
 from modelyard.cluster.placement import NodeState
-from modelyard.manager import ModelManager
+from modelyard.manager import WATCH_HEARTBEAT_S, ModelManager
 
 
-async def watch_state(manager: ModelManager, node: str, version: int) -> tuple[int, NodeState]:
-    """The node's state once its board has changed after `version` (ModelManager.watch), with the new version;
+async def watch_state(manager: ModelManager, node: str, version: int,
+                      heartbeat: float = WATCH_HEARTBEAT_S) -> tuple[int, NodeState]:
+    """The node's state once its board has changed after `version` (ModelManager.watch), with the new version,
+    or after `heartbeat` seconds with the same version (a heartbeat, which tells the ingress the node is there);
     a draining node says it no longer accepts, so that placement sends it nothing new."""
-    version, board = await manager.watch(version)
+    version, board = await manager.watch(version, heartbeat)
     return version, NodeState.of(node, board, accepting=not manager.draining)
 
 
