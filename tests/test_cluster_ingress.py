@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from modelyard.cluster.placement import NodeState, Refusal, rendezvous
 from modelyard.config.catalog import Catalog, ModelConfig
 from modelyard.config.options import OptionTable
 from modelyard.engine.command import Engine
-from modelyard.manager import ModelManager
+from modelyard.manager import WATCH_HEARTBEAT_S, ModelManager
 from modelyard.memory import GgufCache
 from modelyard.proxy import forward
 from modelyard.scheduler import Board, Limits
@@ -47,6 +48,7 @@ class Node:
     fleet: FakeFleet
     server: TestServer
     publishing: asyncio.Event  # cleared: its watch answers are held back, so the ingress's view of it goes stale
+    asked: asyncio.Queue[int] = field(default_factory=asyncio.Queue)  # the version of each watch the ingress asked
 
     def loads(self, model: str) -> int:
         return len(self.fleet.children.get(model, []))
@@ -161,6 +163,7 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         for name, node in nodes.items():
 
             async def watch(version: int, node: Node = node) -> tuple[int, NodeState]:
+                node.asked.put_nowait(version)
                 answer = await watch_state(node.manager, node.name, version)
                 await node.publishing.wait()
                 return answer
@@ -314,3 +317,101 @@ async def test_a_node_that_drains_before_the_ingress_knows_sends_the_request_els
     cluster.nodes[first].publishing.set()
     await cluster.ingress.until(lambda views: not next(v for v in views if v.node == first).accepting)
     assert cluster.ingress.place("a").node == second  # type: ignore[union-attr]
+
+
+async def test_a_node_lost_after_a_failed_connection_is_back_within_a_heartbeat(
+        make_cluster: Callable[..., Any]) -> None:
+    cluster: Cluster = await make_cluster({name: Limits() for name in ("n1", "n2")})
+    first, second = by_hash("a", list(cluster.nodes))
+    node = cluster.nodes[first]
+    cluster.nodes[second].fleet.prepare = ready_at_once
+    pending = asyncio.ensure_future(cluster.complete("a"))
+    await node.fleet.child("a")  # never ready: the request waits there for the load
+    await cluster.until(lambda boards: boards[first].models["a"].queued == 1)
+    node.cut()
+    assert (await pending).status == 200  # sent to the other node, and the first one is out
+    assert first in cluster.ingress.unreachable()
+    # Nothing more happens on the node, yet a watch asked after the loss answers within one heartbeat (by the
+    # node's clock), the same board again: the node is back. Each turn lets one watch's heartbeat come.
+    while first in cluster.ingress.unreachable():
+        await node.asked.get()  # a watch is outstanding, its heartbeat set
+        await node.fleet.clock.advance(WATCH_HEARTBEAT_S)
+    assert cluster.ingress.place("b", avoid=frozenset({second})).node == first  # type: ignore[union-attr]
+
+
+class Scripted:
+    """A node's watch answered by the test: each call waits on a future it puts in `asked`."""
+
+    def __init__(self) -> None:
+        self.asked: asyncio.Queue[asyncio.Future[tuple[int, NodeState]]] = asyncio.Queue()
+
+    async def __call__(self, version: int) -> tuple[int, NodeState]:
+        answer: asyncio.Future[tuple[int, NodeState]] = asyncio.get_running_loop().create_future()
+        self.asked.put_nowait(answer)
+        return await answer
+
+
+class Died(Exception):
+    """What the Ray caller's `dead` recognises (ActorDiedError)."""
+
+
+async def test_follow_retries_a_failed_watch_with_bounded_backoff_until_the_node_answers_or_dies(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="modelyard.cluster.ingress")
+    sleeps: asyncio.Queue[tuple[float, asyncio.Future[None]]] = asyncio.Queue()
+
+    async def sleep(seconds: float) -> None:
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        sleeps.put_nowait((seconds, woken))
+        await woken
+
+    state = NodeState("n1", Limits(), {})
+    watch = Scripted()
+    async with aiohttp.ClientSession() as session:
+        ingress = Nodes(KEY, session, sleep=sleep)
+        ingress.add("n1", "http://127.0.0.1:9")
+        follow = asyncio.ensure_future(ingress.follow("n1", watch, dead=lambda exc: isinstance(exc, Died)))
+        (await watch.asked.get()).set_result((1, state))
+        await ingress.until(lambda views: len(views) == 1)
+        assert ingress.unreachable() == frozenset()
+
+        # transient failures (Ray's ActorUnavailableError): out of placement, asked again after a doubling,
+        # bounded delay, and said once
+        delays = []
+        for _ in range(7):
+            (await watch.asked.get()).set_exception(ConnectionError("unavailable for now"))
+            seconds, woken = await sleeps.get()
+            delays.append(seconds)
+            assert ingress.unreachable() == {"n1"}
+            woken.set_result(None)
+        assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "node n1 is unreachable" in warnings[0]
+        # a watch asked after the loss answers (a heartbeat: the same version): back, and the backoff starts over
+        (await watch.asked.get()).set_result((1, state))
+        await ingress.until(lambda views: ingress.unreachable() == frozenset())
+        (await watch.asked.get()).set_exception(ConnectionError("unavailable again"))
+        seconds, woken = await sleeps.get()
+        assert seconds == 0.1
+        woken.set_result(None)
+        (await watch.asked.get()).set_result((1, state))
+        await ingress.until(lambda views: ingress.unreachable() == frozenset())
+
+        # an answer to a watch asked before a failed connection says nothing of the node since: still out,
+        # until the next watch answers
+        asked_before = await watch.asked.get()
+        await ingress.cut("n1", ConnectionResetError("reset by peer"))
+        asked_before.set_result((2, state))
+        asked_after = await watch.asked.get()  # the stale answer was taken, and the next watch asked
+        assert ingress.unreachable() == {"n1"}
+        asked_after.set_result((2, state))
+        await ingress.until(lambda views: ingress.unreachable() == frozenset())
+
+        # a dead agent: said once more, out for good, and the follow ends (no error: nothing to log as failed)
+        (await watch.asked.get()).set_exception(Died("the actor died"))
+        await follow
+        assert ingress.unreachable() == {"n1"} and sleeps.empty()
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 4 and "dead" in warnings[-1]
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+            "node n1 is reachable again"] * 3

@@ -13,7 +13,9 @@ started (the connection failed or was cut before the headers, or the node answer
 again where placement says once that node is avoided: each node is tried at most once. Once started, a cut raises
 ChildError, which proxy.forward ends with an error event and [DONE] for SSE. A node whose connection fails, or
 whose watch fails, is unreachable: placement skips it at once, without waiting for Ray's verdict (+14 s for the GCS,
-measured), until its watch answers again.
+measured), until a watch asked after that answers; an idle node's watch answers within its heartbeat
+(ModelManager.watch), so a transient error costs a healthy node seconds, and a failed watch is asked again with a
+bounded backoff unless its agent is dead (`follow`'s `dead`).
 
 The transport is a seam: a watch is any awaitable call (a Ray actor's method, or a manager in-process) and a node's
 address any HTTP base URL, so that all of this is tested in-process with real single-node apps as the nodes.
@@ -38,6 +40,17 @@ from modelyard.errors import ErrorKind
 log = logging.getLogger(__name__)
 
 Watch = Callable[[int], Awaitable[tuple[int, NodeState]]]
+Sleep = Callable[[float], Awaitable[None]]
+
+# A watch that failed is asked again after this, doubling up to the cap: a transient failure (Ray's
+# ActorUnavailableError while a node is unreachable for a moment) must not end the following for good, and a
+# node that stays unreachable must not be asked in a tight loop.
+_RETRY_FIRST_S = 0.1
+_RETRY_MAX_S = 2.0
+
+
+def _never_dead(exc: BaseException) -> bool:
+    return False
 
 
 @dataclass
@@ -48,14 +61,17 @@ class _Node:
     version: int = -1
     pending: Counter[str] = field(default_factory=Counter)  # requests sent there, no answer yet, per model
     reachable: bool = True
+    losses: int = 0  # how many times it was found unreachable: an answer to a watch asked before the last is stale
 
 
 class Nodes:
     """The ingress's nodes: their views, placement over them, and the HTTP client that reaches their apps."""
 
-    def __init__(self, key: str, session: aiohttp.ClientSession) -> None:
+    def __init__(self, key: str, session: aiohttp.ClientSession, *, sleep: Sleep = asyncio.sleep) -> None:
+        """`sleep`: how a failed watch waits before it is asked again (a seam for the tests)."""
         self._key = key
         self._session = session
+        self._sleep = sleep
         self._nodes: dict[str, _Node] = {}
         self._published = asyncio.Condition()  # notified on every watch answer (and every node lost)
 
@@ -74,17 +90,33 @@ class Nodes:
         a model they alone serve is an upstream error, not an unknown model)."""
         return place(self.views(), model, autoload=autoload, avoid=avoid | self.unreachable())
 
-    async def follow(self, name: str, watch: Watch) -> None:
-        """Keep one watch outstanding on the node until it fails (the node is then unreachable) or the task is
-        cancelled; run it as a background task per node (modelyard.tasks logs its failure)."""
+    async def follow(self, name: str, watch: Watch, *, dead: Callable[[BaseException], bool] = _never_dead) -> None:
+        """Keep one watch outstanding on the node until the task is cancelled, or until a watch fails with an
+        error that `dead` says the node never comes back from (the Ray caller: ActorDiedError; a new agent is a
+        new follow). Any other failure makes the node unreachable, and its watch is asked again after a backoff
+        (0.1 s, doubling to 2 s). An unreachable node is reachable again once a watch asked after it was lost
+        answers, which an idle node's heartbeat does within seconds (ModelManager.watch); an answer to a watch
+        asked before proves nothing about the node since. Run it as a background task per node
+        (modelyard.tasks logs its failure)."""
         node = self._nodes[name]
+        delay = _RETRY_FIRST_S
         while True:
+            losses = node.losses
             try:
                 version, state = await watch(node.version)
-            except Exception as exc:  # a Ray actor error, a closed manager: the node is gone for now
-                await self._lose(node, f"its watch failed: {exc!r}")
-                return
-            node.version, node.state, node.reachable = version, state, True
+            except Exception as exc:  # a Ray actor error, a closed manager, a bug: logged once per loss
+                if dead(exc):
+                    await self._lose(node, f"its agent is dead, no longer followed: {exc!r}", final=True)
+                    return
+                await self._lose(node, f"its watch failed, asked again after {delay:g} s: {exc!r}")
+                await self._sleep(delay)
+                delay = min(2 * delay, _RETRY_MAX_S)
+                continue
+            delay = _RETRY_FIRST_S
+            node.version, node.state = version, state
+            if not node.reachable and node.losses == losses:
+                node.reachable = True
+                log.info("node %s is reachable again", name)
             async with self._published:
                 self._published.notify_all()
 
@@ -94,10 +126,12 @@ class Nodes:
             await self._published.wait_for(lambda: holds(self.views()))
         return self.views()
 
-    async def _lose(self, node: _Node, why: str) -> None:
-        if node.reachable:
+    async def _lose(self, node: _Node, why: str, *, final: bool = False) -> None:
+        """Take the node out of placement; said once per loss (and once more if it is `final`: its agent died)."""
+        if node.reachable or final:
             log.warning("node %s is unreachable: %s", node.name, why)
         node.reachable = False
+        node.losses += 1
         async with self._published:
             self._published.notify_all()
 
