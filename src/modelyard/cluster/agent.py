@@ -10,11 +10,18 @@ routes leaves it out), `NodeAffinitySchedulingStrategy(node_id, soft=False)` (th
 knows where each runs) and `max_restarts=0` (the ingress decides about a replacement). Its async methods run on
 the actor's one event-loop thread (`AsyncIO Thread: default`, measured), which forks the children and lives as
 long as the actor process, so PR_SET_PDEATHSIG ends the children with it.
+
+A node says what it may spend through its Ray resources: `modelyard_memory_gib` and `modelyard_gpu_memory_gib`
+(whole numbers: Ray refuses fractional node resources) replace the flags' budgets on that node
+(`NodeSettings.on_node`, from the node's `ray.nodes()` entry, which the ingress lists anyway: cluster.membership).
+So a machine declares its own share, and `--ray local:N` splits one machine's budget between its fake nodes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,11 @@ from modelyard.cluster.placement import NodeState
 from modelyard.manager import ModelManager
 from modelyard.scheduler import Limits
 from modelyard.watchdog import WatchdogSettings
+
+NODE_RESOURCE = "modelyard_node"  # a node serves models only if it declares it; one agent takes it
+MEMORY_RESOURCE = "modelyard_memory_gib"  # the node's --memory-budget, in GiB
+GPU_MEMORY_RESOURCE = "modelyard_gpu_memory_gib"  # its --gpu-memory-budget, in GiB
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,19 @@ class NodeSettings:
     engine_args: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     watchdog: WatchdogSettings | None = None
+    # The cores this node's children may use, where several nodes share one machine (`--ray local:N`); empty:
+    # the agent's own affinity, as a single node reads it
+    cpus: frozenset[int] = frozenset()
+
+    def on_node(self, resources: Mapping[str, float]) -> NodeSettings:
+        """These settings on a node whose Ray resources are `resources`: the budgets it declares replace the
+        flags' (`modelyard_memory_gib`, `modelyard_gpu_memory_gib`); without them the flags' apply."""
+        limits = self.limits
+        if MEMORY_RESOURCE in resources:
+            limits = replace(limits, memory_budget=int(resources[MEMORY_RESOURCE] * GIB))
+        if GPU_MEMORY_RESOURCE in resources:
+            limits = replace(limits, gpu_memory_budget=int(resources[GPU_MEMORY_RESOURCE] * GIB))
+        return replace(self, limits=limits)
 
 
 class NodeAgent:
@@ -52,6 +77,10 @@ class NodeAgent:
         """Make the node's manager and serve its app on a free port of the node's address: the app's base URL.
         A bad flag or preset raises here (ConfigError, EngineNotFound), as `modelyard serve` refuses to start."""
         settings = self._settings
+        if settings.cpus and hasattr(os, "sched_setaffinity"):
+            # this thread's affinity (0: the calling thread), before the manager reads its topology from it:
+            # the actor's loop thread forks every child, so they inherit it and placement divides these cores
+            os.sched_setaffinity(0, settings.cpus)
         manager = ModelManager.create(models_dir=settings.models_dir, models_preset=settings.models_preset,
                                       llama_server=settings.llama_server, engine_args=settings.engine_args,
                                       limits=settings.limits, watchdog=settings.watchdog)
@@ -92,6 +121,6 @@ def spawn(node_id: str, key: str, host: str, settings: NodeSettings) -> Any:
         NodeAffinitySchedulingStrategy,
     )
 
-    actor = ray.remote(NodeAgent).options(num_cpus=0, resources={"modelyard_node": 1}, max_restarts=0,
+    actor = ray.remote(NodeAgent).options(num_cpus=0, resources={NODE_RESOURCE: 1}, max_restarts=0,
                                           scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
     return actor.remote(node_id, key, host, settings)
