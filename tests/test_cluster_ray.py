@@ -1,91 +1,130 @@
-"""The node agent on a real local Ray cluster (docs/cluster.md; needs the `ray` extra, so `make test` skips it):
-a head that only routes and two worker nodes declaring `modelyard_node`, one NodeAgent actor on each, running
-the real engine over the demo models; the ingress follows their watches through Ray and relays requests to
-their apps over HTTP, as the in-process tests (test_cluster_ingress.py) do with fake children.
+"""The node agents on a real local Ray cluster (docs/cluster.md; needs the `ray` extra, so `make test` skips it:
+`make test-cluster` runs it): a head that only routes and worker nodes declaring `modelyard_node` and their
+memory budgets; a Membership gives each worker its NodeAgent actor, running the real engine over the demo
+models, and the ingress follows their watches through Ray and relays requests to their apps over HTTP, as the
+in-process tests (test_cluster_ingress.py) do with fake children. One cluster for the module: each test's
+ingress makes its own agents and closes them; a node added by a test stays, and the raylet kill is last.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
-from modelyard.cluster.agent import NodeSettings, spawn
+from modelyard.cluster.agent import GIB, MEMORY_RESOURCE, NODE_RESOURCE, NodeSettings
 from modelyard.cluster.ingress import Nodes
-from modelyard.cluster.placement import NodeState
+from modelyard.cluster.membership import Membership
 from modelyard.scheduler import RUNNING, Limits, Status
-from tests.test_cluster_ingress import by_hash, serve
+from modelyard.tasks import log_failure
+from tests.test_cluster_ingress import NODES, by_hash, relay
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
 MIB = 2**20
+# each fake node would otherwise claim the whole machine's memory
+SIZES = {"memory": 400 * MIB, "object_store_memory": 80 * MIB}
+
+
+@dataclass
+class RayCluster:
+    cluster: Any
+    serving: list[Any] = field(default_factory=list)  # the worker nodes (modelyard_node), in the order added
+    budgets: dict[str, int] = field(default_factory=dict)  # node id -> the memory budget it declares
+
+    def add(self, gib: int) -> Any:
+        node = self.cluster.add_node(num_cpus=1, resources={NODE_RESOURCE: 1, MEMORY_RESOURCE: gib}, **SIZES)
+        self.serving.append(node)
+        self.budgets[node.node_id] = gib * GIB
+        return node
 
 
 @pytest.fixture(scope="module")
-def ray_nodes() -> Iterator[list[Any]]:
-    """A local cluster: the head (the driver, no modelyard_node) and two workers that serve models."""
+def ray_cluster() -> Iterator[RayCluster]:
+    """A local cluster: the head (the driver, no modelyard_node) and two workers that serve models, with
+    different memory budgets."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    # each fake node would otherwise claim the whole machine's memory
-    sizes = {"memory": 400 * MIB, "object_store_memory": 80 * MIB}
-    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **sizes})
-    workers = [cluster.add_node(num_cpus=1, resources={"modelyard_node": 1}, **sizes) for _ in range(2)]
-    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    cluster = RayCluster(cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **SIZES}))
+    for gib in (2, 3):
+        cluster.add(gib)
+    ray.init(address=cluster.cluster.address, include_dashboard=False, log_to_driver=False)
     try:
-        yield workers
+        yield cluster
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        cluster.cluster.shutdown()
 
 
 class Ingress:
-    def __init__(self, nodes: Nodes, client: TestClient[Any, Any], agents: dict[str, Any]) -> None:
-        self.nodes, self.client, self.agents = nodes, client, agents
+    def __init__(self, nodes: Nodes, client: TestClient[Any, Any], membership: Membership) -> None:
+        self.nodes, self.client, self.membership = nodes, client, membership
+
+    @property
+    def agents(self) -> dict[str, Any]:
+        return dict(self.membership.agents)
 
     async def complete(self, model: str, **options: Any) -> aiohttp.ClientResponse:
         body = {"model": model, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8,
                 **options}
         return await self.client.post("/v1/chat/completions", data=json.dumps(body))
 
+    async def until_published(self, *node_ids: str) -> None:
+        await self.nodes.until(lambda views: set(node_ids) <= {v.node for v in views})
+
+
+async def relaying(nodes: Nodes) -> TestClient[Any, Any]:
+    """A client of the ingress's completions route over `nodes` (test_cluster_ingress.relay)."""
+    app = web.Application()
+    app[NODES] = nodes
+    app.router.add_post("/v1/chat/completions", relay)
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
+    await client.start_server()
+    return client
+
 
 @pytest.fixture
-async def ingress(ray_nodes: list[Any], module_models_dir: Path) -> AsyncIterator[Ingress]:
+async def ingress(ray_cluster: RayCluster, module_models_dir: Path) -> AsyncIterator[Ingress]:
+    """The ingress's nodes as membership finds them, once every serving node has published."""
     key = secrets.token_urlsafe(24)
     settings = NodeSettings(models_dir=module_models_dir, engine_args=("-c", "1024"), limits=Limits(max_models=1))
-    agents = {worker.node_id: spawn(worker.node_id, key, worker.node_ip_address, settings) for worker in ray_nodes}
-    addresses = dict(zip(agents, await asyncio.gather(*(a.start.remote() for a in agents.values())), strict=True))
     session = aiohttp.ClientSession()
     nodes = Nodes(key, session)
-    watches = {}
-    for node_id, agent in agents.items():
-
-        async def watch(version: int, agent: Any = agent) -> tuple[int, NodeState]:
-            answer: tuple[int, NodeState] = await agent.watch.remote(version)
-            return answer
-
-        watches[node_id] = (addresses[node_id], watch)
-    follows: list[asyncio.Task[None]] = []
-    client = await serve(nodes, watches, follows)
+    membership = Membership(nodes, key, settings)
+    running = asyncio.ensure_future(membership.run())
+    running.add_done_callback(log_failure)
+    client = await relaying(nodes)
+    ingress = Ingress(nodes, client, membership)
     try:
-        yield Ingress(nodes, client, agents)
+        await ingress.until_published(*(node.node_id for node in ray_cluster.serving))
+        yield ingress
     finally:
-        for task in follows:
-            task.cancel()
         await client.close()
+        await membership.close()
+        await running
         await session.close()
-        for agent in agents.values():
-            with contextlib.suppress(ray.exceptions.RayActorError):  # its node was killed
-                await agent.close.remote()
-            ray.kill(agent)
+
+
+async def test_membership_gives_each_serving_node_one_agent_with_the_budget_it_declares(
+        ray_cluster: RayCluster, ingress: Ingress) -> None:
+    agents = ingress.agents
+    assert set(agents) == {node.node_id for node in ray_cluster.serving}  # not the head: it declares no node
+    where = await asyncio.gather(*(agent.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
+                                   for agent in agents.values()))
+    assert where == list(agents)  # each agent on its own node
+    views = {view.node: view for view in ingress.nodes.views()}
+    assert {node: view.limits.memory_budget for node, view in views.items()} == ray_cluster.budgets
+    assert {node: view.limits.max_models for node, view in views.items()} == dict.fromkeys(views, 1)  # the flags'
 
 
 async def test_agents_serve_a_model_from_the_node_the_hash_picks_and_load_it_once(ingress: Ingress) -> None:
@@ -100,6 +139,29 @@ async def test_agents_serve_a_model_from_the_node_the_hash_picks_and_load_it_onc
     again = await ingress.complete("smol")
     assert again.status == 200
     assert [v.node for v in ingress.nodes.views() if v.models["smol"].status in RUNNING] == running
+
+
+async def loaded_on(ingress: Ingress, model: str) -> str:
+    """The node where `model` is loaded, once it is on one."""
+    views = await ingress.nodes.until(lambda views: any(v.models[model].status == Status.LOADED for v in views))
+    return next(v.node for v in views if v.models[model].status == Status.LOADED)
+
+
+async def test_a_node_added_to_the_running_cluster_takes_load(ray_cluster: RayCluster, ingress: Ingress) -> None:
+    # Each node holds one model (--models-max 1): once both hold one, a third model fits without an eviction
+    # only on a new node, so placement sends it there whatever the hash says.
+    full = []
+    for model in ("smol", "smol-b"):
+        answer = await ingress.complete(model)
+        assert answer.status == 200, await answer.text()
+        full.append(await loaded_on(ingress, model))  # published before the next is placed
+    assert set(full) == set(ingress.agents)
+    node = ray_cluster.add(2)  # blocks the loop until the node has registered (main thread only: signals)
+    await ingress.until_published(node.node_id)
+    assert node.node_id in ingress.agents
+    answer = await ingress.complete("gemma")
+    assert answer.status == 200, await answer.text()
+    assert await loaded_on(ingress, "gemma") == node.node_id
 
 
 def engines_of(parent: int) -> set[int]:
@@ -133,16 +195,16 @@ async def exited(pid: int) -> None:
 
 
 # Last in the module: the killed node does not come back.
-async def test_a_raylet_killed_mid_stream_ends_the_stream_in_band_and_its_children(ray_nodes: list[Any],
+async def test_a_raylet_killed_mid_stream_ends_the_stream_in_band_and_its_children(ray_cluster: RayCluster,
                                                                                      ingress: Ingress) -> None:
-    first, second = by_hash("smol", list(ingress.agents))
+    first, second, *_ = by_hash("smol", list(ingress.agents))
     agent_pid = await ingress.agents[first].__ray_call__.remote(lambda agent: os.getpid())
     response = await ingress.complete("smol", stream=True, max_tokens=2000, ignore_eos=True)
     assert response.status == 200
     assert (await response.content.readuntil(b"\n\n")).startswith(b"data: ")
     children = engines_of(agent_pid)
     assert len(children) == 1  # smol's child on the first node
-    next(w for w in ray_nodes if w.node_id == first).kill_raylet()
+    next(w for w in ray_cluster.serving if w.node_id == first).kill_raylet()
     events = [line[6:] for line in (await response.read()).decode().splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
