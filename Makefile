@@ -9,7 +9,7 @@ ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: serve test setup lint browser
+.PHONY: serve test setup lint browser test-cluster
 
 serve: setup
 	$(BIN)/modelyard serve $(ARGS)
@@ -17,6 +17,13 @@ serve: setup
 # One worker per core (at most 4), each taking whole files: a file's tests share its routers and run in order.
 test: setup browser lint
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+
+# The optional Ray tier (docs/cluster.md "Tests"): a local Ray cluster with the real engine, in a venv of its
+# own so that Ray's pins never change what `make test` runs against; one file after another (each starts a cluster).
+RAY_VENV ?= .venv-ray
+
+test-cluster: setup $(RAY_VENV)/.installed
+	$(RAY_VENV)/bin/python -m pytest -q tests/test_cluster_ray*.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests
@@ -37,4 +44,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
+$(RAY_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[ray,test]'
 	touch $@
