@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from modelyard.api.errors import error_response
 from modelyard.cluster.ingress import NodeChild, Nodes, Watch
 from modelyard.cluster.node import node_app, watch_state
-from modelyard.cluster.placement import NodeState, Refusal, rendezvous
+from modelyard.cluster.placement import NodeState, Refusal, Send, rendezvous
 from modelyard.config.catalog import Catalog, ModelConfig
 from modelyard.config.options import OptionTable
 from modelyard.engine.command import Engine
@@ -49,6 +49,7 @@ class Node:
     server: TestServer
     publishing: asyncio.Event  # cleared: its watch answers are held back, so the ingress's view of it goes stale
     asked: asyncio.Queue[int] = field(default_factory=asyncio.Queue)  # the version of each watch the ingress asked
+    shown: NodeState | None = None  # its last publication the ingress got
 
     def loads(self, model: str) -> int:
         return len(self.fleet.children.get(model, []))
@@ -66,6 +67,21 @@ def streaming(opened: asyncio.Event) -> Callable[[FakeChild, str, str, bytes | N
     def handler(child: FakeChild, method: str, path: str, body: bytes | None) -> FakeReply:
         opened.set()
         return FakeReply(child, headers={"Content-Type": "text/event-stream"})
+    return handler
+
+
+ANSWER = b'{"ok": true}'
+
+
+def generating(opened: asyncio.Event) -> Callable[[FakeChild, str, str, bytes | None], FakeReply]:
+    """A child's handler whose whole JSON answer (ANSWER) comes when the test sends it, as a completion being
+    generated: the node's app answers only then, so the ingress has no answer while the node counts it in
+    flight. It sets `opened` once it has the request."""
+    def handler(child: FakeChild, method: str, path: str, body: bytes | None) -> FakeReply:
+        opened.set()
+        reply = FakeReply(child)
+        reply.content_length = len(ANSWER)
+        return reply
     return handler
 
 
@@ -166,6 +182,7 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
                 node.asked.put_nowait(version)
                 answer = await watch_state(node.manager, node.name, version)
                 await node.publishing.wait()
+                node.shown = answer[1]
                 return answer
 
             watches[name] = (str(node.server.make_url("")), watch)
@@ -415,3 +432,32 @@ async def test_follow_retries_a_failed_watch_with_bounded_backoff_until_the_node
         assert len(warnings) == 4 and "dead" in warnings[-1]
         assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
             "node n1 is reachable again"] * 3
+
+
+@pytest.mark.parametrize(("held", "max_queue"), [("queued", 2), ("in_flight", 1)])
+async def test_a_request_the_node_shows_is_not_counted_again_by_the_ingress(
+        make_cluster: Callable[..., Any], held: str, max_queue: int) -> None:
+    """The ingress's book and the node's publication count a request once between them, whether it waits there
+    for its model's load (`queued`) or is being answered with nothing of its answer sent yet (`in_flight`):
+    counted by both, a node with room looked full (queue_full) and a cold model was refused there."""
+    cluster: Cluster = await make_cluster({"n1": Limits(max_queue=max_queue)})
+    node = cluster.nodes["n1"]
+    opened = asyncio.Event()
+    if held == "in_flight":
+        node.fleet.prepare = lambda child: (setattr(child, "handler", generating(opened)), ready_at_once(child))
+    pending = asyncio.ensure_future(cluster.complete("a"))
+    child = await node.fleet.child("a")
+    # the node's own publication shows the request, whose answer the ingress has not had yet
+    await cluster.ingress.until(lambda views: node.shown is not None and getattr(node.shown.models["a"], held) == 1)
+    (view,) = cluster.ingress.views()
+    assert view.models["a"].queued + view.models["a"].in_flight == 1
+    assert not view.queue_full
+    assert isinstance(cluster.ingress.place("b"), Send)  # the node has room for a cold model's request
+    if held == "in_flight":
+        await opened.wait()
+        child.replies[0].send(ANSWER)
+        child.replies[0].finish()
+    else:
+        child.become_ready()
+    response = await pending
+    assert response.status == 200, await response.text()

@@ -228,13 +228,18 @@ def test_dispatched_counts_the_request_and_starts_the_load_it_caused() -> None:
     assert place([after, node("c", 1 * G, snap("m"), snap("y", Status.LOADED))], "m").node == "b"  # type: ignore[union-attr]
 
 
-def test_with_pending_applies_each_unanswered_request_again() -> None:
-    published = node("a", 8 * G, snap("m"), snap("x", Status.LOADED, in_flight=1))
-    view = with_pending(published, {"m": 3, "x": 1, "gone": 2})  # a model the node no longer serves: ignored
-    assert (view.models["m"].status, view.models["m"].queued) == (Status.LOADING, 3)
-    assert (view.models["x"].status, view.models["x"].queued, view.models["x"].in_flight) == (Status.LOADED, 1, 1)
-    assert set(view.models) == {"m", "x"}
+def test_with_pending_applies_the_requests_the_publication_does_not_show_yet() -> None:
+    """The book (the requests sent there and not finished) and the node's own counts hold each request once:
+    one the node shows waiting or in flight is not applied again."""
+    published = node("a", 8 * G, snap("m"), snap("x", Status.LOADED, in_flight=1), snap("y", Status.LOADING, queued=2),
+                     max_queue=3)
+    view = with_pending(published, {"m": 3, "x": 1, "y": 3, "gone": 2})  # a model the node no longer serves: ignored
+    assert (view.models["m"].status, view.models["m"].queued) == (Status.LOADING, 3)  # none of them there yet
+    assert view.models["x"] == published.models["x"]  # the one in flight there is the one sent
+    assert view.models["y"].queued == 3  # two wait there, one is on its way
+    assert set(view.models) == {"m", "x", "y"}
     assert with_pending(published, {}) == published
+    assert not with_pending(published, {"y": 2, "x": 1}).queue_full  # what the node shows is all there is
 
 
 def test_a_burst_spreads_over_loaded_replicas() -> None:
@@ -336,6 +341,16 @@ def test_placement_properties(nodes: list[NodeState], model: str, burst: int, av
         view = [dispatched(n, model) if n.node == decision.node else n for n in view]
     if not any(n.queue_full for n in view):
         assert loads <= 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(nodes=clusters(), pending=st.dictionaries(st.sampled_from(["m0", "m1", "m2", "m3"]), st.integers(0, 6)))
+def test_the_book_counts_what_the_node_does_not_show(nodes: list[NodeState], pending: dict[str, int]) -> None:
+    """A model's requests in the view are the node's own count or the book's, whichever is more."""
+    view = with_pending(nodes[0], pending)
+    for name, shown in nodes[0].models.items():
+        seen = view.models[name]
+        assert seen.queued + seen.in_flight == max(shown.queued + shown.in_flight, pending.get(name, 0))
 
 
 # --- one node: placement reads a node as its own scheduler decides ------------------------------------------------

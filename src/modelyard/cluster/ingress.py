@@ -3,9 +3,11 @@
 Each node's agent publishes its state by long-poll: `watch(version)` answers with the node's `NodeState` once its
 board has changed after `version` (cluster.node.watch_state). `Nodes.follow` keeps one watch outstanding per
 node, so changes that come while the ingress is busy coalesce into its next answer and nothing is polled. Between
-two answers the ingress keeps its own book of the requests it sent each node and has had no answer to yet
-(placement.with_pending), so that a burst placed from one view sees its own first load; `Nodes.place` is
-placement.place over those views.
+two answers the ingress keeps its own book of the requests it sent each node and that have not finished (from
+the send until the answer ends: `Nodes.booked`, which NodeChild holds), so that a burst placed from one view
+sees its own first load; a request counts there only while the node's last publication does not show it yet
+(placement.with_pending: the node counts each one it has received, waiting or in flight), so never twice.
+`Nodes.place` is placement.place over those views.
 
 A request goes to its node's app over HTTP with the cluster key (`NodeChild`, which proxy.forward drives like a
 child: the client's own credentials were checked here and are not forwarded). While nothing of the answer has
@@ -28,7 +30,7 @@ import contextlib
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -59,7 +61,7 @@ class _Node:
     base_url: str  # where its app listens, e.g. http://10.0.0.7:8080
     state: NodeState | None = None  # its last publication; None before the first
     version: int = -1
-    pending: Counter[str] = field(default_factory=Counter)  # requests sent there, no answer yet, per model
+    pending: Counter[str] = field(default_factory=Counter)  # requests sent there and not finished, per model
     reachable: bool = True
     losses: int = 0  # how many times it was found unreachable: an answer to a watch asked before the last is stale
 
@@ -79,7 +81,8 @@ class Nodes:
         self._nodes[name] = _Node(name, base_url.rstrip("/"))
 
     def views(self) -> list[NodeState]:
-        """What placement sees of each node that has published: its state with the book applied."""
+        """What placement sees of each node that has published: its state with the book applied (the requests
+        sent there that it does not show yet)."""
         return [with_pending(n.state, n.pending) for n in self._nodes.values() if n.state is not None]
 
     def unreachable(self) -> frozenset[str]:
@@ -135,12 +138,24 @@ class Nodes:
         async with self._published:
             self._published.notify_all()
 
+    @contextlib.contextmanager
+    def booked(self, send: Send) -> Iterator[None]:
+        """The request counts in its node's book while this is entered: from before it is sent until its answer
+        has ended, or it failed to start (placement.with_pending applies those the node does not show yet)."""
+        pending = self._nodes[send.node].pending
+        pending[send.model] += 1
+        try:
+            yield
+        finally:
+            pending[send.model] -= 1
+            if pending[send.model] <= 0:
+                del pending[send.model]
+
     async def open(self, send: Send, method: str, path: str, body: bytes | AsyncIterable[bytes] | None,
                    headers: Mapping[str, str], params: Mapping[str, str] | None) -> aiohttp.ClientResponse | str:
         """Send the request to its node: the response once its answer has started, or why it has not (a
-        connection failure, or a node that drains), for the retry."""
+        connection failure, or a node that drains), for the retry. The caller books it (`booked`)."""
         node = self._nodes[send.node]
-        node.pending[send.model] += 1
         try:
             response = await self._session.request(method, node.base_url + path, params=params, data=body,
                                                    headers={**headers, "Authorization": f"Bearer {self._key}"},
@@ -148,10 +163,6 @@ class Nodes:
         except aiohttp.ClientError as exc:
             await self._lose(node, f"{exc!r}")
             return f"node {node.name}: {exc or repr(exc)}"
-        finally:
-            node.pending[send.model] -= 1
-            if node.pending[send.model] <= 0:
-                del node.pending[send.model]
         if response.status == ErrorKind.SHUTTING_DOWN.status and await _says(response, ErrorKind.SHUTTING_DOWN):
             response.release()
             return f"node {node.name} is shutting down"
@@ -224,16 +235,17 @@ class NodeChild:
             if isinstance(send, Refusal):
                 raise ChildError(send.message)
             self.send = send
-            opened = await self._nodes.open(send, method, path, body, headers or {}, params)
-            if not isinstance(opened, str):
-                break
+            with self._nodes.booked(send):
+                opened = await self._nodes.open(send, method, path, body, headers or {}, params)
+                if not isinstance(opened, str):
+                    try:
+                        yield NodeReply(self._nodes, send.node, opened)
+                    finally:
+                        opened.release()
+                    return
             self.tried.append(send.node)
             if not (body is None or isinstance(body, bytes)):
                 raise ChildError(f"{opened} (a streamed body is not sent twice)")
             log.info("%s %s for '%s' not started on %s, sent elsewhere: %s", method, path, send.model, send.node,
                      opened)
             send = self._nodes.place(send.model, autoload=self._autoload, avoid=frozenset(self.tried))
-        try:
-            yield NodeReply(self._nodes, send.node, opened)
-        finally:
-            opened.release()

@@ -20,7 +20,8 @@ its queue full (QUEUE_FULL, with the single node's Retry-After: scheduler.retry_
 A request is sent only to a node that serves the model, is not draining, is not in `avoid` (the nodes that
 already failed this request: its retry goes elsewhere), and has room in its queue (a model being granted
 there at once needs none). Between two publications of a node the ingress keeps its own book of what it sent
-there (`dispatched`), so that a burst placed from one view sees its own first load. `replica_loads` says where
+there (`dispatched`), so that a burst placed from one view sees its own first load; a request counts in the book
+only while the node's publication does not show it yet (`with_pending`), never twice. `replica_loads` says where
 extra copies of a model whose preset asks for `replicas = N` start.
 """
 
@@ -278,12 +279,19 @@ def replica_loads(nodes: Sequence[NodeState], model: str, replicas: int) -> list
 
 
 def with_pending(node: NodeState, pending: Mapping[str, int]) -> NodeState:
-    """The node as the ingress sees it: its last publication with the requests sent there and not answered yet
-    (`pending`: how many per model) applied again (`dispatched`). One the publication already counts is counted
-    twice until its answer starts: an over-count only makes the node look busier, while one missed would let a
-    burst start a second load elsewhere."""
+    """The node as the ingress sees it: its last publication, with the requests the ingress has sent there and
+    not finished (`pending`: how many per model, from the send until the answer ends) that the publication does
+    not show yet applied (`dispatched`). The node counts every request it has received and not finished under
+    its model, waiting or in flight, and it takes requests from the ingress only (the cluster key), so the
+    pending ones beyond that count are the ones still on their way: each request counts once, in the node's
+    publication or in the book, never in both (counted twice, a node with room looked full: `queue_full`).
+    What is left is the moment between the node's end of a request and the ingress's (its last bytes on the
+    wire, a client gone whose cancel the node has not handled yet): for that moment one request is counted one
+    time too many or too few, until the next publication or the answer's end; the hash still ranks the nodes
+    alike for a cold model meanwhile."""
     for model, count in pending.items():
-        if model in node.models:
-            for _ in range(count):
+        shown = node.models.get(model)
+        if shown is not None:
+            for _ in range(count - shown.queued - shown.in_flight):
                 node = dispatched(node, model)
     return node
