@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, Route, expect
 
 from modelyard import cli
 from modelyard.api.auth import ApiKey
@@ -29,7 +29,7 @@ from modelyard.api.context import ServerSettings
 from modelyard.api.ui import SERVICE_WORKER_REMOVER, ui_headers
 from modelyard.bench.processes import ROUTER_MODE, RouterProcess, start_router
 from modelyard.config.options import OptionTable
-from modelyard.engine import webui
+from modelyard.engine import webui, webui_patch
 from modelyard.engine.command import Engine
 from modelyard.manager import ModelManager
 from modelyard.memory import GgufCache
@@ -160,11 +160,77 @@ def fake_npm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[
     npm.write_text(FAKE_NPM)
     npm.chmod(npm.stat().st_mode | stat.S_IEXEC)
     source = tmp_path / "tools-ui"
-    source.mkdir()
+    _write_ui_source(source)
     monkeypatch.setenv("MODELYARD_ENGINE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("FAKE_NPM_CALLS", str(tmp_path / "calls"))
     monkeypatch.delenv("FAKE_NPM", raising=False)
     yield str(npm), source
+
+
+# What modelyard's patches change in tools/ui's source (engine/webui_patch.py), as b11434 has it
+STATUS_SOURCE = """\
+\tprivate applyModelStatus(event: ApiModelsSseEvent): void {
+\t\tconst status = data.status;
+
+\t\tthis.setRouterModelStatus(model, status);
+\t}
+"""
+MODELS_SOURCE = """\
+\tasync fetchRouterModels(): Promise<void> {
+\t\ttry {
+\t\t\tconst response = await ModelsService.list();
+
+\t\t\tthis.routerModels = response.data;
+\t\t}
+\t}
+\tprivate async runFetch(): Promise<void> {
+\t\t\tif (router) {
+\t\t\t\tconst response = await ModelsService.list();
+
+\t\t\t\tthis.routerModels = response.data;
+\t\t\t}
+\t}
+"""
+
+
+def _write_ui_source(source: Path, models: str = MODELS_SOURCE) -> None:
+    for patch, text in ((webui_patch.PATCHES[0], STATUS_SOURCE), (webui_patch.PATCHES[2], models)):
+        (source / patch.path).parent.mkdir(parents=True, exist_ok=True)
+        (source / patch.path).write_text(text)
+
+
+def test_the_patches_keep_the_feeds_newer_statuses_over_a_stale_list(tmp_path: Path) -> None:
+    _write_ui_source(tmp_path)
+    webui_patch.apply_all(tmp_path)
+    status = (tmp_path / webui_patch.PATCHES[0].path).read_text()
+    assert status.index("withNewerStatuses(rows") < status.index("private applyModelStatus")
+    assert ("\t\tthis.feedStatuses.set(model, { status, version: ++this.statusVersion });\n"
+            "\t\tthis.setRouterModelStatus(model, status);") in status
+    models = (tmp_path / webui_patch.PATCHES[2].path).read_text()
+    for tabs in ("\t\t\t", "\t\t\t\t"):  # both places that take a list's rows, at their own indentation
+        assert (f"\n{tabs}const since = this._status.statusVersion;\n{tabs}const response = await "
+                f"ModelsService.list();\n\n{tabs}this.routerModels = this._status.withNewerStatuses(response.data, "
+                f"since);\n") in models
+    assert "= response.data;" not in models
+
+
+@pytest.mark.parametrize(("models", "reason"), [
+    (MODELS_SOURCE.replace("this.routerModels = response.data;", "this.rows = response.data;", 1),
+     "'list-keeps-newer-statuses' no longer applies to src/lib/stores/models/index.svelte.ts (matched 1 times, "
+     "expected 2): the llama.cpp UI source changed"),
+    (None, "'list-keeps-newer-statuses': src/lib/stores/models/index.svelte.ts is not in the llama.cpp UI source "
+           "(No such file or directory)"),
+])
+def test_a_source_the_patches_no_longer_fit_fails_the_build_and_says_which(
+        fake_npm: tuple[str, Path], tmp_path: Path, models: str | None, reason: str) -> None:
+    npm, source = fake_npm
+    if models is None:
+        (source / webui_patch.PATCHES[2].path).unlink()
+    else:
+        _write_ui_source(source, models)
+    outcome = webui.install_ui(lambda line: None, source=source, npm=npm)
+    assert outcome.path is None and _calls(tmp_path) == []  # nothing built without the fix
+    assert webui.recorded_failure() == f"modelyard's web UI patch {reason}"
 
 
 def _calls(tmp_path: Path) -> list[str]:
@@ -395,6 +461,20 @@ def _model_menu(page: Page) -> Any:
     return page.locator("form.conversation-chat-form button[aria-haspopup=menu]").last
 
 
+def _open_menu(page: Page) -> None:
+    """Open the model menu the first time: the UI ignores a click on it while its first model list is being
+    fetched (handleOpenChange returns while modelsStore is loading), which on a busy machine can outlast the
+    page's load event; the button says when the menu is open."""
+    for _ in range(30):
+        _model_menu(page).click()
+        try:
+            expect(_model_menu(page)).to_have_attribute("aria-expanded", "true", timeout=1000)
+            return
+        except AssertionError:
+            continue
+    raise AssertionError("the model menu never opened")
+
+
 def _option(page: Page, model: str) -> Any:
     return page.get_by_role("option").filter(has=page.get_by_text(model, exact=True))
 
@@ -424,7 +504,7 @@ def test_the_ui_lists_selects_loads_chats_and_unloads(browser: Browser, routers:
     page.on("requestfailed", lambda r: traffic.append(f"{time.monotonic():.3f} x {r.url} {r.failure}"))
     try:
         page.goto("/", wait_until="load")
-        _model_menu(page).click()
+        _open_menu(page)
         expect(page.get_by_role("option")).to_have_count(3)
         assert sorted(page.get_by_role("option").all_inner_texts()) == ["gemma", "smol", "smol-b"]
         with page.expect_request(lambda r: r.url.endswith("/models/load")) as load:
@@ -469,4 +549,53 @@ def test_the_ui_lists_selects_loads_chats_and_unloads(browser: Browser, routers:
         page.screenshot(path=ARTIFACTS / f"webui-{tag}-unloaded.png")
     finally:
         context.close()
+    assert not errors, f"the page threw: {errors}"
+
+
+@pytest.mark.parametrize("kind", ["modelyard", "router mode"])
+def test_a_model_list_asked_for_before_a_load_ended_does_not_undo_it(browser: Browser,  # noqa: F811
+                                                                     routers: dict[str, str], kind: str) -> None:
+    """engine/webui_patch.py's fix, with its race made to happen every time: the list the model menu asks for
+    on opening is answered (with what the router said when asked) only after the page has taken the feed's
+    'loaded' (its "Model loaded" toast). Unpatched, the row went back to "unloaded" and showed so until a
+    refetch: the test above failed so in most `make test` runs, where loads take 0.1-0.35 s. Both routers
+    serve the same build; against the unpatched build this fails for router mode every time, while modelyard's
+    variant passed (what else there sets the row again is not found yet)."""
+    url = routers[kind]
+    model = "smol-b"  # not the model the test above loads and unloads
+    context = browser.new_context(base_url=url, viewport={"width": 1280, "height": 800}, service_workers="block")
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    held: list[tuple[Route, Any]] = []
+
+    def hold(route: Route) -> None:
+        held.append((route, route.fetch().json()))  # the router's answer now; the page gets it later
+
+    try:
+        page.goto("/", wait_until="load")
+        _open_menu(page)
+        expect(page.get_by_role("option")).to_have_count(3)
+        page.keyboard.press("Escape")
+        expect(page.get_by_role("option")).to_have_count(0)
+        page.route("**/v1/models", hold)
+        _model_menu(page).click()  # the menu asks for the list: held
+        while not held:  # the handler runs as the page's events are taken; this takes them
+            page.wait_for_timeout(10)
+        (_, before), = held
+        assert next(row["status"]["value"] for row in before["data"] if row["id"] == model) == "unloaded"
+        with page.expect_request(lambda r: r.url.endswith("/models/load")):
+            _option(page, model).click()
+        expect(page.get_by_text(f"Model loaded: {model}")).to_be_visible(timeout=LOAD_TIMEOUT_MS)
+        held.pop()[0].fulfill(json=before)  # the old list arrives after the feed's 'loaded'
+
+        _model_menu(page).click()  # its own list is held while the page shows what it has
+        expect(_loaded(_option(page, model))).to_have_count(1)
+        for route, _ in held:
+            route.fulfill(json=route.fetch().json())
+        page.unroute("**/v1/models")
+    finally:
+        context.close()
+        httpx.post(f"{url}/models/unload", json={"model": model})
+    _wait_status(url, model, "unloaded")
     assert not errors, f"the page threw: {errors}"

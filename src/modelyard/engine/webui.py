@@ -2,7 +2,8 @@
 install` when npm is present, cached next to the engine build (keyed by the llama.cpp build and this module's
 recipe), and located for `modelyard serve`, which serves it at `/` for browsers (api/ui.py) as llama-server router
 mode serves its embedded copy. Router mode's own build fetches prebuilt assets from a model-hub bucket; this one
-fetches nothing but npm packages at build time and nothing at all at run time.
+fetches nothing but npm packages at build time and nothing at all at run time. The source gets modelyard's fix
+for a race of its model list with the status feed first (engine/webui_patch.py).
 
 A build that cannot run (no npm) or fails is not an engine failure: `engine install` says why in one line, a
 failure is recorded (so `make setup` does not repeat a slow failing build each time: `--retry-ui` retries it), and
@@ -27,8 +28,9 @@ from pathlib import Path, PurePosixPath
 
 from modelyard.config.options import FALSEY
 from modelyard.engine.install import LLAMA_CPP_BUILD, Progress, cache_root, fetch_sdist
+from modelyard.engine.webui_patch import apply_all
 
-_RECIPE = 1  # bump when the build steps or the post-processing change, so machines rebuild the UI
+_RECIPE = 2  # bump when the build steps or the post-processing change, so machines rebuild the UI
 _STEP_TIMEOUT = 1800.0  # seconds; an npm step stalled on the network must end, and say so
 # What a complete build has, as llama.cpp's scripts/ui-assets.cmake checks before embedding it: exact names, and
 # name patterns of the hashed files.
@@ -194,7 +196,11 @@ def install_ui(echo: Callable[[str], None], force: bool = False, retry: bool = F
     started = time.monotonic()
     try:
         work.mkdir(parents=True)
-        ui_source = source or _extract_ui(work, echo, report)
+        if source is None:
+            ui_source = _extract_ui(work, echo, report)
+        else:  # patched below: a copy, so the caller's tree stays as it was
+            ui_source = Path(shutil.copytree(source, work / "tools-ui", symlinks=True))
+        apply_all(ui_source)
         dist = work / "dist"
         steps = _build(ui_source, dist, npm, log, echo, report)
         _check(dist)
