@@ -218,7 +218,10 @@ class NodeReply:
 class NodeChild:
     """The node a request was placed on, as proxy.forward drives a child (`request()`, the Child interface's):
     it sends the request there and, while nothing of the answer has started, to the next node placement picks
-    with the failed ones avoided. A body streamed from the client cannot be sent twice: it is not retried."""
+    with the failed ones avoided. A body streamed from the client cannot be sent twice: it is not retried.
+    Where placement refuses the retry (every node failed it, or those left have full queues: QUEUE_FULL with
+    its Retry-After), `request()` raises that refusal as a ModelError, which proxy.forward answers as the API's
+    error; a node's own refusal is an answer, relayed as it came."""
 
     def __init__(self, nodes: Nodes, send: Send, *, autoload: bool = True) -> None:
         self._nodes = nodes
@@ -232,8 +235,8 @@ class NodeChild:
                       params: Mapping[str, str] | None = None) -> AsyncIterator[Reply]:
         send: Send | Refusal = self.send
         while True:
-            if isinstance(send, Refusal):
-                raise ChildError(send.message)
+            if isinstance(send, Refusal):  # no node left for the retry: the API's own refusal (kind, Retry-After)
+                raise send.error()
             self.send = send
             with self._nodes.booked(send):
                 opened = await self._nodes.open(send, method, path, body, headers or {}, params)
