@@ -211,7 +211,15 @@ class Reply(Protocol):
     def lines(self) -> AsyncIterator[bytes]: ...
 
 
-class Child(Protocol):
+class Upstream(Protocol):
+    """What a request is forwarded through (proxy.forward): a child, or a cluster node (cluster/ingress.py)."""
+
+    def request(self, method: str, path: str, *, body: bytes | AsyncIterable[bytes] | None = None,
+                headers: Mapping[str, str] | None = None,
+                params: Mapping[str, str] | None = None) -> contextlib.AbstractAsyncContextManager[Reply]: ...
+
+
+class Child(Upstream, Protocol):
     """One model's server, as the manager sees it. `ready` resolves when it can serve (or fails with
     ChildExited), `exited` with its exit code when it is gone."""
 

@@ -21,7 +21,7 @@ from modelyard.api.activity import RECORD, admins_cancel, cancel_message
 from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_body, error_response
 from modelyard.api.json import dumps
-from modelyard.children import Child, ChildError, Reply
+from modelyard.children import ChildError, Reply, Upstream
 from modelyard.errors import ErrorKind, ModelError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def upstream_headers(request: web.Request) -> dict[str, str]:
     return {k: v for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP}
 
 
-async def forward(request: web.Request, child: Child, body: bytes | AsyncIterable[bytes], query: Mapping[str, str],
+async def forward(request: web.Request, child: Upstream, body: bytes | AsyncIterable[bytes], query: Mapping[str, str],
                   started: web.StreamResponse | None = None) -> web.StreamResponse:
     """`started`: an SSE answer already sent (api/loading.py's load messages), which the child's stream
     continues; a child's error then ends it in-band. `body` as an iterable: a body streamed on as the client

@@ -34,7 +34,7 @@ from modelyard.api import (
     streams,
     ui,
 )
-from modelyard.api.context import CONTEXT, AppContext
+from modelyard.api.context import CONTEXT, SETTINGS, AppContext, ServerSettings
 from modelyard.api.errors import error_response
 from modelyard.api.json import json_response
 from modelyard.config.presets import ConfigError
@@ -50,7 +50,7 @@ PREFIX: web.RequestKey[str] = web.RequestKey("modelyard.api_prefix")  # set on a
 async def browser_guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse foreign Origins and Host names before anything else runs (preflights and the key check
     included): a cross-origin text/plain POST is executed even though the page cannot read the answer."""
-    settings = request.app[CONTEXT].settings
+    settings = request.app[SETTINGS]
     refusal = (cors.origin_refusal(request.headers.get("Origin"), settings.cors)
                or cors.host_refusal(request.headers.get("Host"), settings.bind_host, settings.allowed_hosts))
     if refusal is not None:
@@ -69,7 +69,7 @@ async def preflight_middleware(request: web.Request, handler: Handler) -> web.St
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Runs as each response is prepared, so streamed answers (SSE) carry the headers too."""
-    cors.add_origin_headers(request, response, request.app[CONTEXT].settings.cors)
+    cors.add_origin_headers(request, response, request.app[SETTINGS].cors)
 
 
 @web.middleware
@@ -95,7 +95,7 @@ async def tolerant_path_middleware(request: web.Request, handler: Handler) -> we
 async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticate the request and check its route's scope (api/auth.py's table); handlers that know the
     model check the key's model patterns through `request[auth.API_KEY]`. The key is never logged."""
-    decision = auth.authorise(request.app[CONTEXT].settings.api_keys, request.headers, request.method,
+    decision = auth.authorise(request.app[SETTINGS].api_keys, request.headers, request.method,
                               request.path, request.query, public=request.app.get(ui.PUBLIC, frozenset()))
     if isinstance(decision, auth.Refusal):
         if decision.status == 403:
@@ -117,7 +117,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(ErrorKind.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on "
                               f"{_as_asked(request)}; use {', '.join(sorted(exc.allowed_methods))}")
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[CONTEXT].settings.max_body_bytes
+        limit = request.app[SETTINGS].max_body_bytes
         return error_response(ErrorKind.TOO_LARGE, f"request body larger than {limit // 2**20} MiB")
 
 
@@ -209,11 +209,20 @@ def prefix_middleware(prefix: str) -> Middleware:
     return serve_under_prefix
 
 
-def build_app(context: AppContext) -> web.Application:
-    prefix = context.settings.api_prefix
+def guarded_app(settings: ServerSettings) -> web.Application:
+    """An app with no routes yet behind the Origin/Host, CORS, API key and error middlewares, under
+    `--api-prefix`: a single node's (build_app) and the cluster's front (cluster/front.py), which has no
+    manager of its own, so the middlewares read only `SETTINGS`."""
+    prefix = settings.api_prefix
     app = web.Application(middlewares=[prefix_middleware(prefix)] if prefix else MIDDLEWARES,
-                          client_max_size=context.settings.max_body_bytes)
+                          client_max_size=settings.max_body_bytes)
     app.on_response_prepare.append(add_cors_headers)
+    app[SETTINGS] = settings
+    return app
+
+
+def build_app(context: AppContext) -> web.Application:
+    app = guarded_app(context.settings)
     app[CONTEXT] = context
     management.add_routes(app)
     downloads.add_routes(app)

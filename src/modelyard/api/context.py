@@ -43,3 +43,4 @@ class AppContext:
 
 
 CONTEXT = web.AppKey("modelyard", AppContext)
+SETTINGS = web.AppKey("modelyard.settings", ServerSettings)

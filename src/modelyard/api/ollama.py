@@ -260,7 +260,7 @@ def _ollama_errors(handler: Handler) -> Handler:
         except OllamaError as exc:
             return _error(exc.status, exc.message)
         except ModelError as error:
-            return _from_model_error(error)
+            return ollama_error_response(error)
 
     return answer
 
@@ -269,7 +269,7 @@ def _error(status: int, message: str) -> web.Response:
     return json_response({"error": message}, status=status)
 
 
-def _from_model_error(error: ModelError) -> web.Response:
+def ollama_error_response(error: ModelError) -> web.Response:
     """Ollama's shape: {"error": "..."}; an unknown model is 404 `model 'x' not found` as Ollama answers."""
     status = 404 if error.kind == ErrorKind.UNKNOWN_MODEL else error.kind.status
     headers = {"Retry-After": str(round(error.retry_after))} if error.retry_after else None

@@ -32,6 +32,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -173,6 +174,41 @@ class Nodes:
         watch answers again)."""
         await self._lose(self._nodes[name], f"{exc!r}")
         return ChildError(f"node {name} failed mid-answer: {exc or repr(exc)}")
+
+    # --- the front's own calls to a node's app (cluster/front.py: listings, unloads, feeds) ---------------
+
+    async def get_json(self, name: str, path: str) -> Any:
+        async with self._session.get(self._nodes[name].base_url + path, headers=self._auth) as response:
+            response.raise_for_status()
+            return await response.json()
+
+    async def post_json(self, name: str, path: str, payload: Any) -> Any:
+        async with self._session.post(self._nodes[name].base_url + path, json=payload,
+                                      headers=self._auth) as response:
+            response.raise_for_status()
+            return await response.json()
+
+    @contextlib.asynccontextmanager
+    async def events(self, name: str, path: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """A node's SSE route, subscribed once this is entered (its answer has started, so every later event
+        comes): its JSON `data:` records as they come, until the node ends the stream."""
+        async with self._session.get(self._nodes[name].base_url + path, headers=self._auth,
+                                     timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as response:
+            response.raise_for_status()
+            yield _records(response.content)
+
+    @property
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key}"}
+
+
+async def _records(lines: AsyncIterable[bytes]) -> AsyncIterator[dict[str, Any]]:
+    async for line in lines:
+        if line.startswith(b"data: "):
+            with contextlib.suppress(ValueError):  # a record that is not JSON is not an event
+                event = json.loads(line[6:])
+                if isinstance(event, dict):
+                    yield event
 
 
 async def _says(response: aiohttp.ClientResponse, kind: ErrorKind) -> bool:
