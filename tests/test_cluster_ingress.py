@@ -30,10 +30,11 @@ from modelyard.cluster.placement import NodeState, Refusal, Send, rendezvous
 from modelyard.config.catalog import Catalog, ModelConfig
 from modelyard.config.options import OptionTable
 from modelyard.engine.command import Engine
+from modelyard.errors import ErrorKind
 from modelyard.manager import WATCH_HEARTBEAT_S, ModelManager
 from modelyard.memory import GgufCache
 from modelyard.proxy import forward
-from modelyard.scheduler import Board, Limits
+from modelyard.scheduler import Board, Limits, retry_after
 from modelyard.tasks import log_failure
 from tests.fakes import FakeChild, FakeClock, FakeFleet, FakeReply, StaticSource, catalog
 from tests.test_background import write_gguf
@@ -461,3 +462,19 @@ async def test_a_request_the_node_shows_is_not_counted_again_by_the_ingress(
         child.become_ready()
     response = await pending
     assert response.status == 200, await response.text()
+
+
+async def test_a_retry_that_no_node_can_take_is_the_apis_own_refusal_with_its_retry_after(
+        make_cluster: Callable[..., Any]) -> None:
+    first, second = by_hash("a", ["n1", "n2"])
+    # the second node's queue is always full: the first request goes to the first node, its retry nowhere
+    cluster: Cluster = await make_cluster({first: Limits(), second: Limits(max_queue=0)})
+    pending = asyncio.ensure_future(cluster.complete("a"))
+    await cluster.nodes[first].fleet.child("a")  # never ready: the request waits there for the load
+    await cluster.until(lambda boards: boards[first].models["a"].queued == 1)
+    cluster.nodes[first].cut()
+    response = await pending
+    assert response.status == 503  # not a 502: placement refused the retry, no node failed it
+    assert (await response.json())["error"]["code"] == "queue_full"
+    assert response.headers["Retry-After"] == str(round(retry_after(ErrorKind.QUEUE_FULL) or 0))
+    assert cluster.nodes[second].loads("a") == 0
