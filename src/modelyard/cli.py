@@ -24,6 +24,7 @@ from modelyard.api.cors import CorsPolicy, exposure_warning, parse_allowed_hosts
 from modelyard.api.gcp import Vertex
 from modelyard.api.server import ConnectionLimits, LimitedSite, bind_error_message, raise_descriptor_limit
 from modelyard.bench.__main__ import main as bench_command
+from modelyard.cluster.agent import NodeSettings
 from modelyard.config.catalog import parse_engine_args
 from modelyard.config.durations import parse_duration
 from modelyard.config.options import environment_refusal
@@ -159,6 +160,10 @@ def _unshield(value: Any) -> Any:
 @click.option("--send-loading-state", is_flag=True, envvar="MODELYARD_SEND_LOADING_STATE",
               help="A streamed chat completion whose model is not loaded yet gets the load's progress and why it "
                    "waits as reasoning_content while it waits (per request: header X-Modelyard-Loading-State: 1).")
+@click.option("--ray", "ray_address", envvar="MODELYARD_RAY", metavar="ADDRESS",
+              help="Serve the models of every node of a Ray cluster behind this one endpoint: ADDRESS as "
+                   "`ray.init` takes it (auto, HOST:6379, ray://HOST:10001), or local:N for N nodes on this "
+                   "machine. Needs `pip install 'modelyard[ray]'` (docs/cluster.md).")
 @click.option("-v", "--verbose", is_flag=True, help="Log child output and every request decision.")
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, models_autoload: bool,
@@ -166,8 +171,8 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
           allowed_hosts: str | None, cors_origins: str | None,
           ssl_key_file: str | None, ssl_cert_file: str | None, llama_server: str | None, max_queue: int,
           memory_budget: str, gpu_memory_budget: str, keep_alive: str, max_wait: str, load_timeout: str,
-          stall_timeout: str, shutdown_grace: str, send_loading_state: bool, verbose: bool,
-          engine_args: tuple[str, ...]) -> None:
+          stall_timeout: str, shutdown_grace: str, send_loading_state: bool, ray_address: str | None,
+          verbose: bool, engine_args: tuple[str, ...]) -> None:
     """Serve every model in --models-dir / --models-preset behind one OpenAI-compatible endpoint.
 
     Any other llama-server flag (for example `-c 4096 --jinja`) is a default for every model instance:
@@ -201,6 +206,13 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
             port = vertex.port
         grace = max(0.0, parse_duration(shutdown_grace, "--shutdown-grace"))
         api_prefix = parse_api_prefix(api_prefix)
+        if ray_address is not None:
+            _serve_cluster(ray_address, NodeSettings(models_dir=models_dir, models_preset=models_preset,
+                                                     llama_server=llama_server, engine_args=engine_args,
+                                                     limits=limits, watchdog=watchdog),
+                           host, port, api_prefix, api_key, api_key_file, allowed_hosts, cors_origins, models_autoload,
+                           ssl_cert_file, ssl_key_file, grace)
+            return
         manager = ModelManager.create(models_dir=models_dir, models_preset=models_preset,
                                       llama_server=llama_server, engine_args=engine_args, limits=limits,
                                       router_port=port, watchdog=watchdog)
@@ -239,6 +251,31 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
     tls = _tls_context(ssl_cert_file, ssl_key_file) if ssl_cert_file and ssl_key_file else None
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_serve(AppContext(manager, settings), host, port, tls, grace, notifier))
+
+
+def _serve_cluster(address: str, nodes: NodeSettings, host: str, port: int, api_prefix: str, api_key: str | None,
+                   api_key_file: Path | None, allowed_hosts: str | None, cors_origins: str | None, autoload: bool,
+                   ssl_cert_file: str | None, ssl_key_file: str | None, grace: float) -> None:
+    """`serve --ray`: the front's flags stay here, the per-node ones go to every node (docs/cluster.md)."""
+    from modelyard.cluster.serve import serve_cluster
+
+    if bool(ssl_key_file) != bool(ssl_cert_file):
+        raise click.ClickException("--ssl-key-file and --ssl-cert-file go together")
+    keys = _api_keys(api_key, api_key_file)
+    for warning in _exposure_warnings(host, keys, click.get_current_context().get_parameter_source("api_key")):
+        log.warning("%s", warning)
+    settings = ServerSettings(autoload=autoload, api_keys=keys,
+                              cors=CorsPolicy.from_settings(cors_origins, os.environ.get("OLLAMA_ORIGINS", "")),
+                              bind_host=host, allowed_hosts=parse_allowed_hosts(allowed_hosts), api_prefix=api_prefix,
+                              build_info=f"modelyard {__version__}, llama.cpp {LLAMA_CPP_BUILD}, Ray cluster")
+    scheme = "https" if ssl_cert_file else "http"
+    click.echo(f"modelyard {__version__}: joining the Ray cluster at {address}; listening on "
+               f"{scheme}://{host}:{port}{api_prefix} (each node's models join as its agent starts)", err=True)
+    tls = _tls_context(ssl_cert_file, ssl_key_file) if ssl_cert_file and ssl_key_file else None
+    try:
+        serve_cluster(address, nodes, settings, host, port, tls, grace)
+    except ConfigError as exc:  # the extra not installed, a bad local:N
+        raise click.ClickException(str(exc)) from None
 
 
 def _api_keys(api_key: str | None, api_key_file: Path | None) -> tuple[ApiKey, ...]:
