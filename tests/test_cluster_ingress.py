@@ -23,14 +23,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from modelyard.api.errors import error_response
+from modelyard.api.errors import error_response, from_model_error
 from modelyard.cluster.ingress import NodeChild, Nodes, Watch
 from modelyard.cluster.node import node_app, watch_state
 from modelyard.cluster.placement import NodeState, Refusal, Send, rendezvous
 from modelyard.config.catalog import Catalog, ModelConfig
 from modelyard.config.options import OptionTable
 from modelyard.engine.command import Engine
-from modelyard.errors import ErrorKind
+from modelyard.errors import ErrorKind, ModelError
 from modelyard.manager import WATCH_HEARTBEAT_S, ModelManager
 from modelyard.memory import GgufCache
 from modelyard.proxy import forward
@@ -101,7 +101,10 @@ async def relay(request: web.Request) -> web.StreamResponse:
     send = nodes.place(model)
     if isinstance(send, Refusal):
         return error_response(send.kind, send.message, send.retry_after)
-    return await forward(request, NodeChild(nodes, send), body, request.query)
+    try:
+        return await forward(request, NodeChild(nodes, send), body, request.query)
+    except ModelError as error:  # placement refused its retry (NodeChild): the route's envelope, as its own refusals
+        return from_model_error(error)
 
 
 async def serve(ingress: Nodes, watches: Mapping[str, tuple[str, Watch]], follows: list[asyncio.Task[None]]

@@ -22,7 +22,7 @@ from modelyard.api.context import CONTEXT
 from modelyard.api.errors import error_body, error_response
 from modelyard.api.json import dumps
 from modelyard.children import ChildError, Reply, Upstream
-from modelyard.errors import ErrorKind, ModelError
+from modelyard.errors import ErrorKind
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,10 @@ async def forward(request: web.Request, child: Upstream, body: bytes | AsyncIter
                   started: web.StreamResponse | None = None) -> web.StreamResponse:
     """`started`: an SSE answer already sent (api/loading.py's load messages), which the child's stream
     continues; a child's error then ends it in-band. `body` as an iterable: a body streamed on as the client
-    sends it (api/multipart.py), with the client's length when it declared one (else sent chunked). An
-    upstream that refuses the request before sending it anywhere raises ModelError (a cluster's NodeChild
-    whose retry finds no node left to take it): answered with its kind and Retry-After."""
+    sends it (api/multipart.py), with the client's length when it declared one (else sent chunked). A
+    ModelError the upstream raises before it has sent the request anywhere (a cluster's NodeChild whose retry
+    placement refuses) goes through to the caller, which answers it in its API's envelope (OpenAI's, Ollama's)
+    as it answers its own refusals, with the kind's status and Retry-After."""
     headers = upstream_headers(request)
     if not isinstance(body, bytes) and request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
@@ -56,12 +57,9 @@ async def forward(request: web.Request, child: Upstream, body: bytes | AsyncIter
                                  headers=headers) as upstream:
             return await _relay(request, upstream, started)
     except ChildError as exc:  # _relay reports failures once it has started answering; this is before
-        kind, message, retry_after = ErrorKind.UPSTREAM, str(exc), None
-    except ModelError as exc:
-        kind, message, retry_after = exc.kind, exc.message, exc.retry_after
-    if started is not None:
-        return await _end_early(request, started, True, kind, message)
-    return error_response(kind, message, retry_after)
+        if started is not None:
+            return await _end_early(request, started, True, ErrorKind.UPSTREAM, str(exc))
+        return error_response(ErrorKind.UPSTREAM, str(exc))
 
 
 async def _relay(request: web.Request, upstream: Reply, started: web.StreamResponse | None = None

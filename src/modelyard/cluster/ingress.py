@@ -256,8 +256,9 @@ class NodeChild:
     it sends the request there and, while nothing of the answer has started, to the next node placement picks
     with the failed ones avoided. A body streamed from the client cannot be sent twice: it is not retried.
     Where placement refuses the retry (every node failed it, or those left have full queues: QUEUE_FULL with
-    its Retry-After), `request()` raises that refusal as a ModelError, which proxy.forward answers as the API's
-    error; a node's own refusal is an answer, relayed as it came."""
+    its Retry-After), `request()` raises that refusal as a ModelError, which proxy.forward lets through to the
+    route, to answer in its API's envelope (cluster.front's routes do); a node's own refusal is an answer,
+    relayed as it came."""
 
     def __init__(self, nodes: Nodes, send: Send, *, autoload: bool = True) -> None:
         self._nodes = nodes
