@@ -481,3 +481,29 @@ async def test_a_retry_that_no_node_can_take_is_the_apis_own_refusal_with_its_re
     assert (await response.json())["error"]["code"] == "queue_full"
     assert response.headers["Retry-After"] == str(round(retry_after(ErrorKind.QUEUE_FULL) or 0))
     assert cluster.nodes[second].loads("a") == 0
+
+
+async def test_a_node_cut_mid_ollama_stream_ends_it_with_ollamas_error_line(make_cluster: Callable[..., Any]) -> None:
+    """A node's Ollama stream is NDJSON, relayed as bytes: cut mid-stream, it ends with Ollama's own error line
+    (which its clients raise) and a clean end, not a cut connection."""
+    cluster: Cluster = await make_cluster({name: Limits() for name in ("n1", "n2")})
+    first = by_hash("a", list(cluster.nodes))[0]
+    node = cluster.nodes[first]
+    opened = asyncio.Event()
+    node.fleet.prepare = lambda child: (setattr(child, "handler", streaming(opened)), ready_at_once(child))
+    app = web.Application()
+    app[NODES] = cluster.ingress
+    app.router.add_post("/api/chat", relay)  # Ollama's chat, answered by the node (its route translates)
+    async with TestClient(TestServer(app)) as client:
+        body = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}  # Ollama streams by default
+        pending = asyncio.ensure_future(client.post("/api/chat", data=json.dumps(body)))
+        child = await node.fleet.child("a")
+        await opened.wait()
+        child.replies[0].send(b'data: {"choices": [{"delta": {"content": "Once"}}]}\n\n')
+        response = await pending
+        assert response.status == 200 and response.headers["Content-Type"].startswith("application/x-ndjson")
+        assert json.loads(await response.content.readline())["message"]["content"] == "Once"
+        node.cut()
+        lines = (await response.read()).splitlines()  # the answer ends whole: read() raises on a cut one
+        error = json.loads(lines[-1])
+        assert set(error) == {"error"} and f"node {first}" in error["error"]

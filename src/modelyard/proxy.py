@@ -4,7 +4,8 @@ Every request to a child, OpenAI-shaped or translated from Ollama's API, goes th
 `request()` (modelyard.children), which adds the child's key, records activity for the watchdog and turns the
 child's failures into ChildError with their cause. Streaming (SSE) passes through chunk by chunk. If the client
 goes away, the handler is cancelled (the app runs with handler_cancellation), which closes the upstream
-connection, and llama-server stops generating.
+connection, and llama-server stops generating. A stream that breaks after its start ends in-band where its format
+has a way (SSE's error event and [DONE], Ollama's NDJSON error line), else by a cut connection.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ from modelyard.api.errors import error_body, error_response
 from modelyard.api.json import dumps
 from modelyard.children import ChildError, Reply, Upstream
 from modelyard.errors import ErrorKind
+from modelyard.hub import events as hub_events
 
 log = logging.getLogger(__name__)
+
+SSE = "text/event-stream"
+NDJSON = "application/x-ndjson"  # Ollama's streams
 
 # Hop-by-hop headers, and the client's credentials for modelyard: the child gets its own key instead.
 _REQUEST_DROP = frozenset({"host", "content-length", "transfer-encoding", "accept-encoding", "connection",
@@ -58,14 +63,15 @@ async def forward(request: web.Request, child: Upstream, body: bytes | AsyncIter
             return await _relay(request, upstream, started)
     except ChildError as exc:  # _relay reports failures once it has started answering; this is before
         if started is not None:
-            return await _end_early(request, started, True, ErrorKind.UPSTREAM, str(exc))
+            return await _end_early(request, started, SSE, ErrorKind.UPSTREAM, str(exc))
         return error_response(ErrorKind.UPSTREAM, str(exc))
 
 
 async def _relay(request: web.Request, upstream: Reply, started: web.StreamResponse | None = None
                  ) -> web.StreamResponse:
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP)
-    is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+    content_type = upstream.headers.get("Content-Type", "")
+    is_sse = content_type.startswith(SSE)
     length = upstream.content_length
     record = request.get(RECORD)
     if started is not None and (upstream.status != 200 or not is_sse):
@@ -74,7 +80,7 @@ async def _relay(request: web.Request, upstream: Reply, started: web.StreamRespo
         message = f"the model's server answered {upstream.status}: {payload[:2000].decode(errors='replace')}"
         if record is not None:
             record.error = message
-        return await _end_early(request, started, True, kind, message)
+        return await _end_early(request, started, SSE, kind, message)
     if length is not None and length <= 1 << 20 and not is_sse and started is None:
         payload = await upstream.read()  # a ChildError here is answered by forward(): nothing was sent yet
         if record is not None:
@@ -101,12 +107,13 @@ async def _relay(request: web.Request, upstream: Reply, started: web.StreamRespo
         log.warning("%s %s: %s", request.method, request.path, message)
         if record is not None:
             record.error = message
-        return await _end_early(request, response, is_sse, ErrorKind.UPSTREAM, message)
+        return await _end_early(request, response, content_type, ErrorKind.UPSTREAM, message, last)
     except asyncio.CancelledError:
         if not admins_cancel(record):
             raise
         # an admin's cancel, not the client's: end the stream in-band
-        return await _end_early(request, response, is_sse, ErrorKind.CANCELLED, cancel_message(record.id))
+        return await _end_early(request, response, content_type, ErrorKind.CANCELLED, cancel_message(record.id),
+                                last)
     if record is not None and upstream.status == 200:
         record.count(tokens_in_body(older + old + last))
     await response.write_eof()
@@ -118,14 +125,26 @@ def _account(request: web.Request, record: Record, payload: bytes) -> None:
     record.count(tokens_in_body(payload))
 
 
-async def _end_early(request: web.Request, response: web.StreamResponse, is_sse: bool, kind: ErrorKind,
-                     message: str) -> web.StreamResponse:
-    """End a stream that has started: with an error event for SSE, by cutting the connection otherwise."""
-    if is_sse:
+def ndjson_error(message: str) -> bytes:
+    """Ollama's error in a stream (NDJSON): a last line of its own, which its clients (ollama-python, Continue)
+    raise, where a cut stream would leave them guessing."""
+    return dumps(hub_events.ollama_error(message)) + b"\n"
+
+
+async def _end_early(request: web.Request, response: web.StreamResponse, content_type: str, kind: ErrorKind,
+                     message: str, tail: bytes = b"") -> web.StreamResponse:
+    """End a stream that has started (its Content-Type; `tail`: the last bytes sent) in-band where its format
+    has a way: an error event and [DONE] for SSE; Ollama's error line for NDJSON (a cluster's ingress relays a
+    node's Ollama stream as it came), on a line of its own if the stream broke mid-line. Otherwise by cutting
+    the connection, so that the client sees a truncated body."""
+    if content_type.startswith(SSE):
         # The llama.cpp web UI only finalises a message after [DONE].
         await response.write(b"data: " + dumps(error_body(kind, message)) + b"\n\ndata: [DONE]\n\n")
         await response.write_eof()
+    elif content_type.startswith(NDJSON):
+        await response.write((b"\n" if tail and not tail.endswith(b"\n") else b"") + ndjson_error(message))
+        await response.write_eof()
     elif request.transport is not None:
-        # Not SSE: no in-band way to report it; cut the connection so the client sees a truncated body.
+        # no in-band way to report it: cut the connection
         request.transport.close()
     return response

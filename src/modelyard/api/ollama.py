@@ -38,6 +38,7 @@ from modelyard.errors import ErrorKind, ModelError
 from modelyard.hub import events as hub_events
 from modelyard.manager import Lease, ModelManager, ModelView
 from modelyard.memory import GgufFacts, model_files
+from modelyard.proxy import NDJSON, ndjson_error
 from modelyard.scheduler import Status
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     if not stream:
         await download.result()
         return json_response({"status": "success"})
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    response = web.StreamResponse(headers={"Content-Type": NDJSON})
     await response.prepare(request)
     await response.write(dumps(hub_events.OLLAMA_START) + b"\n")
     last: dict[str, int] = {}
@@ -551,7 +552,7 @@ async def _upstream(lease: Lease, path: str, body: dict[str, Any]) -> AsyncItera
 
 async def _stream(request: web.Request, upstream: Reply, path: str, kind: str, model: str,
                   started: float, load_ns: int) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    response = web.StreamResponse(headers={"Content-Type": NDJSON})
     await response.prepare(request)
     record = request.get(RECORD)
     capture = record.capture if record is not None else None
@@ -570,12 +571,12 @@ async def _stream(request: web.Request, upstream: Reply, path: str, kind: str, m
         message = f"the model's server failed mid-stream: {exc}"
         if record is not None:
             record.error = message
-        await response.write(orjson.dumps({"error": message}) + b"\n")
+        await response.write(ndjson_error(message))
     except asyncio.CancelledError:
         if not admins_cancel(record):
             raise
         # an admin's cancel, not the client's: end the stream with Ollama's error line
-        await response.write(orjson.dumps({"error": cancel_message(record.id)}) + b"\n")
+        await response.write(ndjson_error(cancel_message(record.id)))
     await response.write_eof()
     return response
 
