@@ -129,14 +129,18 @@ def connect(address: str, *, memory_budget: int = 0, gpu_memory_budget: int = 0)
     split between its nodes. Blocks (seconds: a local cluster's nodes start one after another), on the main
     thread: a local node registers signal handlers, which Ray refuses from any other (measured)."""
     count = local_count(address)
+    if count is not None:
+        # Read as Ray is imported: with it, a local cluster's nodes take loopback for their address, so its Ray
+        # ports and the agents' apps (which listen on their node's address) are reachable from this machine
+        # only, as one node binds loopback by default. Set later, the nodes took the machine's network address
+        # (measured: 192.0.2.2 here).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = import_ray()
     if count is None:
         ray.init(address=address)
         return Connection(ray)
     from ray import cluster_utils  # type: ignore[import-not-found, unused-ignore]
 
-    # as the test tier's cluster: Ray's own check for a multi-node cluster on one macOS or Windows machine
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     wanted = local_nodes(count, memory_budget=memory_budget, gpu_memory_budget=gpu_memory_budget,
                          total_memory=system_memory(), cores=list(cores))

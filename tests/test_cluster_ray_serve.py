@@ -1,0 +1,90 @@
+"""`modelyard serve --ray local:2` as a new user runs it (docs/cluster.md; the `ray` extra, so `make test` skips it
+and `make test-cluster` runs it): one command brings up a two-node local cluster with the demo models, and one
+endpoint serves them with the single node's APIs, says where each model runs, and on SIGTERM leaves no
+llama-server and no Ray process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Router
+
+pytest.importorskip("ray")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process under `pid` (Ray's raylets and workers, and the llama-server children of its agents)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, module_models_dir: Path) -> Iterator[Router]:
+    work = tmp_path_factory.mktemp("serve-ray")
+    router = Router(["--ray", "local:2", "--models-dir", str(module_models_dir), "--memory-budget", "4GiB",
+                     "-c", "1024", "-n", "8"], work)
+    try:
+        router.wait_ready(120)  # healthy once a node's agent has published
+        while router.client.get("/health").json().get("nodes") != 2:
+            pass  # the second agent starts a moment after the first (each is one request to its node)
+        yield router
+    finally:
+        if router.proc.poll() is None:
+            router.stop()
+
+
+def test_one_endpoint_serves_the_demo_models_of_both_nodes(cluster: Router) -> None:
+    listing = cluster.client.get("/v1/models").json()["data"]
+    assert sorted(entry["id"] for entry in listing) == ["gemma", "smol", "smol-b"]
+    assert all(len(entry["nodes"]) == 2 for entry in listing)  # each node has the models dir
+    answer = cluster.client.post("/v1/chat/completions", json={
+        "model": "smol", "messages": [{"role": "user", "content": "Say hi."}]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"]
+    with cluster.client.stream("POST", "/api/chat", json={
+            "model": "gemma", "messages": [{"role": "user", "content": "Say hi."}]}) as stream:
+        lines = [json.loads(line) for line in stream.iter_lines() if line]
+    assert stream.status_code == 200 and lines[-1]["done"] is True and len(lines) > 2  # Ollama's NDJSON stream
+    where = {entry["id"]: {n["node"]: n["status"] for n in entry["nodes"]}
+             for entry in cluster.client.get("/v1/models").json()["data"]}
+    assert list(where["smol"].values()).count("loaded") == 1 and list(where["gemma"].values()).count("loaded") == 1
+    assert cluster.log().count("joined: http://127.0.0.1:") == 2  # a one-machine trial's node apps: loopback only
+    missing = cluster.client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
+
+
+def test_sigterm_leaves_no_child_and_no_ray_process(cluster: Router) -> None:
+    cluster.client.post("/models/load", json={"model": "smol-b"})
+    processes = descendants(cluster.proc.pid)
+    assert any("llama-server" in command(pid) for pid in processes), [command(p) for p in processes]
+    cluster.proc.send_signal(signal.SIGTERM)
+    assert cluster.proc.wait(timeout=90) == 0, cluster.log()
+    left = {pid: command(pid) for pid in processes if os.path.exists(f"/proc/{pid}") and command(pid)}
+    assert left == {}, left
+    with pytest.raises(httpx.TransportError):
+        httpx.get(cluster.url + "/health", timeout=2)
