@@ -107,19 +107,23 @@ async def relay(request: web.Request) -> web.StreamResponse:
         return from_model_error(error)
 
 
-async def serve(ingress: Nodes, watches: Mapping[str, tuple[str, Watch]], follows: list[asyncio.Task[None]]
-                ) -> TestClient[Any, Any]:
+async def serve(ingress: Nodes, watches: Mapping[str, tuple[str, Watch]], follows: list[asyncio.Task[None]],
+                front: Callable[[Nodes], web.Application] | None = None) -> TestClient[Any, Any]:
     """The ingress over the nodes of `watches` (each one's address and watch), following each in a task put in
-    `follows`, once all have published: a client of its completions route (`relay`)."""
+    `follows`, once all have published: a client of its completions route (`relay`), or of the app `front`
+    makes (the real routes: test_cluster_front.py)."""
     for name, (address, watch) in watches.items():
         ingress.add(name, address)
         task = asyncio.ensure_future(ingress.follow(name, watch))
         task.add_done_callback(log_failure)
         follows.append(task)
     await ingress.until(lambda views: len(views) == len(watches))
-    app = web.Application()
-    app[NODES] = ingress
-    app.router.add_post("/v1/chat/completions", relay)
+    if front is None:
+        app = web.Application()
+        app[NODES] = ingress
+        app.router.add_post("/v1/chat/completions", relay)
+    else:
+        app = front(ingress)
     client: TestClient[Any, Any] = TestClient(TestServer(app))
     await client.start_server()
     return client
@@ -162,7 +166,8 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     sessions: list[aiohttp.ClientSession] = []
     clients: list[TestClient[Any, Any]] = []
 
-    async def make(limits: Mapping[str, Limits], models: Catalog | None = None) -> Cluster:
+    async def make(limits: Mapping[str, Limits], models: Catalog | None = None,
+                   front: Callable[[Nodes], web.Application] | None = None) -> Cluster:
         nodes: dict[str, Node] = {}
         for name, node_limits in limits.items():
             clock = FakeClock()
@@ -190,7 +195,7 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
                 return answer
 
             watches[name] = (str(node.server.make_url("")), watch)
-        client = await serve(ingress, watches, follows)
+        client = await serve(ingress, watches, follows, front)
         clients.append(client)
         return Cluster(nodes, ingress, client)
 
