@@ -104,6 +104,20 @@ def test_ps_rows_context_falls_back_to_the_child_info_and_measured_memory() -> N
     assert (row.size, row.size_vram, row.context) == (400_000_000, 100_000_000, 2048)
 
 
+def test_ps_on_a_cluster_has_a_row_for_each_node_where_a_model_runs() -> None:
+    nodes = [{"node": "a1b2c3d4" + "0" * 48, "status": "loaded", "in_flight": 1, "queued": 0},
+             {"node": "e5f6a7b8" + "0" * 48, "status": "unloaded", "in_flight": 0, "queued": 0},
+             {"node": "c9d0e1f2" + "0" * 48, "status": "loading", "in_flight": 0, "queued": 3}]
+    rows = ps_rows({"data": [entry("smol", "loaded", nodes=nodes), entry("gemma", "unloaded", nodes=nodes[1:2])]},
+                   PS)
+    assert [(r.name, r.node[:8] if r.node else None, r.status, r.in_flight, r.queued) for r in rows] == [
+        ("smol", "a1b2c3d4", "loaded", 1, 0), ("smol", "c9d0e1f2", "loading", 0, 3)]
+    assert rows[0].as_json()["node"] == nodes[0]["node"]
+    shown = text_of(ps_table(rows))
+    assert "NODE" in shown and "a1b2c3d4 " in shown and "e5f6a7b8" not in shown and "0 +3 queued" in shown
+    assert "NODE" not in text_of(ps_table(ps_rows(MODELS, PS))) and "node" not in ps_rows(MODELS, PS)[0].as_json()
+
+
 def test_ls_rows_every_model_with_file_details() -> None:
     tags = {"models": [{"name": "smol:latest", "size": 98_362_432,
                         "details": {"parameter_size": "135M", "quantization_level": "Q4_1"}}]}

@@ -99,12 +99,14 @@ class PsRow:
     keep_alive: float | None
     in_flight: int
     queued: int
+    node: str | None = None  # the cluster node it runs on (`serve --ray`: /models entries carry `nodes`)
 
     def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "size": self.size, "size_vram": self.size_vram,
-                "processor": processor(self.size, self.size_vram), "context": self.context,
-                "expires_in": self.expires_in, "keep_alive": self.keep_alive, "in_flight": self.in_flight,
-                "queued": self.queued}
+        shown = {"name": self.name, "status": self.status, "size": self.size, "size_vram": self.size_vram,
+                 "processor": processor(self.size, self.size_vram), "context": self.context,
+                 "expires_in": self.expires_in, "keep_alive": self.keep_alive, "in_flight": self.in_flight,
+                 "queued": self.queued}
+        return shown if self.node is None else {**shown, "node": self.node}
 
 
 def ps_rows(models: Mapping[str, Any], ps: Mapping[str, Any]) -> list[PsRow]:
@@ -121,9 +123,15 @@ def ps_rows(models: Mapping[str, Any], ps: Mapping[str, Any]) -> list[PsRow]:
         if theirs.get("size"):
             size, size_vram = int(theirs["size"]), int(theirs.get("size_vram") or 0)
         context = theirs.get("context_length") or (entry.get("meta") or {}).get("n_ctx")
-        rows.append(PsRow(name, status, size, size_vram, int(context) if context else None,
-                          entry.get("expires_in"), entry.get("keep_alive"), int(entry.get("in_flight") or 0),
-                          int(entry.get("queued") or 0)))
+        row = PsRow(name, status, size, size_vram, int(context) if context else None, entry.get("expires_in"),
+                    entry.get("keep_alive"), int(entry.get("in_flight") or 0), int(entry.get("queued") or 0))
+        nodes = entry.get("nodes")
+        if isinstance(nodes, list):  # a cluster's front: one row for each node where the model runs
+            rows += [replace(row, node=str(n.get("node")), status=str(n.get("status")),
+                             in_flight=int(n.get("in_flight") or 0), queued=int(n.get("queued") or 0))
+                     for n in nodes if isinstance(n, dict) and n.get("status") in SHOWN_IN_PS]
+        else:
+            rows.append(row)
     return rows
 
 
@@ -141,12 +149,18 @@ def _status(status: str) -> Text:
     return Text(status, style=_STATUS_STYLES.get(status, ""))
 
 
+NODE_ID_SHOWN = 8  # characters of a Ray node id in a table (56 hex digits in all; --json has them whole)
+
+
 def ps_table(rows: Sequence[PsRow]) -> Table:
-    table = _plain_table("NAME", "STATUS", "SIZE", "PROCESSOR", "CONTEXT", "REQUESTS", "UNTIL")
+    clustered = any(row.node is not None for row in rows)
+    table = _plain_table("NAME", *(("NODE",) if clustered else ()), "STATUS", "SIZE", "PROCESSOR", "CONTEXT",
+                         "REQUESTS", "UNTIL")
     for row in rows:
         requests = str(row.in_flight) + (f" +{row.queued} queued" if row.queued else "")
-        table.add_row(row.name, _status(row.status), human_bytes(row.size), processor(row.size, row.size_vram),
-                      str(row.context) if row.context else "-", requests,
+        node = ((row.node or "-")[:NODE_ID_SHOWN],) if clustered else ()
+        table.add_row(row.name, *node, _status(row.status), human_bytes(row.size),
+                      processor(row.size, row.size_vram), str(row.context) if row.context else "-", requests,
                       until(row.status, row.expires_in, row.keep_alive, bool(row.in_flight or row.queued)))
     return table
 
