@@ -147,6 +147,8 @@ async def test_the_router_props_health_and_ollama_list_cover_every_node(make_clu
     assert props["role"] == "router" and props["max_instances"] == 4 and sorted(props["nodes"]) == ["n1", "n2"]
     health = await cluster.client.get("/health")
     assert health.status == 200 and (await health.json()) == {"status": "ok", "nodes": 2}
+    metrics = await (await cluster.client.get("/metrics")).text()
+    assert {f'node="{name}"' in metrics for name in cluster.nodes} == {True}
     tags = await (await cluster.client.get("/api/tags")).json()
     assert sorted(model["name"] for model in tags["models"]) == ["a:latest", "b:latest"]  # each once
     for node in cluster.nodes.values():

@@ -6,7 +6,8 @@ that the node resolves aliases, translates Ollama's API and streams as on one no
 stream cut by a lost node with an error event. What describes every model is merged from the nodes: GET /models
 and /v1/models (each entry as the node where it runs best lists it, plus `nodes`: where it runs, with its status
 and requests there), /v1/models/{id}, Ollama's /api/tags and /api/ps, and the /models/sse feed (each event with
-its `node`). POST /models/load loads where placement says; /models/unload stops the model on every node.
+its `node`), and /metrics (each node's, every sample labelled with its node: cluster/exposition.py). POST
+/models/load loads where placement says; /models/unload stops the model on every node.
 
 The front checks the client's key (scopes and model patterns, the same middlewares and rules as one node) and
 sends every node the cluster key instead. A model's names (its id and aliases) come from the nodes' listings,
@@ -25,6 +26,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from modelyard.api import auth
 from modelyard.api.app import guarded_app
@@ -34,6 +36,7 @@ from modelyard.api.errors import error_response, from_model_error
 from modelyard.api.json import dumps, json_response
 from modelyard.api.ollama import ollama_error_response
 from modelyard.api.openai import GET_ROUTES, POST_ROUTES, autoload_flag
+from modelyard.cluster import exposition
 from modelyard.cluster.ingress import NodeChild, Nodes
 from modelyard.cluster.placement import NodeState, Refusal
 from modelyard.errors import ErrorKind, ModelError
@@ -149,8 +152,7 @@ async def get_by_query_model(request: web.Request) -> web.StreamResponse:
         if request.path == "/props":
             return await router_props(request)
         if request.path == "/metrics":
-            return error_response(ErrorKind.MISSING_MODEL, "the cluster's own metrics are not served yet; add "
-                                  "?model=<id> for that model's, from the node it runs on", param="model")
+            return await cluster_metrics(request)
         return error_response(ErrorKind.MISSING_MODEL, "model name is missing; add ?model=<id> to the URL",
                               param="model")
     try:
@@ -266,6 +268,25 @@ def _ollama_list(field: str) -> Callable[[web.Request], Awaitable[web.Response]]
         return json_response({field: list(seen.values())})
 
     return merged_list
+
+
+async def cluster_metrics(request: web.Request) -> web.Response:
+    """Every reachable node's router metrics as one exposition, each sample labelled with its node (a node
+    that does not answer is left out, and logged)."""
+    front = request.app[FRONT]
+    nodes = [view.node for view in front.nodes.views() if view.node not in front.nodes.unreachable()]
+    answers = await asyncio.gather(*(front.nodes.get_text(node, "/metrics") for node in nodes),
+                                   return_exceptions=True)
+    texts = {}
+    for node, answer in zip(nodes, answers, strict=True):
+        if isinstance(answer, BaseException):
+            log.warning("node %s did not give its metrics: %r", node, answer)
+        else:
+            texts[node] = answer
+    key = request[auth.API_KEY]
+    visible = (lambda model: front.may_use(request, model)) if key is not None and key.models else None
+    return web.Response(body=exposition.merged(texts, visible).encode(),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def router_props(request: web.Request) -> web.Response:

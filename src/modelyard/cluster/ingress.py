@@ -182,6 +182,11 @@ class Nodes:
             response.raise_for_status()
             return await response.json()
 
+    async def get_text(self, name: str, path: str) -> str:
+        async with self._session.get(self._nodes[name].base_url + path, headers=self._auth) as response:
+            response.raise_for_status()
+            return await response.text()
+
     async def post_json(self, name: str, path: str, payload: Any) -> Any:
         async with self._session.post(self._nodes[name].base_url + path, json=payload,
                                       headers=self._auth) as response:
