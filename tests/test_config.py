@@ -147,6 +147,40 @@ def test_bad_presets_name_file_line_and_section(tmp_path: Path, table: OptionTab
         catalog(tmp_path, table, ini.format(gguf=gguf))
 
 
+@pytest.mark.parametrize(("lines", "expected"), [
+    ("", {"replicas": 1, "pinned": False, "priority": 0, "concurrency_limit": 0}),
+    ("replicas = 3", {"replicas": 3}),
+    ("replicas = 1\npriority = -2", {"replicas": 1, "priority": -2}),
+    ("pin = on\nconcurrency-limit = 4", {"pinned": True, "concurrency_limit": 4}),
+    ("keep-alive = 5m\nload-timeout = -1", {"keep_alive": 300.0, "load_timeout": 0.0}),
+])
+def test_modelyards_own_preset_keys(tmp_path: Path, table: OptionTable, gguf: Path, lines: str,
+                                    expected: dict[str, object]) -> None:
+    model = catalog(tmp_path, table, f"[m]\nmodel = {gguf}\n{lines}\n").models["m"]
+    assert {field: getattr(model, field) for field in expected} == expected
+    assert model.settings == {"--model": str(gguf)}  # never passed to the child
+
+
+def test_replicas_in_the_global_section_apply_to_every_model(tmp_path: Path, table: OptionTable, gguf: Path) -> None:
+    result = catalog(tmp_path, table, f"[*]\nreplicas = 2\n[a]\nmodel = {gguf}\n[b]\nmodel = {gguf}\nreplicas = 1\n")
+    assert {name: m.replicas for name, m in result.models.items()} == {"a": 2, "b": 1}
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("replicas = 0", r"models.ini:3 \[m\]: replicas = '0': must be 1 or more"),
+    ("replicas = -1", r"models.ini:3 \[m\]: replicas = '-1': must be 1 or more"),
+    ("replicas = two", r"models.ini:3 \[m\]: replicas = 'two': expected a whole number"),
+    ("replicas = 1.5", r"models.ini:3 \[m\]: replicas = '1.5': expected a whole number"),
+    ("priority = high", r"models.ini:3 \[m\]: priority = 'high': expected a whole number"),
+    ("concurrency-limit = -1", r"models.ini:3 \[m\]: concurrency-limit = '-1': must be 0 \(no limit\) or more"),
+    ("pin = maybe", r"models.ini:3 \[m\]: pin = 'maybe': expected true or false"),
+])
+def test_bad_values_of_modelyards_own_keys_name_the_section_and_key(tmp_path: Path, table: OptionTable, gguf: Path,
+                                                                    line: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        catalog(tmp_path, table, f"[m]\nmodel = {gguf}\n{line}\n")
+
+
 def test_missing_preset_file_and_models_dir(tmp_path: Path, table: OptionTable) -> None:
     with pytest.raises(ConfigError, match="preset file does not exist"):
         build_catalog(Sources(table, preset_path=tmp_path / "nope.ini"))

@@ -73,6 +73,7 @@ class ModelConfig:
     priority: int = 0
     concurrency_limit: int = 0
     load_timeout: float | None = None  # seconds a load may take; None = --load-timeout; 0 = no limit
+    replicas: int = 1  # how many nodes of a cluster hold it once it is used (serve --ray); one node ignores it
     hub: HubSource | None = None  # a model from the hub; `--model` is its cached file once downloaded
     preset_text: str = field(default="", compare=False)
 
@@ -266,12 +267,13 @@ def _model_config(name: str, full: Mapping[str, Setting], source: Source,
     )
 
 
-_SCHEDULING_KEYS = ("keep-alive", "pin", "priority", "concurrency-limit", "load-timeout")
+_SCHEDULING_KEYS = ("keep-alive", "pin", "priority", "concurrency-limit", "load-timeout", "replicas")
 
 
 def _scheduling(full: Mapping[str, Setting], name: str) -> dict[str, Any]:
     """modelyard's own preset keys: keep-alive (seconds or 5m; -1 = never unload), pin, priority,
-    concurrency-limit, load-timeout (seconds or 10m; 0 or -1 = no limit)."""
+    concurrency-limit, load-timeout (seconds or 10m; 0 or -1 = no limit), replicas (1 or more: the copies a
+    cluster keeps once the model is used; a single node has one copy and ignores it)."""
     out: dict[str, Any] = {}
     for key in _SCHEDULING_KEYS:
         setting = full.get(key)
@@ -287,13 +289,22 @@ def _scheduling(full: Mapping[str, Setting], name: str) -> dict[str, Any]:
                     raise ValueError("expected true or false")
                 out["pinned"] = setting.value.lower() in TRUTHY
             else:
-                number = int(setting.value)
+                number = _whole(setting.value)
                 if key == "concurrency-limit" and number < 0:
                     raise ValueError("must be 0 (no limit) or more")
+                if key == "replicas" and number < 1:
+                    raise ValueError("must be 1 or more (the nodes of a cluster that hold the model)")
                 out[key.replace("-", "_")] = number
         except ValueError as exc:
             raise ConfigError(f"{setting.origin} [{name}]: {key} = {setting.value!r}: {exc}") from None
     return out
+
+
+def _whole(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
 
 
 def _absolute(flag: str, value: str, canon: Mapping[str, str]) -> str:

@@ -55,6 +55,7 @@ PRESET_ONLY_OPTIONS: tuple[EngineOption, ...] = (
     EngineOption(("priority",), takes_value=True, preset_only=True),
     EngineOption(("concurrency-limit",), takes_value=True, preset_only=True),
     EngineOption(("load-timeout",), takes_value=True, preset_only=True),
+    EngineOption(("replicas",), takes_value=True, preset_only=True),
 )
 
 
