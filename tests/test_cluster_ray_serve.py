@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from modelyard.engine import webui
 from tests.conftest import Router
 
 pytest.importorskip("ray")
@@ -74,6 +75,11 @@ def test_one_endpoint_serves_the_demo_models_of_both_nodes(cluster: Router) -> N
              for entry in cluster.client.get("/v1/models").json()["data"]}
     assert list(where["smol"].values()).count("loaded") == 1 and list(where["gemma"].values()).count("loaded") == 1
     assert cluster.log().count("joined: http://127.0.0.1:") == 2  # a one-machine trial's node apps: loopback only
+    page = cluster.client.get("/", headers={"Accept": "text/html"})  # llama.cpp's web UI, when built here
+    built = webui.installed_ui()
+    if built is not None:
+        assert page.status_code == 200 and page.text == (built / "index.html").read_text()
+    assert cluster.client.get("/").text == "Ollama is running"
     missing = cluster.client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
     assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
 

@@ -264,10 +264,23 @@ def _serve_cluster(address: str, nodes: NodeSettings, host: str, port: int, api_
     keys = _api_keys(api_key, api_key_file)
     for warning in _exposure_warnings(host, keys, click.get_current_context().get_parameter_source("api_key")):
         log.warning("%s", warning)
+    # the web UI's two router flags, read from the engine args without the engine's option table (the front
+    # may run where no engine is installed); the rest of them go to the nodes
+    args = list(nodes.engine_args)
+    router_flags = {"--webui": "false"} if "--no-webui" in args else {}
+    if "--path" in args[:-1]:
+        router_flags["--path"] = args[args.index("--path") + 1]
+    ui_choice = webui.choose(router_flags, os.environ, webui.installed_ui(), webui.recorded_failure())
+    try:
+        web_ui = webui.load(ui_choice)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     settings = ServerSettings(autoload=autoload, api_keys=keys,
                               cors=CorsPolicy.from_settings(cors_origins, os.environ.get("OLLAMA_ORIGINS", "")),
                               bind_host=host, allowed_hosts=parse_allowed_hosts(allowed_hosts), api_prefix=api_prefix,
+                              webui=web_ui,
                               build_info=f"modelyard {__version__}, llama.cpp {LLAMA_CPP_BUILD}, Ray cluster")
+    log.info("%s", ui_choice.note)
     scheme = "https" if ssl_cert_file else "http"
     click.echo(f"modelyard {__version__}: joining the Ray cluster at {address}; listening on "
                f"{scheme}://{host}:{port}{api_prefix} (each node's models join as its agent starts)", err=True)

@@ -28,7 +28,7 @@ from pathlib import PurePosixPath
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from modelyard.api.context import CONTEXT
+from modelyard.api.context import CONTEXT, SETTINGS
 from modelyard.api.errors import error_response
 from modelyard.engine.webui import WebUi, compressible
 from modelyard.errors import ErrorKind
@@ -144,7 +144,7 @@ def _ui_file(webui: WebUi, name: str) -> web.StreamResponse:
 
 def browser_root(request: web.Request) -> web.StreamResponse:
     """`GET /` from a browser: llama.cpp's web UI, or the dashboard when there is none."""
-    webui = request.app[CONTEXT].settings.webui
+    webui = request.app[SETTINGS].webui
     if webui is None or INDEX not in webui.names:
         raise web.HTTPFound(PATH)
     return _ui_file(webui, INDEX)
@@ -162,7 +162,7 @@ async def _remove_service_worker(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "no-cache"})
 
 
-def _add_webui_routes(app: web.Application, webui: WebUi | None) -> None:
+def add_webui_routes(app: web.Application, webui: WebUi | None) -> None:
     """One route per file; a name that an API route already has (possible with `--path`) stays the API's."""
     taken = {resource.canonical for resource in app.router.resources()}
     routed = []
@@ -179,4 +179,4 @@ def _add_webui_routes(app: web.Application, webui: WebUi | None) -> None:
 def add_routes(app: web.Application) -> None:
     app.router.add_get(PATH, page)
     app.router.add_get(PATH + "/{name}", asset)
-    _add_webui_routes(app, app[CONTEXT].settings.webui)
+    add_webui_routes(app, app[CONTEXT].settings.webui)

@@ -12,8 +12,8 @@ its `node`), and /metrics (each node's, every sample labelled with its node: clu
 The front checks the client's key (scopes and model patterns, the same middlewares and rules as one node) and
 sends every node the cluster key instead. A model's names (its id and aliases) come from the nodes' listings,
 fetched when a name is not a model id any node publishes. Routes a node serves about itself (activity,
-decisions, logs, the dashboard, llama.cpp's web UI, transcriptions, resumable streams) are not served here yet:
-they answer 404 with the unknown-endpoint error.
+decisions, logs, the dashboard, transcriptions, resumable streams) are not served here yet: they answer 404 with
+the unknown-endpoint error. llama.cpp's web UI is, at `/` (it needs only the routes above).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from modelyard.api import auth
+from modelyard.api import auth, ollama, ui
 from modelyard.api.app import guarded_app
 from modelyard.api.body import read_json_object
 from modelyard.api.context import ServerSettings
@@ -39,6 +39,7 @@ from modelyard.api.openai import GET_ROUTES, POST_ROUTES, autoload_flag
 from modelyard.cluster import exposition
 from modelyard.cluster.ingress import NodeChild, Nodes
 from modelyard.cluster.placement import NodeState, Refusal
+from modelyard.cluster.replicas import Replicas
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.proxy import forward
 from modelyard.scheduler import Status
@@ -56,6 +57,7 @@ class Front:
     def __init__(self, nodes: Nodes, settings: ServerSettings) -> None:
         self.nodes = nodes
         self.settings = settings
+        self.replicas = Replicas(nodes)  # a preset's replicas = N: the other copies, started after a placement
         self._names: dict[str, tuple[str, ...]] = {}  # model id -> its names (id, aliases), from the listings
 
     def known(self) -> set[str]:
@@ -122,6 +124,7 @@ async def _send(request: web.Request, name: str, body: bytes) -> web.StreamRespo
     if isinstance(send, Refusal):
         raise send.error()
     log.debug("%s %s for '%s' -> node %s (%s)", request.method, request.path, model, send.node, send.reason)
+    front.replicas.placed(send)
     return await forward(request, NodeChild(front.nodes, send, autoload=autoload), body, request.query)
 
 
@@ -350,7 +353,12 @@ def _log_end(task: asyncio.Task[None]) -> None:
 def build_front(nodes: Nodes, settings: ServerSettings) -> web.Application:
     """The front's app: the single node's middlewares (api/app.py) and the routes above."""
     app = guarded_app(settings)
-    app[FRONT] = Front(nodes, settings)
+    front = app[FRONT] = Front(nodes, settings)
+
+    async def close_replicas(app: web.Application) -> None:
+        await front.replicas.close()
+
+    app.on_cleanup.append(close_replicas)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/models", list_models)
@@ -367,4 +375,7 @@ def build_front(nodes: Nodes, settings: ServerSettings) -> web.Application:
         app.router.add_get(path, get_by_query_model)
     for path in OLLAMA_MODEL_ROUTES:
         app.router.add_post(path, ollama_by_body_model)
+    # llama.cpp's web UI needs only the routes above; `/` is Ollama's probe, and the UI for a browser
+    app.router.add_get("/", ollama.root)
+    ui.add_webui_routes(app, settings.webui)
     return app
