@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, expect
 
 from modelyard.engine import webui
 from tests.conftest import Router
+from tests.test_dashboard import LOAD_TIMEOUT_MS, browser  # noqa: F401  (the shared Chromium)
+from tests.test_webui import _loaded, _model_menu, _open_menu, _option
 
 pytest.importorskip("ray")
 
@@ -82,6 +86,38 @@ def test_one_endpoint_serves_the_demo_models_of_both_nodes(cluster: Router) -> N
     assert cluster.client.get("/").text == "Ollama is running"
     missing = cluster.client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
     assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
+
+
+def test_the_web_ui_selects_loads_and_chats_through_the_cluster(browser: Browser, cluster: Router) -> None:  # noqa: F811
+    """llama.cpp's web UI against the front, as test_webui drives it against one node: the menu lists the
+    cluster's models, selecting one loads it on a node, and a chat streams its reply."""
+    if webui.installed_ui() is None:
+        pytest.skip("llama.cpp's web UI is not built on this machine")
+    context = browser.new_context(base_url=cluster.url, viewport={"width": 1280, "height": 800},
+                                  service_workers="block")
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto("/", wait_until="load")
+        _open_menu(page)
+        expect(page.get_by_role("option")).to_have_count(3)
+        with page.expect_request(lambda r: r.url.endswith("/models/load")):
+            _option(page, "smol-b").click()
+        _model_menu(page).click()
+        expect(_loaded(_option(page, "smol-b"))).to_have_count(1, timeout=LOAD_TIMEOUT_MS)
+        page.keyboard.press("Escape")
+        box = page.get_by_role("textbox").first
+        box.fill("Say hi.")
+        with page.expect_response(lambda r: r.url.endswith("/v1/chat/completions")) as answer:
+            box.press("Enter")
+        events = [line for line in answer.value.text().splitlines() if line.startswith("data: ")]
+        assert answer.value.status == 200 and events[-1] == "data: [DONE]"
+        reply = page.get_by_role("group", name="Assistant message with actions").locator(".markdown-content")
+        expect(reply).to_have_text(re.compile(r"\w"))
+    finally:
+        context.close()
+    assert not errors, f"the page threw: {errors}"
 
 
 def test_sigterm_leaves_no_child_and_no_ray_process(cluster: Router) -> None:
