@@ -21,9 +21,11 @@ async def watch_state(manager: ModelManager, node: str, version: int,
                       heartbeat: float = WATCH_HEARTBEAT_S) -> tuple[int, NodeState]:
     """The node's state once its board has changed after `version` (ModelManager.watch), with the new version,
     or after `heartbeat` seconds with the same version (a heartbeat, which tells the ingress the node is there);
-    a draining node says it no longer accepts, so that placement sends it nothing new."""
+    a draining node says it no longer accepts, so that placement sends it nothing new. It says which models
+    its presets want on several nodes (`replicas`), for the ingress to start the other copies."""
     version, board = await manager.watch(version, heartbeat)
-    return version, NodeState.of(node, board, accepting=not manager.draining)
+    replicas = {name: config.replicas for name, config in manager.catalog.models.items() if config.replicas > 1}
+    return version, NodeState.of(node, board, accepting=not manager.draining, replicas=replicas)
 
 
 def node_app(manager: ModelManager, key: str, host: str) -> web.Application:

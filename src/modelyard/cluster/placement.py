@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from modelyard.errors import ErrorKind, ModelError
@@ -40,18 +40,21 @@ from modelyard.scheduler import RUNNING, Board, Limits, ModelSnapshot, Room, Sta
 @dataclass(frozen=True)
 class NodeState:
     """What one node's agent publishes: its id (Ray's node id), its limits, and every model it can serve
-    (its catalog) as its scheduler sees it. `accepting` is False once the agent drains."""
+    (its catalog) as its scheduler sees it. `accepting` is False once the agent drains. `replicas`: the
+    models whose preset there asks for more than one copy in the cluster (`replicas = N`), and N."""
 
     node: str
     limits: Limits
     models: Mapping[str, ModelSnapshot]
     accepting: bool = True
+    replicas: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, node: str, board: Board, accepting: bool = True) -> NodeState:
+    def of(cls, node: str, board: Board, accepting: bool = True,
+           replicas: Mapping[str, int] | None = None) -> NodeState:
         """A node's state from its manager's scheduler board (the queue itself stays on the node: each
         model's snapshot counts its waiting requests)."""
-        return cls(node, board.limits, dict(board.models), accepting)
+        return cls(node, board.limits, dict(board.models), accepting, dict(replicas or {}))
 
     @property
     def queued(self) -> int:
