@@ -14,6 +14,7 @@ import asyncio
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from modelyard import __version__
 from modelyard.api import auth
@@ -234,7 +235,12 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, *, health: Handler = health, list_models: Handler = list_models,
+               get_model: Handler = get_model, load_model: Handler = load_model,
+               unload_model: Handler = unload_model, models_sse: Handler = models_sse,
+               props: Handler = props) -> None:
+    """Router mode's management routes; the cluster's front (cluster/front.py) serves the same paths with its
+    own handlers."""
     app.router.add_get("/health", health)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/models", list_models)

@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from modelyard.api import auth, ollama, ui
+from modelyard.api import auth, management, ollama, ui
 from modelyard.api.app import guarded_app
 from modelyard.api.body import read_json_object
 from modelyard.api.context import ServerSettings
@@ -171,14 +171,6 @@ async def ollama_by_body_model(request: web.Request) -> web.StreamResponse:
         return await _send(request, _named(payload, request, "model", "name"), await request.read())
     except ModelError as error:
         return ollama_error_response(error)
-
-
-async def load_model(request: web.Request) -> web.StreamResponse:
-    try:
-        payload = await read_json_object(request, ' with a "model" field')
-        return await _send(request, _named(payload, request, "model"), await request.read())
-    except ModelError as error:
-        return from_model_error(error)
 
 
 async def unload_model(request: web.Request) -> web.Response:
@@ -359,19 +351,14 @@ def build_front(nodes: Nodes, settings: ServerSettings) -> web.Application:
         await front.replicas.close()
 
     app.on_cleanup.append(close_replicas)
-    app.router.add_get("/health", health)
-    app.router.add_get("/v1/health", health)
-    app.router.add_get("/models", list_models)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model:.+}", get_model)
-    app.router.add_post("/models/load", load_model)
-    app.router.add_post("/models/unload", unload_model)
-    app.router.add_get("/models/sse", models_sse)
+    management.add_routes(app, health=health, list_models=list_models, get_model=get_model,
+                          load_model=post_by_body_model, unload_model=unload_model, models_sse=models_sse,
+                          props=get_by_query_model)
     app.router.add_get("/api/tags", _ollama_list("models"))
     app.router.add_get("/api/ps", _ollama_list("models"))
     for path in POST_ROUTES:
         app.router.add_post(path, post_by_body_model)
-    for path in (*GET_ROUTES, "/props"):
+    for path in GET_ROUTES:
         app.router.add_get(path, get_by_query_model)
     for path in OLLAMA_MODEL_ROUTES:
         app.router.add_post(path, ollama_by_body_model)
