@@ -44,6 +44,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Protocol, TypeVar
 
 from modelyard.errors import ErrorKind
 
@@ -292,6 +293,10 @@ class ModelState:
         return len(self.leases)
 
     @property
+    def pinned(self) -> bool:
+        return self.spec.pinned
+
+    @property
     def footprint(self) -> int:
         return self.room.memory
 
@@ -399,6 +404,42 @@ def overages(need: Room, limits: Limits) -> list[Overage]:
               ("memory", "--memory-budget", limits.memory_budget, need.memory),
               ("GPU memory", "--gpu-memory-budget", limits.gpu_memory_budget, need.gpu_memory))
     return [Overage(kind, flag, limit, amount) for kind, flag, limit, amount in checks if limit > 0 and amount > limit]
+
+
+class Holding(Protocol):
+    """A model as the budget rules read it: a ModelState in the core, or a ModelSnapshot of a node's board in
+    cluster placement (cluster.placement predicts a node's admissions with the functions below)."""
+
+    @property
+    def status(self) -> Status: ...
+
+    @property
+    def room(self) -> Room: ...
+
+    @property
+    def pinned(self) -> bool: ...
+
+
+H = TypeVar("H", bound=Holding)
+
+
+def held_room(models: Iterable[Holding], wanted: Room, limits: Limits) -> Room:
+    """What `models` hold against the limits while a model taking `wanted` waits to load (`held`, summed)."""
+    return sum((held(m.status, m.room, wanted, limits) for m in models), Room())
+
+
+def fits_beside(running: Iterable[Holding], wanted: Room, freed: Room, limits: Limits) -> bool:
+    """Whether a model taking `wanted` may start beside `running` (the other models loading, loaded or stopping)
+    once `freed` is handed back: the admission rule, one fact for the core and for placement's view of a node."""
+    return not overages(held_room(running, wanted, limits) - freed + wanted, limits)
+
+
+def pinned_in_the_way(others: Iterable[H], wanted: Room, limits: Limits) -> tuple[list[H], list[Overage]]:
+    """The pinned models among `others` that hold room (loading or loaded: they never make way), and the limits
+    a model taking `wanted` exceeds beside them however long it waits: none if it can ever be held there (the
+    too-big refusal; a model running there already is never refused)."""
+    pins = [m for m in others if m.pinned and m.status in (Status.LOADING, Status.LOADED)]
+    return pins, overages(sum((m.room for m in pins), Room()) + wanted, limits)
 
 
 @dataclass(frozen=True)
@@ -669,10 +710,10 @@ class Scheduler:
         """Why `model` cannot be placed however long it waits (pinned models never make way), or ""."""
         if model.status in RUNNING:
             return ""
-        pins = [m for m in self.models.values()
-                if m.spec.pinned and m.name != model.name and m.status in (Status.LOADING, Status.LOADED)]
+        pins, over_limits = pinned_in_the_way((m for m in self.models.values() if m.name != model.name), model.room,
+                                              self.limits)
         held = sum((m.room for m in pins), Room())
-        for over in overages(held + model.room, self.limits):
+        for over in over_limits:
             if over.kind == "model slots":
                 return (f"model '{model.name}' cannot be loaded: all {self.max_models} model slots (--models-max) "
                         f"are held by pinned models ({', '.join(m.name for m in pins)})")
@@ -937,14 +978,14 @@ class Scheduler:
                           lambda n: self.models[n].spec.priority, self.now, self.limits.max_wait)
 
     def _fits(self, model: ModelState, freed: Room) -> bool:
-        return not overages(self._held_by(self._running_models(), model) - freed + model.room, self.limits)
+        return fits_beside(self._running_models(), model.room, freed, self.limits)
 
     def _running_models(self) -> list[ModelState]:
         return [m for m in self.models.values() if m.status in RUNNING]
 
     def _held_by(self, models: Iterable[ModelState], wanted: ModelState) -> Room:
-        """What `models` hold against the limits while `wanted` waits to load (`held`)."""
-        return sum((held(m.status, m.room, wanted.room, self.limits) for m in models), Room())
+        """What `models` hold against the limits while `wanted` waits to load (`held_room`)."""
+        return held_room(models, wanted.room, self.limits)
 
     def _make_room(self, model: ModelState, overdue: bool, claimed: Room, actions: list[Action]) -> Room | None:
         """Stop idle models, and busy ones too if `model` has waited past max_wait, but only if that is enough

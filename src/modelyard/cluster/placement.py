@@ -34,7 +34,18 @@ from enum import StrEnum
 
 from modelyard.errors import ErrorKind, ModelError
 from modelyard.memory import describe
-from modelyard.scheduler import RUNNING, Board, Limits, ModelSnapshot, Room, Status, held, overages, retry_after
+from modelyard.scheduler import (
+    RUNNING,
+    Board,
+    Limits,
+    ModelSnapshot,
+    Room,
+    Status,
+    fits_beside,
+    held_room,
+    pinned_in_the_way,
+    retry_after,
+)
 
 
 @dataclass(frozen=True)
@@ -129,28 +140,17 @@ def _by_hash(model: str, nodes: Iterable[NodeState]) -> NodeState | None:
     return next(iter(_ranked(model, nodes)), None)
 
 
-def _held(models: Iterable[ModelSnapshot], which: Iterable[Status]) -> Room:
-    statuses = frozenset(which)
-    return sum((m.room for m in models if m.status in statuses), Room())
-
-
-def _held_against(node: NodeState, models: Iterable[ModelSnapshot], wanted: ModelSnapshot) -> Room:
-    """What `models` hold on `node` while `wanted` waits to load there (scheduler.held: a stopping model's slot
-    may already be free, its memory is not)."""
-    return sum((held(m.status, m.room, wanted.room, node.limits) for m in models), Room())
-
-
 def _fits(node: NodeState, model: ModelSnapshot, freed: Room) -> bool:
-    """Whether `model` fits beside what runs on `node` once `freed` is handed back (scheduler.overages: the one
-    budget rule). The model's own running instance, if any, is not counted twice."""
-    used = _held_against(node, (m for m in node.others(model.name) if m.status in RUNNING), model)
-    return not overages(used - freed + model.room, node.limits)
+    """Whether `model` fits beside what runs on `node` once `freed` is handed back (scheduler.fits_beside, the
+    node's own admission rule). The model's own running instance, if any, is not counted twice."""
+    return fits_beside((m for m in node.others(model.name) if m.status in RUNNING), model.room, freed, node.limits)
 
 
 def _leaving(node: NodeState, model: ModelSnapshot) -> Room:
-    """What children already stopping there will hand back (no new eviction needed), unless wanted again."""
-    return _held_against(node, (m for m in node.others(model.name) if m.status == Status.STOPPING and m.queued == 0),
-                         model)
+    """What children already stopping there will hand back (no new eviction needed), unless wanted again
+    (scheduler.held_room: a stopping model's slot may already be free, its memory is not)."""
+    return held_room((m for m in node.others(model.name) if m.status == Status.STOPPING and m.queued == 0),
+                     model.room, node.limits)
 
 
 def _fits_now(node: NodeState, model: str) -> bool:
@@ -162,7 +162,8 @@ def _fits_now(node: NodeState, model: str) -> bool:
 def _fits_evicting(node: NodeState, model: str) -> bool:
     """It fits there once the idle models there stop too."""
     snapshot = node.models[model]
-    return _fits(node, snapshot, _leaving(node, snapshot) + _held(idle_models(node, model), RUNNING))
+    idle = sum((m.room for m in idle_models(node, model)), Room())  # all of it, as the scheduler's evictions free
+    return _fits(node, snapshot, _leaving(node, snapshot) + idle)
 
 
 def idle_models(node: NodeState, model: str) -> list[ModelSnapshot]:
@@ -178,12 +179,11 @@ def _never_fits(node: NodeState, model: ModelSnapshot) -> str:
     "": the node-level form of the scheduler's too-big refusal (a model running there is never refused)."""
     if model.status in RUNNING:
         return ""
-    pinned = _held((m for m in node.others(model.name) if m.pinned), (Status.LOADING, Status.LOADED))
-    over = overages(pinned + model.room, node.limits)
+    pins, over = pinned_in_the_way(node.others(model.name), model.room, node.limits)
     if not over:
         return ""
     first = over[0]
-    held = " with its pinned models" if pinned != Room() else ""
+    held = " with its pinned models" if pins else ""
     if first.kind == "model slots":
         return f"{node.node}: all {first.limit} model slots are held by pinned models"
     return f"{node.node}: needs {describe(first.need)} of {first.kind}{held}, budget {describe(first.limit)}"
