@@ -202,8 +202,8 @@ def test_client_disconnect_mid_stream_frees_the_slot(tmp_path: Path, demo_models
         for n, _ in enumerate(response.iter_lines()):
             if n == 3:
                 break  # the client goes away mid-stream
-    # 2,000 tokens take this model 20-36 s here (56-100 tokens/s), so a slot still busy 10 s later kept generating; 5 s was once
-    # too short for llama-server to notice the closed connection in a loaded clean-clone `make test`
+    # 2,000 tokens take this model 20-36 s here (56-100 tokens/s), so a slot still busy 10 s later kept
+    # generating; 5 s was once too short for llama-server to notice the closed connection in a loaded make test
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         slots = router.client.get("/slots?model=one-slot").json()
