@@ -5,3 +5,5 @@ declare the bench command without importing the harness (matplotlib, httpx): `__
 
 # What `--only` can name, in the order a whole run measures them.
 SCENARIOS = ("hot-path", "swaps", "busy", "resident", "resident-default", "scale", "fresh-swap", "soak")
+# Run only when named (`--only cluster`): it needs the `ray` extra, and writes its own report (<out>/cluster/).
+CLUSTER = "cluster"

@@ -1,6 +1,8 @@
 """`python -m modelyard.bench`: `modelyard bench` with a scenario filter (`--only soak --only fresh-swap`) and
 an exit status that tells the soak's bar apart from a broken harness: 0 when every scenario ran (and the soak's
-bar held, if it ran), 3 when the report was written but the soak's bar did not hold, 1 for anything else."""
+bar held, if it ran), 3 when the report was written but the soak's bar did not hold, 1 for anything else.
+`--only cluster` (never part of the default run: it needs the `ray` extra) measures modelyard over a local Ray
+cluster (bench/cluster.py) and writes <out>/cluster/report.md."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from modelyard.bench import SCENARIOS
+from modelyard.bench import CLUSTER, SCENARIOS
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
 
 BAR_NOT_MET = 3
@@ -21,23 +23,32 @@ BAR_NOT_MET = 3
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True,
               help="Where the report (<mode>/report.md) and plots go.")
 @click.option("--llama-server", "llama_server", envvar="LLAMA_SERVER", help="The binary both routers use.")
-@click.option("--only", multiple=True, type=click.Choice(SCENARIOS),
-              help="Run only this scenario (repeatable); default: all of them.")
+@click.option("--only", multiple=True, type=click.Choice((*SCENARIOS, CLUSTER)),
+              help=f"Run only this scenario (repeatable); default: all of them but {CLUSTER} (it needs Ray).")
 def main(mode: str, out: Path, llama_server: str | None, only: tuple[str, ...]) -> None:
     """Benchmark modelyard against llama-server router mode, side by side in one run."""
     # Imported here, not at the top: `modelyard.cli` imports this command, and every `modelyard serve` would
     # otherwise load the harness (matplotlib, httpx) it never uses.
     from modelyard.bench.run import SoakBarNotMet, run_benchmark
 
+    chosen = frozenset(only or SCENARIOS)
+    reports = []
     try:
-        report = run_benchmark(mode, out, locate_llama_server(llama_server), lambda line: click.echo(line, err=True),
-                               frozenset(only or SCENARIOS))
+        binary = locate_llama_server(llama_server)
+        if CLUSTER in chosen:
+            from modelyard.bench.cluster import run_cluster_benchmark
+
+            reports.append(run_cluster_benchmark(mode, out, binary, lambda line: click.echo(line, err=True)))
+        if chosen - {CLUSTER}:
+            reports.append(run_benchmark(mode, out, binary, lambda line: click.echo(line, err=True),
+                                         chosen - {CLUSTER}))
     except SoakBarNotMet as exc:
         click.echo(str(exc), err=True)
         sys.exit(BAR_NOT_MET)
     except (EngineNotFound, RuntimeError, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(report)
+    for report in reports:
+        click.echo(report)
 
 
 if __name__ == "__main__":
