@@ -75,7 +75,7 @@ async def page(request: web.Request) -> web.Response:
     """The page names its stylesheet and script by absolute path; under --api-prefix (api/app.py) they carry it
     (the scripts take theirs from their own URL: ui/api.js)."""
     response = _answer("index.html")
-    prefix = request.app[CONTEXT].settings.api_prefix
+    prefix = request.app[SETTINGS].api_prefix  # a node's app and the cluster's front both have the settings
     if prefix and isinstance(response.body, bytes):
         response.body = response.body.replace(b'="/ui/', f'="{prefix}/ui/'.encode())
     return response

@@ -1,9 +1,12 @@
 // The Activity page: the last requests (time, client, model, route, status, queue wait, time to first token,
 // duration, tokens in and out, tokens/s), filterable by model, kept live by /activity/sse; and the requests in
-// flight, each with a cancel button (POST /activity/{id}/cancel).
+// flight, each with a cancel button (POST /activity/{id}/cancel). Behind a cluster's front each record names
+// its node, and its id is the front's (a string, `NODE:ID`), passed back as it came.
 
 import { apiJson, postJson } from "./api.js";
 import { clock, fill, h, modelSelect, notify, number, placeholder, seconds } from "./dom.js";
+
+const NODE_SHOWN = 8; // characters of a Ray node id, as on the Models page
 
 const LIMIT = 100;
 const COLUMNS = ["Time", "Client", "Model", "Route", "Status", "Queue wait", "TTFT", "Duration", "Tokens in",
@@ -61,7 +64,7 @@ export function mount(root, page, filter) {
 
   async function cancel(id) {
     try {
-      await postJson(`/activity/${id}/cancel`, {});
+      await postJson(`/activity/${encodeURIComponent(id)}/cancel`, {});
     } catch (error) {
       notify(`cancel request ${id}: ${error.message}`);
     }
@@ -71,19 +74,25 @@ export function mount(root, page, filter) {
     message.hidden = recent.length > 0;
     fill(message, "No requests yet.");
     fill(flightBody, [...inFlight.values()].map((r) => h("tr", { dataset: { id: r.id, state: r.state } },
-      h("td", {}, clock(r.time)), h("td", {}, r.client ?? "–"), h("td", {}, r.model ?? "–"),
+      h("td", {}, clock(r.time)), clientCell(r), h("td", {}, r.model ?? "–"),
       h("td", { class: "route" }, `${r.method ?? ""} ${r.route}`), h("td", {}, h("span", { class: `badge state-${r.state}` }, r.state)),
       h("td", { class: "num" }, seconds(r.queue_wait)),
       h("td", {}, h("button", { type: "button", onclick: () => cancel(r.id) }, "Cancel")))));
     if (!inFlight.size) fill(flightBody, h("tr", {}, h("td", { colspan: 7, class: "placeholder" }, "none")));
     fill(recentBody, recent.map((r) => h("tr", { dataset: { id: r.id, status: r.status ?? "" } },
-      h("td", {}, clock(r.time)), h("td", {}, r.client ?? "–"), h("td", {}, r.model ?? "–"),
+      h("td", {}, clock(r.time)), clientCell(r), h("td", {}, r.model ?? "–"),
       h("td", { class: "route" }, r.route),
       h("td", { class: "status" }, h("span", { class: `badge http-${String(r.status ?? 0)[0]}` }, r.status ?? "–"),
         r.error ? h("div", { class: "error", title: r.error }, r.error) : null),
       h("td", { class: "num" }, seconds(r.queue_wait)), h("td", { class: "num" }, seconds(r.ttft)),
       h("td", { class: "num" }, seconds(r.duration)), h("td", { class: "num" }, number(r.tokens_in)),
       h("td", { class: "num" }, number(r.tokens_out)), h("td", { class: "num" }, number(r.tokens_per_s, 1)))));
+  }
+
+  // the client, and under it the node that served the request (a cluster's)
+  function clientCell(r) {
+    return h("td", {}, r.client ?? "–",
+      r.node ? h("div", { class: "hint", title: r.node }, `node ${r.node.slice(0, NODE_SHOWN)}`) : null);
   }
 
   // subscribe first, then read: a request that ends in between is in the stream, not lost

@@ -1,11 +1,13 @@
 // The Logs page: one model's recent child output (GET /logs/{model}, kept across restarts of that model) and a
-// live tail of it (/logs/sse?model=), which follows the bottom unless the reader has scrolled up.
+// live tail of it (/logs/sse?model=), which follows the bottom unless the reader has scrolled up. Behind a
+// cluster's front the lines of every node that serves the model come merged by time, each naming its node.
 
 import { apiJson } from "./api.js";
 import { clock, fill, h, modelSelect, placeholder } from "./dom.js";
 
 const LINES = 200;
 const KEEP = 2000; // lines kept on the page; older ones are dropped
+const NODE_SHOWN = 8; // characters of a Ray node id, as on the Models page
 
 export function mount(root, page, model) {
   const picker = h("span");
@@ -27,7 +29,8 @@ export function mount(root, page, model) {
   function append(lines) {
     const atBottom = output.scrollHeight - output.scrollTop - output.clientHeight < 24;
     for (const line of lines) {
-      output.append(h("div", { class: "line" }, h("time", {}, clock(line.time)), " ", line.line));
+      output.append(h("div", { class: "line", dataset: line.node ? { node: line.node } : {} },
+        h("time", {}, clock(line.time)), " ", line.node ? `[${line.node.slice(0, NODE_SHOWN)}] ` : "", line.line));
     }
     while (output.childElementCount > KEEP) output.firstElementChild.remove();
     if (atBottom) output.scrollTop = output.scrollHeight;

@@ -2,20 +2,24 @@
 // memory against the budget, requests in flight and queued, the keep-alive countdown, pin and priority,
 // aliases, and a failed model's reason with the child's last log lines; load, unload and unload all.
 // Status changes arrive on the stream; the counts and measured memory, which have no event, are re-read
-// every few seconds.
+// every few seconds. Behind a cluster's front (`modelyard serve --ray`) each entry carries `nodes`: a Node
+// column then says where the model runs, with its status and requests on each node, and the other columns
+// stay the model's (its best status, its requests on all nodes).
 
 import { STATUS_EVENTS, apiJson, postJson } from "./api.js";
 import { bytes, countdown, fill, h, notify, placeholder } from "./dom.js";
 
 const REFRESH_MS = 5000;
+const NODE_SHOWN = 8; // characters of a Ray node id (56 hex digits; the title has it whole), as `modelyard ps`
+// Which status a model on several nodes shows: the one nearest to serving at once (cluster/front.py's order)
+const BEST = ["loaded", "loading", "stopping", "failed", "unloaded"];
+const COLUMNS = ["Model", "Status", "Memory", "In flight", "Keep-alive", "Scheduling", ""];
 
 export function mount(root, page) {
   const summary = h("section", { class: "summary" });
   const body = h("tbody");
-  const table = h("table", { id: "models" },
-    h("thead", {}, h("tr", {},
-      ["Model", "Status", "Memory", "In flight", "Keep-alive", "Scheduling", ""].map((t) => h("th", {}, t)))),
-    body);
+  const head = h("tr");
+  const table = h("table", { id: "models" }, h("thead", {}, head), body);
   const empty = placeholder("Loading the model list…");
   const unloadAll = h("button", { type: "button", id: "unload-all", onclick: () => act("unload all") }, "Unload all");
   root.append(h("div", { class: "toolbar" }, h("h1", {}, "Models"), unloadAll), summary, table, empty);
@@ -52,17 +56,21 @@ export function mount(root, page) {
   }
 
   function render() {
-    const { data, memory } = listing;
+    const { data } = listing;
+    const memory = listing.memory ?? {}; // a cluster's front has no one budget: each node has its own
+    const clustered = data.some((entry) => Array.isArray(entry.nodes));
     empty.hidden = data.length > 0;
     if (!data.length) fill(empty, "No models: add .gguf files to --models-dir or sections to --models-preset.");
     fill(summary,
-      budgetLine("Memory", memory.used, memory.budget),
+      listing.memory ? budgetLine("Memory", memory.used, memory.budget) : null,
       memory.gpu_budget ? budgetLine("GPU memory", memory.gpu_used, memory.gpu_budget) : null);
-    fill(body, data.flatMap((entry) => rows(entry, memory)));
+    const columns = clustered ? [...COLUMNS.slice(0, 2), "Node", ...COLUMNS.slice(2)] : COLUMNS;
+    fill(head, columns.map((t) => h("th", {}, t)));
+    fill(body, data.flatMap((entry) => rows(entry, memory, clustered)));
     tick();
   }
 
-  function rows(entry, memory) {
+  function rows(entry, memory, clustered) {
     const status = entry.status.value;
     const busy = status === "loading" || status === "loaded" || status === "sleeping";
     const shown = progress.get(entry.id);
@@ -71,8 +79,9 @@ export function mount(root, page) {
         entry.aliases.length ? h("div", { class: "aliases" }, `aka ${entry.aliases.join(", ")}`) : null),
       h("td", {}, h("span", { class: `badge status-${status}`, "data-role": "status" }, status),
         status === "loading" && shown !== undefined ? h("span", { class: "pct" }, ` ${Math.round(shown * 100)}%`) : null),
+      clustered ? h("td", { class: "nodes" }, nodesCell(entry.nodes ?? [])) : null,
       h("td", { class: "memory" }, memoryCell(entry.memory, memory)),
-      h("td", { class: "num" }, `${entry.in_flight}`, entry.queued ? h("span", { class: "queued" }, ` +${entry.queued} queued`) : null),
+      inFlightCell(entry.nodes ?? [entry]),
       h("td", { class: "keepalive", dataset: { expires: entry.expires_in ?? "" } }, keepAlive(entry, 0)),
       h("td", {}, entry.pinned ? h("span", { class: "badge pinned" }, "pinned") : null,
         entry.priority ? ` priority ${entry.priority}` : entry.pinned ? "" : "–"),
@@ -81,7 +90,7 @@ export function mount(root, page) {
         h("button", { type: "button", disabled: !busy, onclick: () => act("unload", entry.id) }, "Unload"),
         h("a", { href: `#/logs/${encodeURIComponent(entry.id)}` }, "logs")));
     const failure = entry.status.failed
-      ? h("tr", { class: "failure" }, h("td", { colspan: 7 },
+      ? h("tr", { class: "failure" }, h("td", { colspan: clustered ? 8 : 7 },
         h("div", {}, `failed${entry.status.exit_code !== undefined ? ` (exit code ${entry.status.exit_code})` : ""}`),
         entry.status.failure ? h("pre", {}, entry.status.failure) : null))
       : null;
@@ -105,7 +114,9 @@ export function mount(root, page) {
       if (typeof value === "number") progress.set(event.model, value);
       else if (event.data.status !== "loading") progress.delete(event.model);
       if (entry) { // show the change at once, then read the rest of the entry
-        entry.status = { ...entry.status, value: event.data.status, failed: event.data.status === "failed" };
+        const shownStatus = Array.isArray(entry.nodes) && event.node
+          ? onNode(entry, event.node, event.data.status) : event.data.status;
+        entry.status = { ...entry.status, value: shownStatus, failed: shownStatus === "failed" };
         if (event.data.reason) entry.status.failure = event.data.reason;
         render();
       }
@@ -116,6 +127,32 @@ export function mount(root, page) {
   page.every(1000, tick);
   page.onCleanup(() => clearTimeout(pending));
   refresh();
+}
+
+// A node's status change on a cluster entry: that node's line changes, and the model shows its best status.
+function onNode(entry, node, status) {
+  const where = entry.nodes.find((n) => n.node === node);
+  if (where) where.status = status;
+  else entry.nodes.push({ node, status, in_flight: 0, queued: 0 });
+  const rank = (value) => (BEST.includes(value) ? BEST.indexOf(value) : BEST.length);
+  return entry.nodes.map((n) => n.status).sort((x, y) => rank(x) - rank(y))[0];
+}
+
+// One line for each node where the model runs (not unloaded there): the node, its status and requests there.
+function nodesCell(nodes) {
+  const running = nodes.filter((n) => n.status !== "unloaded");
+  if (!running.length) return "–";
+  return running.map((n) => h("div", { dataset: { node: n.node }, title: n.node },
+    h("code", {}, n.node.slice(0, NODE_SHOWN)), " ", h("span", { class: `badge status-${n.status}` }, n.status),
+    n.in_flight || n.queued ? h("span", { class: "hint" }, ` ${n.in_flight} in flight`) : null,
+    n.queued ? h("span", { class: "queued" }, ` +${n.queued} queued`) : null));
+}
+
+// The model's requests: on one node its entry's, on a cluster the sum over its nodes.
+function inFlightCell(places) {
+  const inFlight = places.reduce((sum, p) => sum + (p.in_flight ?? 0), 0);
+  const queued = places.reduce((sum, p) => sum + (p.queued ?? 0), 0);
+  return h("td", { class: "num" }, `${inFlight}`, queued ? h("span", { class: "queued" }, ` +${queued} queued`) : null);
 }
 
 function budgetLine(label, used, budget) {
