@@ -11,9 +11,9 @@ its `node`), and /metrics (each node's, every sample labelled with its node: clu
 
 The front checks the client's key (scopes and model patterns, the same middlewares and rules as one node) and
 sends every node the cluster key instead. A model's names (its id and aliases) come from the nodes' listings,
-fetched when a name is not a model id any node publishes. Routes a node serves about itself (activity,
-decisions, logs, the dashboard, transcriptions, resumable streams) are not served here yet: they answer 404 with
-the unknown-endpoint error. llama.cpp's web UI is, at `/` (it needs only the routes above).
+fetched when a name is not a model id any node publishes. The nodes' activity, decisions and logs, merged, and
+the dashboard at /ui are cluster/insight.py's. Transcriptions and resumable streams are not served here yet: they
+answer 404 with the unknown-endpoint error. llama.cpp's web UI is, at `/` (it needs only the routes above).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from modelyard.api.errors import error_response, from_model_error
 from modelyard.api.json import dumps, json_response
 from modelyard.api.ollama import ollama_error_response
 from modelyard.api.openai import GET_ROUTES, POST_ROUTES, autoload_flag
-from modelyard.cluster import exposition
+from modelyard.cluster import exposition, insight
 from modelyard.cluster.ingress import NodeChild, Nodes
 from modelyard.cluster.placement import NodeState, Refusal
 from modelyard.cluster.replicas import Replicas
@@ -356,6 +356,7 @@ def build_front(nodes: Nodes, settings: ServerSettings) -> web.Application:
                           props=get_by_query_model)
     app.router.add_get("/api/tags", _ollama_list("models"))
     app.router.add_get("/api/ps", _ollama_list("models"))
+    insight.add_routes(app)  # activity, decisions, logs and the dashboard (cluster/insight.py)
     for path in POST_ROUTES:
         app.router.add_post(path, post_by_body_model)
     for path in GET_ROUTES:
