@@ -120,6 +120,37 @@ def test_the_web_ui_selects_loads_and_chats_through_the_cluster(browser: Browser
     assert not errors, f"the page threw: {errors}"
 
 
+def test_the_dashboard_shows_the_cluster_with_the_real_engine(browser: Browser, cluster: Router) -> None:  # noqa: F811
+    """The dashboard (/ui) against the front, after the tests above: where each model runs, the requests of both
+    nodes with the node each ran on, and a model's llama-server lines with their node (cluster/insight.py)."""
+    where = {entry["id"]: [n["node"] for n in entry["nodes"] if n["status"] == "loaded"]
+             for entry in cluster.client.get("/v1/models").json()["data"]}
+    [smol_node] = where["smol"]
+    activity = cluster.client.get("/activity").json()["data"]
+    chat = next(r for r in activity if r["model"] == "smol" and r["route"] == "/v1/chat/completions")
+    assert chat["node"] == smol_node and chat["id"].startswith(f"{smol_node}:")
+    assert any(d["kind"] == "load" and d["model"] == "smol" and d["node"] == smol_node
+               for d in cluster.client.get("/decisions").json()["data"])
+    lines = cluster.client.get("/logs/smol").json()["lines"]
+    assert lines and {line["node"] for line in lines} == {smol_node}
+    context = browser.new_context(base_url=cluster.url, viewport={"width": 1360, "height": 760})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto("/ui", wait_until="load")
+        expect(page.locator('#models tr[data-model="smol"] [data-node]')).to_have_count(1)
+        expect(page.locator(f'#models tr[data-model="smol"] [data-node="{smol_node}"]')).to_contain_text("loaded")
+        expect(page.locator("#live")).to_have_text("live")
+        page.goto("/ui#/activity", wait_until="load")
+        expect(page.locator(f'#activity tr[data-id="{chat["id"]}"]')).to_contain_text(f"node {smol_node[:8]}")
+        page.goto("/ui#/logs/smol", wait_until="load")
+        expect(page.locator(f'#log .line[data-node="{smol_node}"]').first).to_be_visible()
+    finally:
+        context.close()
+    assert not errors, f"the page threw: {errors}"
+
+
 def test_sigterm_leaves_no_child_and_no_ray_process(cluster: Router) -> None:
     cluster.client.post("/models/load", json={"model": "smol-b"})
     processes = descendants(cluster.proc.pid)
