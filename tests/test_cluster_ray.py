@@ -9,10 +9,12 @@ ingress makes its own agents and closes them; a node added by a test stays, and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from modelyard.api.context import ServerSettings
 from modelyard.cluster.agent import GIB, MEMORY_RESOURCE, NODE_RESOURCE, NodeSettings
+from modelyard.cluster.front import build_front
 from modelyard.cluster.ingress import Nodes
 from modelyard.cluster.membership import Membership
+from modelyard.cluster.placement import Choice, NodeState, Send
+from modelyard.demo import SMOLLM2
 from modelyard.scheduler import RUNNING, Limits, Status
 from modelyard.tasks import log_failure
 from tests.test_cluster_ingress import NODES, by_hash, relay
@@ -93,17 +99,22 @@ async def relaying(nodes: Nodes) -> TestClient[Any, Any]:
     return client
 
 
-@pytest.fixture
-async def ingress(ray_cluster: RayCluster, module_models_dir: Path) -> AsyncIterator[Ingress]:
-    """The ingress's nodes as membership finds them, once every serving node has published."""
+@contextlib.asynccontextmanager
+async def opened(ray_cluster: RayCluster, settings: NodeSettings,
+                 front: Callable[[Nodes], web.Application] | None = None) -> AsyncIterator[Ingress]:
+    """An ingress over the module's cluster whose agents run `settings`, once every serving node has published:
+    a client of the completions relay (test_cluster_ingress.relay), or of the app `front` makes."""
     key = secrets.token_urlsafe(24)
-    settings = NodeSettings(models_dir=module_models_dir, engine_args=("-c", "1024"), limits=Limits(max_models=1))
     session = aiohttp.ClientSession()
     nodes = Nodes(key, session)
     membership = Membership(nodes, key, settings)
     running = asyncio.ensure_future(membership.run())
     running.add_done_callback(log_failure)
-    client = await relaying(nodes)
+    if front is None:
+        client = await relaying(nodes)
+    else:
+        client = TestClient(TestServer(front(nodes)))
+        await client.start_server()
     ingress = Ingress(nodes, client, membership)
     try:
         await ingress.until_published(*(node.node_id for node in ray_cluster.serving))
@@ -113,6 +124,14 @@ async def ingress(ray_cluster: RayCluster, module_models_dir: Path) -> AsyncIter
         await membership.close()
         await running
         await session.close()
+
+
+@pytest.fixture
+async def ingress(ray_cluster: RayCluster, module_models_dir: Path) -> AsyncIterator[Ingress]:
+    """The ingress's nodes as membership finds them, serving the demo models with --models-max 1."""
+    settings = NodeSettings(models_dir=module_models_dir, engine_args=("-c", "1024"), limits=Limits(max_models=1))
+    async with opened(ray_cluster, settings) as ingress:
+        yield ingress
 
 
 async def test_membership_gives_each_serving_node_one_agent_with_the_budget_it_declares(
@@ -145,6 +164,86 @@ async def loaded_on(ingress: Ingress, model: str) -> str:
     """The node where `model` is loaded, once it is on one."""
     views = await ingress.nodes.until(lambda views: any(v.models[model].status == Status.LOADED for v in views))
     return next(v.node for v in views if v.models[model].status == Status.LOADED)
+
+
+async def on_node(agent: Any, holds: Callable[[NodeState], bool]) -> NodeState:
+    """The node's own state (its agent's watch, not the ingress's view with its book) once `holds` is true."""
+    version = -1
+    while True:
+        version, state = await agent.watch.remote(version)
+        if holds(state):
+            return state
+
+
+def events_of(body: bytes) -> list[str]:
+    return [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+
+
+# A context this large makes the small demo model's estimate 2.5 GiB (its KV cache): more than the 2 GiB node's
+# budget, within the 3 GiB node's.
+BIG_CONTEXT = 110592
+STREAMED = 40  # tokens (4 a second at this context here): still generated when the other request reaches the node
+
+
+async def test_a_model_too_big_for_one_node_lands_on_the_other_and_an_eviction_there_never_cuts_a_stream(
+        ray_cluster: RayCluster, demo_models: dict[str, Path], tmp_path: Path) -> None:
+    small, large = (node.node_id for node in ray_cluster.serving)  # 2 and 3 GiB
+    # two models that only the large node can hold, named so that the hash prefers the small one: only the fit
+    # sends them to the large node
+    first, then = [name for name in (f"big-{i}" for i in range(64)) if by_hash(name, [small, large])[0] == small][:2]
+    preset = tmp_path / "models.ini"
+    preset.write_text("".join(f"[{name}]\nmodel = {demo_models[SMOLLM2]}\nc = {BIG_CONTEXT}\n"
+                              for name in (first, then)))
+    settings = NodeSettings(models_preset=preset, limits=Limits(max_models=1, max_wait=120))
+    async with opened(ray_cluster, settings) as ingress:
+        views = await ingress.nodes.until(lambda views: all(v.models[m].estimated > 2 * GIB
+                                                            for v in views for m in (first, then)))
+        sizes = {v.node: v.models[first].estimated for v in views}
+        assert sizes[small] > ray_cluster.budgets[small] and sizes[large] < ray_cluster.budgets[large]
+        stream = await ingress.complete(first, stream=True, max_tokens=STREAMED, ignore_eos=True)
+        assert stream.status == 200, await stream.text()
+        assert (await stream.content.readuntil(b"\n\n")).startswith(b"data: ")
+        assert [v.node for v in ingress.nodes.views() if v.models[first].status in RUNNING] == [large]
+        # the second model fits only where the first streams, and --models-max 1 there: it waits for the stream
+        decision = ingress.nodes.place(then)
+        assert isinstance(decision, Send) and (decision.node, decision.choice) == (large, Choice.WAIT)
+        waiting = asyncio.ensure_future(ingress.complete(then))
+        # the node itself holds both: the stream in flight, the request waiting for its room
+        await asyncio.wait_for(on_node(ingress.agents[large], lambda state: state.models[then].queued == 1
+                                       and state.models[first].in_flight == 1), 60)
+        events = events_of(await stream.read())
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(event) for event in events[:-1]]
+        assert not [chunk for chunk in chunks if "error" in chunk]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # cut by max_tokens, nothing else
+        assert chunks[-1]["timings"]["predicted_n"] == STREAMED
+        tokens = [chunk for chunk in chunks if chunk["choices"] and chunk["choices"][0]["delta"].get("content")]
+        assert len(tokens) >= STREAMED - 1  # every token reached the client (the first event was read above)
+        answer = await waiting
+        assert answer.status == 200, await answer.text()
+        assert (await answer.json())["choices"][0]["message"]["content"]
+        views = await ingress.nodes.until(lambda views: all(v.models[then].in_flight == 0 for v in views))
+        state = {v.node: (v.models[first].status, v.models[then].status) for v in views}
+        assert state == {small: (Status.UNLOADED, Status.UNLOADED), large: (Status.UNLOADED, Status.LOADED)}
+
+
+async def test_a_model_with_replicas_2_is_loaded_on_both_nodes_after_one_request(
+        ray_cluster: RayCluster, demo_models: dict[str, Path], tmp_path: Path) -> None:
+    preset = tmp_path / "models.ini"
+    preset.write_text(f"[smol]\nmodel = {demo_models[SMOLLM2]}\nc = 1024\nreplicas = 2\n")
+    settings = NodeSettings(models_preset=preset, limits=Limits(max_models=1))
+    async with opened(ray_cluster, settings, lambda nodes: build_front(nodes, ServerSettings())) as ingress:
+        assert all(view.replicas == {"smol": 2} for view in ingress.nodes.views())
+        started = time.monotonic()
+        answer = await ingress.complete("smol")
+        assert answer.status == 200, await answer.text()
+        views = await ingress.nodes.until(lambda views: all(v.models["smol"].status == Status.LOADED for v in views))
+        print(f"\nreplicas = 2: loaded on both nodes {time.monotonic() - started:.2f} s after the request was sent")
+        assert {v.node for v in views} == set(ingress.agents)
+        again = await asyncio.gather(*(ingress.complete("smol") for _ in range(4)))
+        assert [response.status for response in again] == [200] * 4
+        views = await ingress.nodes.until(lambda views: all(v.models["smol"].in_flight == 0 for v in views))
+        assert all(v.models["smol"].status == Status.LOADED for v in views)  # still two copies, no third load
 
 
 async def test_a_node_added_to_the_running_cluster_takes_load(ray_cluster: RayCluster, ingress: Ingress) -> None:
@@ -204,13 +303,26 @@ async def test_a_raylet_killed_mid_stream_ends_the_stream_in_band_and_its_childr
     assert (await response.content.readuntil(b"\n\n")).startswith(b"data: ")
     children = engines_of(agent_pid)
     assert len(children) == 1  # smol's child on the first node
+    # A copy of the model on the other node (as `replicas = 2` keeps one), so that the figure is the reroute's: a
+    # cold load there under this box's contention (two cores, the killed node's child still generating until
+    # its agent is gone, other test runs) took 5.6 to 7.5 s on its own.
+    await ingress.nodes.post_json(second, "/models/load", {"model": "smol"})
+    await ingress.nodes.until(lambda views: next(v for v in views if v.node == second).models["smol"].status
+                              == Status.LOADED)
+    killed = time.monotonic()
     next(w for w in ray_cluster.serving if w.node_id == first).kill_raylet()
-    events = [line[6:] for line in (await response.read()).decode().splitlines() if line.startswith("data: ")]
+    events = events_of(await response.read())
+    cut = time.monotonic() - killed
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["code"] == "upstream_error" and first in error["message"]
-    again = await ingress.complete("smol")  # the first node is unreachable: the model loads on the other
+    assert first in ingress.nodes.unreachable()  # the cut took it out of placement
+    again = await ingress.complete("smol", max_tokens=1)  # the answer costs little: the figure is the route
     assert again.status == 200, await again.text()
+    rerouted = time.monotonic() - killed
+    print(f"\nraylet killed: the stream's error event came {cut:.2f} s after the kill, and a new request for the "
+          f"model was answered by the other node {rerouted:.2f} s after it")
+    assert rerouted < 5  # the issue's bar
     assert [v.node for v in ingress.nodes.views() if v.models["smol"].status in RUNNING
             and v.node not in ingress.nodes.unreachable()] == [second]
     # no orphan: the killed node's child ends with its agent (a bound, not a timing: Ray measured +3.8 s)
