@@ -433,10 +433,11 @@ async def test_follow_retries_a_failed_watch_with_bounded_backoff_until_the_node
         asked_after.set_result((2, state))
         await ingress.until(lambda views: ingress.unreachable() == frozenset())
 
-        # a dead agent: said once more, out for good, and the follow ends (no error: nothing to log as failed)
+        # a dead agent: said once more, removed, and the follow ends (no error: nothing to log as failed)
         (await watch.asked.get()).set_exception(Died("the actor died"))
         await follow
-        assert ingress.unreachable() == {"n1"} and sleeps.empty()
+        assert ingress.views() == [] and ingress.unreachable() == frozenset() and sleeps.empty()
+        assert isinstance(ingress.place("a"), Refusal)  # its models are placed on the nodes left: none here
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 4 and "dead" in warnings[-1]
         assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [

@@ -110,7 +110,8 @@ class Nodes:
                 version, state = await watch(node.version)
             except Exception as exc:  # a Ray actor error, a closed manager, a bug: logged once per loss
                 if dead(exc):
-                    await self._lose(node, f"its agent is dead, no longer followed: {exc!r}", final=True)
+                    await self._lose(node, f"its agent is dead, removed: {exc!r}", final=True)
+                    self.remove(name)
                     return
                 await self._lose(node, f"its watch failed, asked again after {delay:g} s: {exc!r}")
                 await self._sleep(delay)
@@ -123,6 +124,11 @@ class Nodes:
                 log.info("node %s is reachable again", name)
             async with self._published:
                 self._published.notify_all()
+
+    def remove(self, name: str) -> None:
+        """Forget a node whose agent is gone for good (its models are placed on the nodes left; a node that comes
+        back has a new id and a new agent). Requests it is answering end as a cut would end them."""
+        self._nodes.pop(name, None)
 
     async def until(self, holds: Callable[[list[NodeState]], bool]) -> list[NodeState]:
         """The views once `holds` is true of them (checked after each watch answer)."""
@@ -143,7 +149,8 @@ class Nodes:
     def booked(self, send: Send) -> Iterator[None]:
         """The request counts in its node's book while this is entered: from before it is sent until its answer
         has ended, or it failed to start (placement.with_pending applies those the node does not show yet)."""
-        pending = self._nodes[send.node].pending
+        node = self._nodes.get(send.node)
+        pending = node.pending if node is not None else Counter[str]()  # removed since it was placed
         pending[send.model] += 1
         try:
             yield
@@ -156,7 +163,9 @@ class Nodes:
                    headers: Mapping[str, str], params: Mapping[str, str] | None) -> aiohttp.ClientResponse | str:
         """Send the request to its node: the response once its answer has started, or why it has not (a
         connection failure, or a node that drains), for the retry. The caller books it (`booked`)."""
-        node = self._nodes[send.node]
+        node = self._nodes.get(send.node)
+        if node is None:
+            return f"node {send.node} has left the cluster"
         try:
             response = await self._session.request(method, node.base_url + path, params=params, data=body,
                                                    headers={**headers, "Authorization": f"Bearer {self._key}"},
@@ -172,7 +181,9 @@ class Nodes:
     async def cut(self, name: str, exc: BaseException) -> ChildError:
         """The error of an answer from `name` that broke after its start (the node is unreachable until its
         watch answers again)."""
-        await self._lose(self._nodes[name], f"{exc!r}")
+        node = self._nodes.get(name)
+        if node is not None:
+            await self._lose(node, f"{exc!r}")
         return ChildError(f"node {name} failed mid-answer: {exc or repr(exc)}")
 
     # --- the front's own calls to a node's app (cluster/front.py: listings, unloads, feeds) ---------------
