@@ -10,6 +10,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,3 +163,20 @@ def test_sigterm_leaves_no_child_and_no_ray_process(cluster: Router) -> None:
     assert left == {}, left
     with pytest.raises(httpx.TransportError):
         httpx.get(cluster.url + "/health", timeout=2)
+
+
+def test_a_preset_every_node_refuses_stops_the_command_with_its_reason(tmp_path: Path) -> None:
+    """As a single node refuses to start on a bad preset: each agent's start fails on it, and serve --ray exits
+    1 with the first node's reason in one line, leaving no Ray process."""
+    preset = tmp_path / "bad.ini"
+    preset.write_text("[m]\nmodel = /nonexistent.gguf\n")
+    proc = subprocess.Popen([sys.executable, "-m", "modelyard.cli", "serve", "--ray", "local:1", "--port", "0",
+                             "--models-preset", str(preset)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("Error: node ") and "agent did not start" in last, err
+    assert last.endswith("bad.ini:2 [m]: model file '/nonexistent.gguf' does not exist"), err
+    assert "Traceback" not in err
+    assert descendants(proc.pid) == set()

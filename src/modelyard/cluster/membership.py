@@ -156,6 +156,10 @@ def connect(address: str, *, memory_budget: int = 0, gpu_memory_budget: int = 0)
 
 # --- one agent per node -------------------------------------------------------------------------------------
 
+class NodeStartFailed(ConfigError):
+    """No node's agent started; the message is the first one's reason, in one line."""
+
+
 class Membership:
     """The cluster's nodes as the ingress's `Nodes`: `run()` gives each node that serves its agent and follows
     it; `close()` closes the agents (their children stop) and kills them."""
@@ -168,11 +172,22 @@ class Membership:
         self._seen: set[str] = set()  # every node given an agent: never a second (a failed start is not retried)
         self._tasks: set[asyncio.Task[None]] = set()  # agents starting, and the nodes followed
         self._closed = asyncio.Event()
+        self._joined = 0
+        self._failures: list[str] = []  # why agents did not start, in order
+        self._outcomes = asyncio.Condition()  # notified as each agent's start ends
 
     @property
     def agents(self) -> Mapping[str, Any]:
         """Each alive node's agent (its Ray actor handle), by node id."""
         return dict(self._agents)
+
+    async def first_node(self) -> None:
+        """Return once a node has joined; raise NodeStartFailed when every node given an agent so far failed to
+        start (a bad flag or preset: `serve --ray` then refuses to run, as a single node refuses to start)."""
+        async with self._outcomes:
+            await self._outcomes.wait_for(lambda: self._joined > 0 or 0 < len(self._seen) == len(self._failures))
+        if self._joined == 0:
+            raise NodeStartFailed(self._failures[0])
 
     async def run(self) -> None:
         """List the cluster's nodes every second until `close()`, giving each new one that serves its agent."""
@@ -207,14 +222,22 @@ class Membership:
         self._agents[node_id] = agent
         try:
             base_url: str = await agent.start.remote()
-        except Exception:  # a bad flag or preset on that node, or the node lost: raised for log_failure
+        except Exception as exc:  # a bad flag or preset on that node, or the node lost: said in one line
             self._agents.pop(node_id, None)
             ray.kill(agent)
-            raise
+            why = f"node {node_id}'s agent did not start: {getattr(exc, 'cause', None) or exc}"
+            log.error("%s", why)
+            async with self._outcomes:
+                self._failures.append(why)
+                self._outcomes.notify_all()
+            return
         budget = settings.limits.memory_budget
         log.info("node %s joined: %s, memory budget %s", node_id, base_url,
                  f"{budget / GIB:.1f} GiB" if budget else "unlimited")
         self._nodes.add(node_id, base_url)
+        async with self._outcomes:
+            self._joined += 1
+            self._outcomes.notify_all()
 
         async def watch(version: int) -> tuple[int, NodeState]:
             answer: tuple[int, NodeState] = await agent.watch.remote(version)

@@ -61,7 +61,14 @@ async def _serve(cpus: Mapping[str, frozenset[int]], node_settings: NodeSettings
                 await web.TCPSite(runner, host, port, ssl_context=tls, reuse_address=True).start()
             except OSError as exc:
                 raise SystemExit(f"Error: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-            await stop.wait()
+            # a bad flag or preset fails every agent's start: refuse to run, as one node refuses to start
+            first, stopped = asyncio.ensure_future(membership.first_node()), asyncio.ensure_future(stop.wait())
+            await asyncio.wait({first, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if first.done():
+                first.result()  # NodeStartFailed, a ConfigError: one line, exit 1
+            else:
+                first.cancel()
+            await stopped
             log.info("stopping: requests in flight get up to %g s, then every node's agent closes", grace)
         finally:
             await runner.cleanup()  # stops listening, waits for the handlers in flight (grace)
