@@ -77,3 +77,12 @@ def test_without_the_ray_extra_connect_names_the_install(monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, installed or not
     with pytest.raises(RayMissing, match=r"pip install 'modelyard\[ray\]'"):
         connect("auto")
+
+
+def test_a_percentage_budget_is_of_each_nodes_own_memory_unless_the_node_declares_its_own() -> None:
+    settings = NodeSettings(limits=Limits(memory_budget=8 * GIB, gpu_memory_budget=0), budget_texts=("50%", "2GiB"))
+    assert settings.resolved_limits(lambda: 64 * GIB, lambda: 0).memory_budget == 32 * GIB  # this node's RAM
+    assert settings.resolved_limits(lambda: 16 * GIB, lambda: 0).gpu_memory_budget == 2 * GIB
+    declared = settings.on_node({NODE_RESOURCE: 1, MEMORY_RESOURCE: 6})
+    assert declared.resolved_limits(lambda: 64 * GIB, lambda: 0).memory_budget == 6 * GIB  # the node's word wins
+    assert NodeSettings(limits=Limits(memory_budget=5)).resolved_limits(lambda: 1, lambda: 1).memory_budget == 5

@@ -209,7 +209,8 @@ def serve(models_dir: Path | None, models_preset: Path | None, models_max: int, 
         if ray_address is not None:
             _serve_cluster(ray_address, NodeSettings(models_dir=models_dir, models_preset=models_preset,
                                                      llama_server=llama_server, engine_args=engine_args,
-                                                     limits=limits, watchdog=watchdog),
+                                                     limits=limits, watchdog=watchdog,
+                                                     budget_texts=(memory_budget, gpu_memory_budget)),
                            host, port, api_prefix, api_key, api_key_file, allowed_hosts, cors_origins, models_autoload,
                            ssl_cert_file, ssl_key_file, grace)
             return

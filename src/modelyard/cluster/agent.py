@@ -20,7 +20,7 @@ So a machine declares its own share, and `--ray local:N` splits one machine's bu
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from aiohttp import web
 from modelyard.cluster.node import node_app, watch_state
 from modelyard.cluster.placement import NodeState
 from modelyard.manager import ModelManager
+from modelyard.memory import gpu_total_memory, parse_size, system_memory
 from modelyard.scheduler import Limits
 from modelyard.watchdog import WatchdogSettings
 
@@ -53,16 +54,30 @@ class NodeSettings:
     # The cores this node's children may use, where several nodes share one machine (`--ray local:N`); empty:
     # the agent's own affinity, as a single node reads it
     cpus: frozenset[int] = frozenset()
+    # --memory-budget and --gpu-memory-budget as given ("80%", "16GiB"), each resolved by the agent against its
+    # own node's memory (`resolved_limits`), so that 80% is 80% of each machine; empty: `limits`' byte value
+    budget_texts: tuple[str, str] = ("", "")
 
     def on_node(self, resources: Mapping[str, float]) -> NodeSettings:
         """These settings on a node whose Ray resources are `resources`: the budgets it declares replace the
         flags' (`modelyard_memory_gib`, `modelyard_gpu_memory_gib`); without them the flags' apply."""
-        limits = self.limits
+        limits, (memory_text, gpu_text) = self.limits, self.budget_texts
         if MEMORY_RESOURCE in resources:
-            limits = replace(limits, memory_budget=int(resources[MEMORY_RESOURCE] * GIB))
+            limits, memory_text = replace(limits, memory_budget=int(resources[MEMORY_RESOURCE] * GIB)), ""
         if GPU_MEMORY_RESOURCE in resources:
-            limits = replace(limits, gpu_memory_budget=int(resources[GPU_MEMORY_RESOURCE] * GIB))
-        return replace(self, limits=limits)
+            limits, gpu_text = replace(limits, gpu_memory_budget=int(resources[GPU_MEMORY_RESOURCE] * GIB)), ""
+        return replace(self, limits=limits, budget_texts=(memory_text, gpu_text))
+
+    def resolved_limits(self, total_memory: Callable[[], int], total_gpu_memory: Callable[[], int]) -> Limits:
+        """The limits on the node whose memory these read: each budget given as text is resolved against it (a
+        percentage of that machine's RAM or GPU memory), the others as they are."""
+        limits = self.limits
+        memory_text, gpu_text = self.budget_texts
+        if memory_text:
+            limits = replace(limits, memory_budget=parse_size(memory_text, total_memory()))
+        if gpu_text:
+            limits = replace(limits, gpu_memory_budget=parse_size(gpu_text, total_gpu_memory()))
+        return limits
 
 
 class NodeAgent:
@@ -83,7 +98,8 @@ class NodeAgent:
             os.sched_setaffinity(0, settings.cpus)
         manager = ModelManager.create(models_dir=settings.models_dir, models_preset=settings.models_preset,
                                       llama_server=settings.llama_server, engine_args=settings.engine_args,
-                                      limits=settings.limits, watchdog=settings.watchdog)
+                                      limits=settings.resolved_limits(system_memory, gpu_total_memory),
+                                      watchdog=settings.watchdog)
         manager.check_startup_loads()
         manager.check_pinned()
         runner = web.AppRunner(node_app(manager, self._key, self._host), handler_cancellation=True, access_log=None)
