@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from modelyard.api import auth
 from modelyard.api.context import CONTEXT
@@ -101,7 +102,11 @@ async def logs_sse(request: web.Request) -> web.StreamResponse:
         return await event_stream(request, lines, frame)
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, *, list_decisions: Handler = list_decisions,
+               decisions_sse: Handler = decisions_sse, logs_sse: Handler = logs_sse,
+               model_logs: Handler = model_logs) -> None:
+    """The decisions and logs routes; the cluster's front (cluster/insight.py) serves the same paths with its
+    own handlers."""
     app.router.add_get("/decisions", list_decisions)
     app.router.add_get("/decisions/sse", decisions_sse)
     app.router.add_get("/logs/sse", logs_sse)  # before /logs/{model}, which would take it for a model's name

@@ -176,7 +176,12 @@ def add_webui_routes(app: web.Application, webui: WebUi | None) -> None:
     app[PUBLIC] = public_paths(routed)
 
 
-def add_routes(app: web.Application) -> None:
+def add_dashboard_routes(app: web.Application) -> None:
+    """The dashboard's page and files (they read only the settings: the cluster's front serves them too)."""
     app.router.add_get(PATH, page)
     app.router.add_get(PATH + "/{name}", asset)
+
+
+def add_routes(app: web.Application) -> None:
+    add_dashboard_routes(app)
     add_webui_routes(app, app[CONTEXT].settings.webui)

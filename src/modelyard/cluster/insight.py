@@ -30,6 +30,7 @@ from aiohttp import web
 
 from modelyard.activity import RING_SIZE
 from modelyard.api import auth, ui
+from modelyard.api import insight as api_insight
 from modelyard.api.errors import error_response, from_model_error
 from modelyard.api.json import dumps, json_response
 from modelyard.api.sse import event_stream, query_count
@@ -332,9 +333,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/activity", list_activity)
     app.router.add_get("/activity/sse", activity_sse)
     app.router.add_post("/activity/{id}/cancel", cancel)
-    app.router.add_get("/decisions", list_decisions)
-    app.router.add_get("/decisions/sse", decisions_sse)
-    app.router.add_get("/logs/sse", logs_sse)  # before /logs/{model}, which would take it for a model's name
-    app.router.add_get("/logs/{model}", model_logs)
-    app.router.add_get(ui.PATH, ui.page)
-    app.router.add_get(ui.PATH + "/{name}", ui.asset)
+    api_insight.add_routes(app, list_decisions=list_decisions, decisions_sse=decisions_sse, logs_sse=logs_sse,
+                           model_logs=model_logs)
+    ui.add_dashboard_routes(app)
