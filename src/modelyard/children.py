@@ -40,10 +40,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
-from aiohttp.connector import Connection
-from multidict import CIMultiDictProxy
-
+from modelyard.childhttp import ChildClient, ChildHTTPError, ChildResponse
 from modelyard.engine.command import CHILD_KEY_ENV, SOCKET_SUFFIX, Endpoint, LaunchPlan, Readiness
 from modelyard.logbook import ModelLog
 
@@ -288,78 +285,37 @@ async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
         yield line
 
 
-class _NoReuseAfterChunked(aiohttp.ClientResponse):
-    """llama-server closes a connection after a chunked (streamed) answer without a `Connection: close`
-    header; reused, it fails the next request ("Server disconnected"). So such a connection is never pooled.
-    Still so over a Unix socket (b11434: of four streams in a row on one pooled session, the second and the
-    fourth failed; plain answers reuse their connection), where the new connection each stream then opens is
-    the cheaper one (Endpoint)."""
-
-    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
-        response = await super().start(connection)
-        if self.content_length is None and connection.protocol is not None:
-            connection.protocol.force_close()
-        return response
-
-
-def new_child_session(max_connections: int = 0, socket_path: Path | None = None) -> aiohttp.ClientSession:
-    """The pooled client of one child (on its Unix socket at `socket_path`, else over TCP): keep-alive
-    connections, at most `max_connections` (0 = no limit), no timeout on long generations (the watchdog
-    handles stalls). Idle connections are dropped before the child's own 5 s keep-alive timeout, so a request
-    never goes out on a connection the child is closing."""
-    connector: aiohttp.BaseConnector
-    if socket_path is not None:
-        connector = aiohttp.UnixConnector(str(socket_path), limit=max_connections, keepalive_timeout=4)
-    else:
-        connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=4)
-    timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-                                 response_class=_NoReuseAfterChunked)
-
-
 class _ProcessReply:
-    """An aiohttp response of a child, recording activity as bytes arrive and turning failures into ChildError
-    that names the cause."""
+    """A child's answer (childhttp.ChildResponse), recording activity as bytes arrive and turning failures into
+    ChildError that names the cause."""
 
-    def __init__(self, child: ProcessChild, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, child: ProcessChild, response: ChildResponse) -> None:
         self._child = child
         self._response = response
-
-    @property
-    def status(self) -> int:
-        return self._response.status
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        return self._response.headers
-
-    @property
-    def content_length(self) -> int | None:
-        return self._response.content_length
+        self.status = response.status
+        self.headers = response.headers
+        self.content_length = response.content_length
 
     async def read(self) -> bytes:
         try:
             body = await self._response.read()
-        except aiohttp.ClientError as exc:
+        except ChildHTTPError as exc:
             raise self._child.error(exc) from exc
         self._child.last_activity = time.monotonic()
         return body
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.content.iter_any():
-                self._child.last_activity = time.monotonic()
-                yield chunk
-        except aiohttp.ClientError as exc:
-            raise self._child.error(exc) from exc
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._guarded(self._response.chunks())
 
-    async def lines(self) -> AsyncIterator[bytes]:
+    def lines(self) -> AsyncIterator[bytes]:
+        return self._guarded(self._response.lines())
+
+    async def _guarded(self, parts: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:
-            async for line in self._response.content:
+            async for part in parts:
                 self._child.last_activity = time.monotonic()
-                yield line
-        except aiohttp.ClientError as exc:
+                yield part
+        except ChildHTTPError as exc:
             raise self._child.error(exc) from exc
 
 
@@ -383,7 +339,7 @@ class ProcessChild:
         self._on_state_report = on_state
         self._key = plan.env.get(CHILD_KEY_ENV, "")
         self._auth = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        self._session: aiohttp.ClientSession | None = None
+        self._client: ChildClient | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._why_gone = ""  # why modelyard stopped or killed it, for the errors of requests it cuts
@@ -416,7 +372,7 @@ class ProcessChild:
         finally:
             self._spawned.set_result(self._proc is not None)
         self._check_cpus(self._proc.pid)
-        self._session = new_child_session(self.plan.max_connections, self.endpoint.socket)
+        self._client = ChildClient(self.endpoint.socket, self.endpoint.port, limit=self.plan.max_connections)
         self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr()),
                        asyncio.create_task(self._watch_exit())]
         if self.plan.readiness == Readiness.HTTP_HEALTH:
@@ -473,17 +429,17 @@ class ProcessChild:
                       headers: Mapping[str, str] | None = None,
                       params: Mapping[str, str] | None = None) -> AsyncIterator[Reply]:
         """Send a request with the child's key; the reply's body streams as it arrives."""
-        session = self._session
-        if session is None or session.closed or self.exited.done():
+        client = self._client
+        if client is None or client.closed or self.exited.done():
             # The child died between the grant and this request (was a 500 "Session is closed").
             raise self.error(ConnectionError("not running"))
         self.in_flight += 1
         self.last_activity = time.monotonic()
         try:
             try:
-                response = await session.request(method, self.base_url + path, params=params, data=body,
-                                                 headers={**(headers or {}), **self._auth}, allow_redirects=False)
-            except (aiohttp.ClientError, RuntimeError) as exc:  # RuntimeError: the session closed under us
+                response = await client.request(method, path, params=params, body=body,
+                                                headers={**(headers or {}), **self._auth})
+            except ChildHTTPError as exc:
                 raise self.error(exc) from exc
             self.last_activity = time.monotonic()
             try:
@@ -496,16 +452,20 @@ class ProcessChild:
 
     async def probe(self, within: float) -> bool:
         """Does the child's HTTP server answer /health with 200 within `within` seconds?"""
-        session = self._session
-        if session is None or session.closed:
+        client = self._client
+        if client is None or client.closed:
             return False
+        response = None
         try:
-            async with session.get(self.base_url + "/health", headers=self._auth,
-                                   timeout=aiohttp.ClientTimeout(total=within)) as response:
+            async with asyncio.timeout(within):
+                response = await client.request("GET", "/health", headers=self._auth)
                 await response.read()
                 return response.status == 200
-        except (aiohttp.ClientError, TimeoutError, RuntimeError):
+        except (ChildHTTPError, TimeoutError):
             return False
+        finally:
+            if response is not None:
+                response.release()
 
     def progress(self) -> int | None:
         """CPU ticks of the child's main thread: they move while it works, even when a non-streamed answer or a
@@ -572,8 +532,8 @@ class ProcessChild:
         await asyncio.wait(self._tasks[:2], timeout=0.5)
         self.kill()  # anything the child left in its process group goes too
         self._remove_socket()  # llama-server leaves its socket file behind when it exits
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
         if not self.ready.done():
             self.ready.set_exception(ChildExited(code, self.failure_summary(code)))
             self.ready.exception()  # mark retrieved: the manager learns of it through `exited`
