@@ -69,6 +69,22 @@ async def test_a_child_reports_progress_sleep_and_wake_and_keeps_its_first_ready
     assert reports == [("loading", {"value": 0.5}), ("sleeping", {}), ("ready", {})]
 
 
+async def test_a_childs_output_is_split_into_lines_as_it_arrives_with_an_over_long_line_dropped() -> None:
+    from modelyard.children import _MAX_LINE, _OutputProtocol
+
+    lines: list[tuple[int, bytes]] = []
+    output = _OutputProtocol(lambda fd, line: lines.append((fd, line)), asyncio.get_running_loop())
+    for fd, data in ((2, b"0.01.234 I "), (2, b"srv  slot "), (1, b"cmd_child_to_router:st"), (2, b"selected\n"),
+                     (1, b'ate:{}\nout\n'), (2, b"x" * (_MAX_LINE + 1)), (2, b"yy\nafter\nlast, unended")):
+        output.pipe_data_received(fd, data)  # as llama-server writes a line: in pieces, interleaved
+    assert not output.drained.done()
+    output.pipe_connection_lost(1, None)
+    output.pipe_connection_lost(2, None)
+    assert lines == [(2, b"0.01.234 I srv  slot selected\n"), (1, b"cmd_child_to_router:state:{}\n"),
+                     (1, b"out\n"), (2, b"after\n"), (2, b"last, unended")]
+    assert output.drained.done()
+
+
 # -- sleep and wake through the manager and the app -------------------------------------------------------------
 
 @dataclass

@@ -272,17 +272,47 @@ def _setup_child(cpus: frozenset[int]) -> Callable[[], None]:
     return setup
 
 
-async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
-    """Lines until EOF; an over-long line is skipped rather than ending the reader (a full pipe would block
-    the child)."""
-    while True:
-        try:
-            line = await stream.readline()
-        except ValueError:
-            continue
-        if not line:
+class _OutputProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """A child process's protocol: its stdout and stderr split into lines in the transport's own callback,
+    each handed to `on_line(fd, line)`, with no reader task. llama-server writes each log line in three
+    write(2) calls (timestamp, level, message) and prints about nine lines for a 1-token chat; a reader task
+    woken for each write cost modelyard more CPU per chat than forwarding it (bench/results/profile/report.md).
+    An over-long line (router mode's cap) is dropped to its end rather than held, so a full pipe never blocks
+    the child. `drained`: both pipes closed, every line handed over."""
+
+    def __init__(self, on_line: Callable[[int, bytes], None], loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=_MAX_LINE, loop=loop)
+        self._on_line = on_line
+        self._pending: dict[int, bytes] = {1: b"", 2: b""}
+        self._skipping: set[int] = set()
+        self.drained: asyncio.Future[None] = loop.create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        pending = self._pending.get(fd)
+        if pending is None:
+            super().pipe_data_received(fd, data)
             return
-        yield line
+        pending += data.encode() if isinstance(data, str) else data  # bytes: the pipes are not in text mode
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            if fd in self._skipping:
+                self._skipping.discard(fd)
+            else:
+                self._on_line(fd, pending[start:end + 1])
+            start = end + 1
+        rest = pending[start:]
+        if len(rest) > _MAX_LINE:
+            rest = b""
+            self._skipping.add(fd)
+        self._pending[fd] = rest
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        rest = self._pending.pop(fd, None)
+        if rest and fd not in self._skipping:
+            self._on_line(fd, rest)
+        if rest is not None and not self._pending and not self.drained.done():
+            self.drained.set_result(None)
+        super().pipe_connection_lost(fd, exc)
 
 
 class _ProcessReply:
@@ -341,6 +371,7 @@ class ProcessChild:
         self._auth = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         self._client: ChildClient | None = None
         self._proc: asyncio.subprocess.Process | None = None
+        self._output: _OutputProtocol | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._why_gone = ""  # why modelyard stopped or killed it, for the errors of requests it cuts
         loop = asyncio.get_running_loop()
@@ -365,16 +396,17 @@ class ProcessChild:
         log.info("starting %s on %s: %s", self.model, self.endpoint, " ".join(self.plan.argv))
         self._remove_socket()  # a path is never given twice; should a file be there, it would block the bind
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.plan.argv, env=dict(self.plan.env), stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True, preexec_fn=_setup_child(self.plan.cpus), limit=_MAX_LINE)
+            loop = asyncio.get_running_loop()
+            transport, self._output = await loop.subprocess_exec(
+                lambda: _OutputProtocol(self._on_line, loop), *self.plan.argv, env=dict(self.plan.env),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True, preexec_fn=_setup_child(self.plan.cpus))
+            self._proc = asyncio.subprocess.Process(transport, self._output, loop)
         finally:
             self._spawned.set_result(self._proc is not None)
         self._check_cpus(self._proc.pid)
         self._client = ChildClient(self.endpoint.socket, self.endpoint.port, limit=self.plan.max_connections)
-        self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr()),
-                       asyncio.create_task(self._watch_exit())]
+        self._tasks = [asyncio.create_task(self._watch_exit())]
         if self.plan.readiness == Readiness.HTTP_HEALTH:
             self._tasks.append(asyncio.create_task(self._poll_health()))
 
@@ -491,13 +523,11 @@ class ProcessChild:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGTERM)
 
-    async def _read_stdout(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        async for raw in _lines(self._proc.stdout):
-            if raw.startswith(_STATE_PREFIX):
-                self._on_state(raw[len(_STATE_PREFIX):])
-            else:
-                self._remember(raw)
+    def _on_line(self, fd: int, raw: bytes) -> None:
+        if fd == 1 and raw.startswith(_STATE_PREFIX):
+            self._on_state(raw[len(_STATE_PREFIX):])
+        else:
+            self._remember(raw)
 
     def _on_state(self, line: bytes) -> None:
         try:
@@ -515,11 +545,6 @@ class ProcessChild:
             # a `ready` after a wake has an empty payload: the model info of the first one stays
             self._on_state_report(state, payload)
 
-    async def _read_stderr(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        async for raw in _lines(self._proc.stderr):
-            self._remember(raw)
-
     def _remember(self, raw: bytes) -> None:
         line = raw.decode(errors="replace").rstrip()
         self._log.append(line)
@@ -528,8 +553,9 @@ class ProcessChild:
     async def _watch_exit(self) -> None:
         assert self._proc is not None
         code = await self._proc.wait()
-        # Let the pipe readers drain so the failure message quotes the child's last words.
-        await asyncio.wait(self._tasks[:2], timeout=0.5)
+        # Let the pipes drain so the failure message quotes the child's last words.
+        if self._output is not None:
+            await asyncio.wait([self._output.drained], timeout=0.5)
         self.kill()  # anything the child left in its process group goes too
         self._remove_socket()  # llama-server leaves its socket file behind when it exits
         if self._client is not None:
