@@ -51,6 +51,7 @@ _EXIT_COMMAND = b"cmd_router_to_child:exit\n"
 _SUMMARY_LINES = 8  # the child's last lines quoted in its failure message
 _HEALTH_POLL_S = 0.02
 _MAX_LINE = 1 << 20  # as router mode caps child lines
+_DEATH_GRACE_S = 1.0  # how long a failed request waits for its child's exit, to name it (ProcessChild.failure)
 _PR_SET_PDEATHSIG = 1
 # sockaddr_un.sun_path holds 108 bytes on Linux (104 on macOS), its terminating NUL included.
 _SUN_PATH_MAX = 104 if sys.platform == "darwin" else 108
@@ -330,7 +331,7 @@ class _ProcessReply:
         try:
             body = await self._response.read()
         except ChildHTTPError as exc:
-            raise self._child.error(exc) from exc
+            raise await self._child.failure(exc) from exc
         self._child.last_activity = time.monotonic()
         return body
 
@@ -346,7 +347,7 @@ class _ProcessReply:
                 self._child.last_activity = time.monotonic()
                 yield part
         except ChildHTTPError as exc:
-            raise self._child.error(exc) from exc
+            raise await self._child.failure(exc) from exc
 
 
 class ProcessChild:
@@ -456,6 +457,15 @@ class ProcessChild:
             return ChildError(f"model '{self.model}' exited: {self.failure_summary(self.exited.result())}")
         return ChildError(f"the model's server failed: {exc or repr(exc)}")
 
+    async def failure(self, exc: BaseException) -> ChildError:
+        """`error` for a request the child's connection failed under. A child killed by a signal resets its
+        connections before its exit is reaped, so the error would name the reset ("Connection reset by peer",
+        the soak's 502s) instead of the death; it waits a moment for the exit first, unless modelyard ended the
+        child itself (then the reason is known)."""
+        if not self._why_gone and not self.exited.done():
+            await asyncio.wait([self.exited], timeout=_DEATH_GRACE_S)
+        return self.error(exc)
+
     @contextlib.asynccontextmanager
     async def request(self, method: str, path: str, *, body: bytes | AsyncIterable[bytes] | None = None,
                       headers: Mapping[str, str] | None = None,
@@ -472,7 +482,7 @@ class ProcessChild:
                 response = await client.request(method, path, params=params, body=body,
                                                 headers={**(headers or {}), **self._auth})
             except ChildHTTPError as exc:
-                raise self.error(exc) from exc
+                raise await self.failure(exc) from exc
             self.last_activity = time.monotonic()
             try:
                 # Only failures of the child become ChildError: the caller's own (its client went away) pass.
