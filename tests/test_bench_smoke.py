@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from modelyard.bench.__main__ import BAR_NOT_MET
+from modelyard.bench.__main__ import BAR_NOT_MET, TERMINATED
 
 
 def test_bench_smoke_mode_writes_a_report_and_plots(tmp_path: Path, demo_models: object,
@@ -35,3 +37,34 @@ def test_bench_smoke_mode_writes_a_report_and_plots(tmp_path: Path, demo_models:
     assert ("**held**" in report) == (result.returncode == 0)
     for plot in ("latency-cdf.png", "mixed-timeline.png", "swap-phases.png"):
         assert (tmp_path / "smoke" / plot).read_bytes().startswith(b"\x89PNG")
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.add(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def test_a_bench_ended_by_sigterm_stops_both_routers(tmp_path: Path, demo_models: object,
+                                                     llama_server: Path) -> None:
+    """Was: both routers and their children left running, reparented to init."""
+    bench = subprocess.Popen([sys.executable, "-m", "modelyard.bench", "--mode", "smoke", "--only", "hot-path",
+                              "--out", str(tmp_path), "--llama-server", str(llama_server)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    routers: set[int] = set()
+    while len(routers) < 2 and time.monotonic() < deadline and bench.poll() is None:
+        routers = _children(bench.pid)  # both routers, started side by side
+        time.sleep(0.05)  # a poll's pace, not a synchronisation: the loop ends on what /proc shows
+    assert len(routers) == 2, "the bench started no routers"
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=120) == TERMINATED
+    left = {pid for pid in routers if Path(f"/proc/{pid}").exists()
+            and (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z")}
+    assert not left, f"routers still running after the bench ended: {left}"

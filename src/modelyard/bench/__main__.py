@@ -6,8 +6,10 @@ cluster (bench/cluster.py) and writes <out>/cluster/report.md."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 import click
 
@@ -15,6 +17,14 @@ from modelyard.bench import CLUSTER, SCENARIOS
 from modelyard.engine.locate import EngineNotFound, locate_llama_server
 
 BAR_NOT_MET = 3
+TERMINATED = 128 + signal.SIGTERM
+
+
+def _end_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (a CI time-out, `kill`) ends the run through the scenarios' `finally` blocks, which stop both
+    routers. Python's default SIGTERM ended the bench at once and left them running (they are in sessions of
+    their own), with their children, reparented to init."""
+    raise SystemExit(TERMINATED)
 
 
 @click.command()
@@ -31,6 +41,7 @@ def main(mode: str, out: Path, llama_server: str | None, only: tuple[str, ...]) 
     # otherwise load the harness (matplotlib, httpx) it never uses.
     from modelyard.bench.run import SoakBarNotMet, run_benchmark
 
+    signal.signal(signal.SIGTERM, _end_on_sigterm)
     chosen = frozenset(only or SCENARIOS)
     reports = []
     try:
