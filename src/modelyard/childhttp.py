@@ -81,7 +81,7 @@ class ChildClient:
     in use included (their requests fail with ChildHTTPError)."""
 
     def __init__(self, socket_path: Path | None = None, port: int = 0, *, limit: int = 0, idle_s: float = IDLE_S,
-                 host: str = "localhost", clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if socket_path is None and not port:
             raise ValueError("a child's client needs its socket or its port")
         self._socket = str(socket_path) if socket_path is not None else None
@@ -89,7 +89,8 @@ class ChildClient:
         self._limit = limit
         self._idle_s = idle_s
         self._clock = clock
-        self._host_line = f"Host: {host if socket_path is not None else f'127.0.0.1:{port}'}\r\n"
+        # over a socket the Host header is only a formality (llama-server reads none)
+        self._host_line = f"Host: {'localhost' if socket_path is not None else f'127.0.0.1:{port}'}\r\n"
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
         self._opening = 0
@@ -119,10 +120,10 @@ class ChildClient:
                     log.debug("a reused connection to the child was closed under a request; sending it again")
                     continue
                 raise ChildHTTPError(_describe(exc)) from exc
-            except (OSError, asyncio.LimitOverrunError, ChildHTTPError) as exc:
+            except (OSError, asyncio.LimitOverrunError) as exc:
                 self._drop(connection)
-                raise exc if isinstance(exc, ChildHTTPError) else ChildHTTPError(_describe(exc)) from exc
-            except BaseException:  # cancelled: the connection is mid-request, so it goes (the child stops)
+                raise ChildHTTPError(_describe(exc)) from exc
+            except BaseException:  # the answer's own ChildHTTPError, or cancelled mid-request (the child stops)
                 self._drop(connection)
                 raise
         raise AssertionError("unreachable")

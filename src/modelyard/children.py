@@ -359,7 +359,6 @@ class ProcessChild:
         self.plan = plan
         self.argv = plan.argv
         self.endpoint = plan.endpoint
-        self.base_url = plan.endpoint.base_url
         self.info: Mapping[str, Any] = {}
         self._log = log or ModelLog(model)
         self._log_mark = self._log.mark()  # its own lines start here
